@@ -1,0 +1,38 @@
+# MobileNetV2 research workbook. `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROFILE ?= quick
+DATASET ?= auto
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test reports bench lab clean-reports
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  variables: PROFILE=smoke|quick|full (default quick), DATASET=auto|cifar10|cifar100|synthetic|<path>"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name mnv2lib --display-name "Python (mnv2lib)" >/dev/null
+	touch $@
+
+install: $(STAMP) ## create .venv and install the project with its dev extras
+
+test: $(STAMP) ## run the test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+reports: $(STAMP) ## execute every notebook with papermill and regenerate reports/ (PROFILE, DATASET)
+	$(BIN)/python -m mnv2lib.reports --profile $(PROFILE) --dataset $(DATASET)
+
+bench: $(STAMP) ## speed benchmark of Mish, Triplet Attention and CNSN -> reports/bench.json
+	$(BIN)/python -m mnv2lib.bench
+
+lab: $(STAMP) ## open the notebooks in JupyterLab
+	$(BIN)/jupyter lab notebooks/
+
+clean-reports: ## delete generated reports (keeps finished experiment records in reports/results/)
+	rm -rf reports/notebooks reports/figures/*/ reports/README.md

@@ -1,0 +1,154 @@
+"""Triplet Attention (Misra et al., "Rotate to Attend: Convolutional Triplet Attention
+Module", WACV 2021), created by name: ``create_attention("triplet", kernel_size=7)``.
+
+Each branch pools one axis away with ZPool (max and mean), convolves the two-channel
+map with a k x k conv, normalizes with BatchNorm and gates with a sigmoid:
+
+- channel-width  (pooled over height): gate of shape (B, C, 1, W)
+- height-channel (pooled over width):  gate of shape (B, C, H, 1)
+- spatial        (pooled over channels): gate of shape (B, 1, H, W)
+
+The output is the mean of the three gated copies, x * (g_cw + g_hc + g_s) / 3. The
+official code builds each gated copy from a permuted copy of the input; here the
+pooling reads the input in place and the gates broadcast, so no full-size permuted
+copies are made. Parameter names and conv orientations match the official layout
+(the height-channel conv sees an (H, C) plane, the channel-width conv a (C, W) plane),
+and :class:`TripletAttentionReference` is the permute-based form, for tests and benchmarks.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+BRANCHES = ("channel_width", "height_channel", "spatial")
+
+
+def check_kernel_size(kernel_size: int, field: str = "attention_kernel") -> None:
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"{field}: got {kernel_size!r}; allowed values are odd integers >= 1 (3, 5, 7, ...)")
+
+
+def check_feature_map(x: torch.Tensor, module: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{module} input: got a {x.dim()}-D tensor of shape {tuple(x.shape)}; "
+                         "allowed: a 4-D tensor (batch, channels, height, width)")
+
+
+def zpool(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """ZPool: max and mean over ``dim``, stacked as two channels at dim 1 (max first)."""
+    return torch.stack((x.amax(dim), x.mean(dim)), dim=1)
+
+
+class AttentionGate(nn.Sequential):
+    """ZPool output (B, 2, h, w) -> Conv(2->1, k) -> BN -> sigmoid: a (B, 1, h, w) gate."""
+
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
+        self.sigmoid = nn.Sigmoid()
+
+
+class TripletAttention(nn.Module):
+    """Triplet Attention with broadcast gates; ``record=True`` keeps the last sigmoid maps."""
+
+    def __init__(self, kernel_size: int = 7, no_spatial: bool = False) -> None:
+        super().__init__()
+        check_kernel_size(kernel_size)
+        self.kernel_size = kernel_size
+        self.no_spatial = no_spatial
+        self.channel_width = AttentionGate(kernel_size)
+        self.height_channel = AttentionGate(kernel_size)
+        self.spatial = None if no_spatial else AttentionGate(kernel_size)
+        self.record = False
+        self.recorded: dict[str, torch.Tensor] = {}
+
+    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The branch gates, each shaped to broadcast against x (values in (0, 1))."""
+        check_feature_map(x, "TripletAttention")
+        gates = {
+            # pooled over H: (B, 2, C, W) -> (B, 1, C, W) -> (B, C, 1, W)
+            "channel_width": self.channel_width(zpool(x, 2)).transpose(1, 2),
+            # pooled over W: (B, 2, C, H) -> (B, 2, H, C) -> (B, 1, H, C) -> (B, C, H, 1)
+            "height_channel": self.height_channel(zpool(x, 3).transpose(2, 3)).permute(0, 3, 2, 1),
+        }
+        if self.spatial is not None:
+            gates["spatial"] = self.spatial(zpool(x, 1))  # (B, 1, H, W)
+        return gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.gates(x)
+        if self.record:
+            self.recorded = {name: g.detach() for name, g in gates.items()}
+        weight = 1.0 / len(gates)
+        g = list(gates.values())
+        # Scale the small gates, not the full-size product.
+        scale = g[0] * weight + g[1] * weight
+        if len(g) == 3:
+            scale = scale + g[2] * weight
+        return x * scale
+
+
+class TripletAttentionReference(TripletAttention):
+    """The official formulation: three permuted copies, each gated, then averaged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map(x, "TripletAttention")
+        x_hcw = x.permute(0, 2, 1, 3).contiguous()          # (B, H, C, W)
+        out_cw = x_hcw * self.channel_width(zpool(x_hcw, 1))
+        out_cw = out_cw.permute(0, 2, 1, 3).contiguous()
+        x_whc = x.permute(0, 3, 2, 1).contiguous()          # (B, W, H, C)
+        out_hc = x_whc * self.height_channel(zpool(x_whc, 1))
+        out_hc = out_hc.permute(0, 3, 2, 1).contiguous()
+        if self.spatial is None:
+            return 0.5 * (out_cw + out_hc)
+        out_s = x * self.spatial(zpool(x, 1))
+        return (1.0 / 3.0) * (out_s + out_cw + out_hc)
+
+
+# name -> factory(kernel_size=..., **kwargs) -> module
+_ATTENTIONS: dict[str, Callable[..., nn.Module]] = {
+    "triplet": TripletAttention,
+    "triplet_reference": TripletAttentionReference,
+}
+
+
+def attention_names() -> tuple[str, ...]:
+    return tuple(_ATTENTIONS)
+
+
+def register_attention(name: str, factory: Callable[..., nn.Module]) -> None:
+    _ATTENTIONS[name] = factory
+
+
+def create_attention(name: str, **kwargs) -> nn.Module:
+    if name not in _ATTENTIONS:
+        raise ValueError(f"attention: got {name!r}; allowed values are {(None,) + attention_names()}")
+    return _ATTENTIONS[name](**kwargs)
+
+
+class record_attention:
+    """Context manager: record the sigmoid maps of every Triplet Attention module in ``model``.
+
+    >>> with record_attention(model) as maps:
+    ...     model(images)
+    >>> maps["features.3.attention"]["spatial"].shape
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = {n: m for n, m in model.named_modules() if isinstance(m, TripletAttention)}
+        self.maps: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __enter__(self) -> dict[str, dict[str, torch.Tensor]]:
+        for module in self.modules.values():
+            module.record = True
+        return self.maps
+
+    def __exit__(self, *exc) -> None:
+        for name, module in self.modules.items():
+            module.record = False
+            if module.recorded:
+                self.maps[name] = module.recorded
+            module.recorded = {}

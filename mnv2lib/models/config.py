@@ -1,0 +1,106 @@
+"""``ModelConfig``: every choice that defines a model, validated, round-tripping through JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..layers.activations import activation_names
+from ..layers.attention import attention_names, check_kernel_size
+
+STEMS = ("imagenet", "cifar")
+ATTENTION_POSITIONS = ("residual", "block_output", "after_depthwise")
+CNSN_KINDS = (None, "cn", "sn", "cnsn")
+CNSN_POSITIONS = ("post", "pre", "residual", "identity")
+CROSSNORM_MODES = ("2-instance", "1-instance")
+CROSSNORM_CROPS = ("neither", "style", "content", "both")
+
+
+def _allowed(field_name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field_name}: got {value!r}; allowed values are {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "mobilenet_v2"
+    num_classes: int = 1000
+    width_mult: float = 1.0
+    activation: str = "relu6"
+    attention: str | None = None
+    attention_kernel: int = 7
+    attention_position: str = "residual"
+    stem: str = "imagenet"
+    in_channels: int = 3
+    dropout: float = 0.2
+    # CNSN (Tang et al., ICCV 2021); defaults follow the official CIFAR setting.
+    cnsn: str | None = None
+    cnsn_position: str = "post"
+    crossnorm_mode: str = "2-instance"
+    crossnorm_crop: str = "both"
+    cn_prob: float = 0.25
+    active_num: int = 2
+    selfnorm_two_gates: bool = False
+    # Free-form options an architecture may read (MobileNetV4's custom builder, say).
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .factory import arch_names  # late import: the registry lives with the builders
+
+        _allowed("arch", self.arch, arch_names())
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes: got {self.num_classes!r}; allowed values are integers >= 1")
+        if not isinstance(self.width_mult, (int, float)) or not self.width_mult > 0:
+            raise ValueError(f"width_mult: got {self.width_mult!r}; allowed values are numbers > 0")
+        _allowed("activation", self.activation, activation_names())
+        _allowed("attention", self.attention, (None,) + attention_names())
+        check_kernel_size(self.attention_kernel, "attention_kernel")
+        _allowed("attention_position", self.attention_position, ATTENTION_POSITIONS)
+        _allowed("stem", self.stem, STEMS)
+        if not isinstance(self.in_channels, int) or self.in_channels < 1:
+            raise ValueError(f"in_channels: got {self.in_channels!r}; allowed values are integers >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: got {self.dropout!r}; allowed values are 0 <= dropout < 1")
+        _allowed("cnsn", self.cnsn, CNSN_KINDS)
+        _allowed("cnsn_position", self.cnsn_position, CNSN_POSITIONS)
+        _allowed("crossnorm_mode", self.crossnorm_mode, CROSSNORM_MODES)
+        _allowed("crossnorm_crop", self.crossnorm_crop, CROSSNORM_CROPS)
+        if not 0.0 <= self.cn_prob <= 1.0:
+            raise ValueError(f"cn_prob: got {self.cn_prob!r}; allowed values are 0 <= cn_prob <= 1")
+        if not isinstance(self.active_num, int) or self.active_num < 1:
+            raise ValueError(f"active_num: got {self.active_num!r}; allowed values are integers >= 1")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; allowed fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name: 'baseline', 'mish+triplet', ..."""
+        parts = []
+        if self.activation != "relu6":
+            parts.append(self.activation)
+        if self.attention:
+            parts.append(self.attention)
+        if self.cnsn:
+            parts.append(self.cnsn)
+        name = "+".join(parts) or "baseline"
+        return name if self.arch == "mobilenet_v2" else f"{self.arch}:{name}"

@@ -1,0 +1,110 @@
+"""``build_model``: a ``ModelConfig`` (or keyword arguments) in, a ``nn.Module`` out.
+
+Architectures register a builder by name, so a config string picks the family.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..layers.activations import get_activation_class
+from ..layers.attention import create_attention
+from ..layers.cnsn import CNSN, CrossNorm, CrossNormSchedule, SelfNorm
+
+_ARCHS: dict[str, Callable] = {}
+
+
+def register_arch(name: str):
+    def decorator(builder: Callable) -> Callable:
+        _ARCHS[name] = builder
+        return builder
+    return decorator
+
+
+def arch_names() -> tuple[str, ...]:
+    return tuple(_ARCHS)
+
+
+def build_model(config=None, **kwargs) -> nn.Module:
+    """Build a model from a ``ModelConfig`` and/or keyword overrides.
+
+    >>> build_model(arch="mobilenet_v2", num_classes=10, stem="cifar", activation="mish",
+    ...             attention="triplet", cnsn="cnsn")
+    """
+    from .config import ModelConfig
+
+    if config is None:
+        config = ModelConfig(**kwargs)
+    elif kwargs:
+        config = config.replace(**kwargs)
+    model = _ARCHS[config.arch](config)
+    model.config = config
+    return model
+
+
+def _activation_layer(config) -> Callable[..., nn.Module]:
+    cls = get_activation_class(config.activation)
+    return cls if cls is not nn.GELU else (lambda inplace=False: nn.GELU())
+
+
+def _cnsn_layer(config) -> Callable[[int], nn.Module] | None:
+    if config.cnsn is None:
+        return None
+
+    def make(channels: int) -> CNSN:
+        crossnorm = (CrossNorm(mode=config.crossnorm_mode, crop=config.crossnorm_crop)
+                     if config.cnsn in ("cn", "cnsn") else None)
+        selfnorm = (SelfNorm(channels, two_gates=config.selfnorm_two_gates)
+                    if config.cnsn in ("sn", "cnsn") else None)
+        return CNSN(crossnorm, selfnorm)
+
+    return make
+
+
+def attach_crossnorm_schedule(model: nn.Module, cn_prob: float, active_num: int,
+                              generator: torch.Generator | None = None) -> CrossNormSchedule | None:
+    """Give the model a CrossNorm schedule that fires once per training forward."""
+    modules = [m for m in model.modules() if isinstance(m, CrossNorm)]
+    if not modules:
+        return None
+    schedule = CrossNormSchedule(modules, cn_prob=cn_prob, active_num=active_num, generator=generator)
+    model.register_forward_pre_hook(schedule)
+    model.crossnorm_schedule = schedule
+    return schedule
+
+
+def _reject(config, fields: tuple[str, ...], defaults) -> None:
+    for name in fields:
+        if getattr(config, name) != getattr(defaults, name):
+            raise ValueError(f"{name}: got {getattr(config, name)!r}; {config.arch} does not support this "
+                             f"option (allowed: {getattr(defaults, name)!r})")
+
+
+@register_arch("mobilenet_v2")
+def _build_mobilenet_v2(config) -> nn.Module:
+    from .mobilenetv2 import MobileNetV2, mobilenet_v2_block
+
+    attention_layer = (partial(create_attention, config.attention, kernel_size=config.attention_kernel)
+                       if config.attention else None)
+    block = mobilenet_v2_block(attention_layer=attention_layer, attention_position=config.attention_position,
+                               cnsn_layer=_cnsn_layer(config), cnsn_position=config.cnsn_position)
+    model = MobileNetV2(num_classes=config.num_classes, width_mult=config.width_mult, block=block,
+                        dropout=config.dropout, activation_layer=_activation_layer(config),
+                        in_channels=config.in_channels, stem=config.stem)
+    if config.cnsn in ("cn", "cnsn"):
+        attach_crossnorm_schedule(model, config.cn_prob, config.active_num)
+    return model
+
+
+@register_arch("mobilenet_v1")
+def _build_mobilenet_v1(config) -> nn.Module:
+    from .config import ModelConfig
+    from .mobilenetv1 import MobileNetV1
+
+    _reject(config, ("attention", "cnsn"), ModelConfig())
+    return MobileNetV1(num_classes=config.num_classes, width_mult=config.width_mult, dropout=config.dropout,
+                       activation_layer=_activation_layer(config), in_channels=config.in_channels,
+                       stem=config.stem)

@@ -1,0 +1,104 @@
+import pytest
+import torch
+from torch import nn
+
+from mnv2lib.layers import activations
+from mnv2lib.layers.activations import Mish, create_activation, mish, mish_reference, set_mish_backend
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def backend(request):
+    set_mish_backend(request.param)
+    yield request.param
+    set_mish_backend("auto")
+
+
+def test_mish_matches_torch_value_and_gradient(backend):
+    x = torch.linspace(-30, 30, 20001).requires_grad_()
+    y = mish(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = nn.functional.mish(x_ref)
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), x_ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gx, g_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_mish_gradcheck_float64(backend):
+    x = (torch.randn(64, dtype=torch.float64) * 4).requires_grad_()
+    assert torch.autograd.gradcheck(mish, (x,), eps=1e-6, atol=1e-7)
+    torch.testing.assert_close(mish(x), mish_reference(x), atol=1e-12, rtol=1e-12)
+
+
+def test_mish_is_finite_for_huge_inputs_and_low_precision(backend):
+    x = torch.tensor([-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4]).requires_grad_()
+    y = mish(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all()
+    assert y[-1].item() == pytest.approx(1e4) and g[-1].item() == pytest.approx(1.0)
+    assert abs(y[0].item()) < 1e-6 and abs(g[0].item()) < 1e-6
+    for dtype in (torch.float16, torch.bfloat16):
+        xl = torch.tensor([-1e4, -5.0, -1.0, 0.5, 3.0, 1e4]).to(dtype).requires_grad_()
+        yl = mish(xl)
+        (gl,) = torch.autograd.grad(yl.sum(), xl)
+        assert yl.dtype == dtype and gl.dtype == dtype
+        assert torch.isfinite(yl).all() and torch.isfinite(gl).all()
+        torch.testing.assert_close(yl.float(), nn.functional.mish(xl.detach().float()), atol=2e-2, rtol=1e-2)
+
+
+def test_mish_handles_layouts(backend):
+    x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last).requires_grad_()
+    y = mish(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, nn.functional.mish(x.detach()))
+    strided = torch.randn(6, 10)[:, ::2]  # not dense
+    torch.testing.assert_close(mish(strided), nn.functional.mish(strided))
+    grad_out = torch.randn(2, 8, 5, 5)  # gradient in another layout than the input
+    (g,) = torch.autograd.grad(y, x, grad_out)
+    ref = x.detach().clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(nn.functional.mish(ref), ref, grad_out)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_mish_saves_only_its_input():
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        Mish()(x)
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nn.functional.mish(x * 1.0)
+    assert len(saved) >= 1  # (PyTorch's own also keeps only its input: the point is ours is not worse)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    set_mish_backend("auto")
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(activations._kernels, "_compiled", (broken, broken))
+    x = torch.randn(100)
+    with pytest.warns(RuntimeWarning, match="eager"):
+        y = mish(x)
+    torch.testing.assert_close(y, nn.functional.mish(x))
+    set_mish_backend("auto")
+
+
+def test_unknown_activation_and_backend_names():
+    with pytest.raises(ValueError, match=r"activation: got 'swish'.*allowed values"):
+        create_activation("swish")
+    with pytest.raises(ValueError, match="mish backend"):
+        set_mish_backend("fast")
+
+
+@pytest.mark.parametrize("name,cls", [("relu6", nn.ReLU6), ("relu", nn.ReLU), ("mish", Mish), ("silu", nn.SiLU),
+                                      ("hardswish", nn.Hardswish), ("gelu", nn.GELU)])
+def test_activation_registry(name, cls):
+    assert isinstance(create_activation(name), cls)

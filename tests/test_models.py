@@ -1,0 +1,151 @@
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from mnv2lib import ModelConfig, build_model, summary
+from mnv2lib.layers import Mish, TripletAttention
+from mnv2lib.models import InvertedResidual
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_mobilenet_v2_parameter_count_and_torchvision_parity():
+    model = build_model()
+    assert n_params(model) == 3_504_872
+    reference = torchvision.models.mobilenet_v2()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    model.eval(), reference.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(activation="mish"), dict(attention="triplet"),
+                                    dict(activation="mish", attention="triplet", attention_position="block_output")])
+def test_torchvision_weights_load_into_improved_models(kwargs):
+    model = build_model(**kwargs)
+    missing, unexpected = model.load_state_dict(torchvision.models.mobilenet_v2().state_dict(), strict=False)
+    assert unexpected == []
+    assert all(".attention." in key for key in missing)
+    if "attention" not in kwargs:
+        assert missing == []
+
+
+@pytest.mark.parametrize("kernel,params", [(7, 3_509_972), (3, 3_505_892)])
+def test_triplet_parameter_counts(kernel, params):
+    model = build_model(attention="triplet", attention_kernel=kernel)
+    assert n_params(model) == params
+    assert sum(isinstance(m, TripletAttention) for m in model.modules()) == 17
+
+
+@pytest.mark.parametrize("name,cls", [("mish", Mish), ("relu", nn.ReLU), ("silu", nn.SiLU),
+                                      ("hardswish", nn.Hardswish), ("gelu", nn.GELU)])
+def test_activation_replaces_every_relu6_and_projection_stays_linear(name, cls):
+    model = build_model(activation=name)
+    assert not any(isinstance(m, nn.ReLU6) for m in model.modules())
+    # stem + head + (2 per t=1 block) + 3 per block with expansion... = every Conv2dNormActivation
+    n_conv_norm_act = sum(type(m).__name__ == "Conv2dNormActivation" for m in model.modules())
+    assert sum(isinstance(m, cls) for m in model.modules()) == n_conv_norm_act == 2 + 1 + 16 * 2
+    for block in model.blocks:
+        assert isinstance(block.conv[-1], nn.BatchNorm2d) and isinstance(block.conv[-2], nn.Conv2d)
+
+
+def test_cifar_stem_strides():
+    model = build_model(stem="cifar", num_classes=10)
+    assert model.features[0][0].stride == (1, 1)
+    strides = [b.stride for b in model.blocks]
+    assert strides == [1, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1]
+    assert model.features(torch.randn(1, 3, 32, 32)).shape[-1] == 4
+    imagenet = build_model(num_classes=10).eval()
+    assert imagenet.features(torch.randn(1, 3, 32, 32)).shape[-1] == 1
+
+
+@pytest.mark.parametrize("position", ["residual", "block_output", "after_depthwise"])
+def test_attention_positions(position):
+    model = build_model(attention="triplet", attention_position=position, num_classes=10, width_mult=0.5)
+    block = model.blocks[2]  # 24 -> 24 with a shortcut, t = 6
+    seen = []
+    block.attention.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    x = torch.randn(2, 16, 8, 8)
+    block.eval()
+    out = block(x)
+    assert seen == [{"residual": 16, "block_output": 16, "after_depthwise": 96}[position]]
+    with torch.no_grad():  # order of operations
+        branch = block.conv(x) if position != "after_depthwise" else None
+        if position == "residual":
+            torch.testing.assert_close(out, x + block.attention(branch))
+        elif position == "block_output":
+            torch.testing.assert_close(out, block.attention(x + branch))
+
+
+def test_grayscale_and_mobilenet_v1():
+    for arch in ("mobilenet_v2", "mobilenet_v1"):
+        model = build_model(arch=arch, in_channels=1, num_classes=10, stem="cifar")
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    v1 = build_model(arch="mobilenet_v1")
+    assert n_params(v1) == 4_231_976
+    assert summary(v1, (1, 3, 224, 224)).total_mult_adds == pytest.approx(568.7e6, rel=0.002)
+    assert summary(build_model(), (1, 3, 224, 224)).total_mult_adds == pytest.approx(300.77e6, rel=0.01)
+    v1_mish = build_model(arch="mobilenet_v1", activation="mish", width_mult=0.5)
+    assert any(isinstance(m, Mish) for m in v1_mish.modules()) and n_params(v1_mish) < n_params(v1)
+
+
+def test_config_round_trips_through_json():
+    config = ModelConfig(num_classes=10, width_mult=0.5, activation="mish", attention="triplet",
+                         attention_kernel=3, stem="cifar", cnsn="cnsn", cnsn_position="pre")
+    assert ModelConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["activation"] == "mish"
+    assert build_model(config).config == config
+    assert config.label == "mish+triplet+cnsn" and ModelConfig().label == "baseline"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("arch", "resnet50"), ("activation", "swish"), ("attention", "se"), ("attention_position", "head"),
+    ("width_mult", 0), ("width_mult", -1.0), ("num_classes", 0), ("attention_kernel", 4),
+    ("attention_kernel", 0), ("stem", "tiny"), ("in_channels", 0), ("cnsn", "bn"),
+])
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"{field}: got {value!r}.*allowed"):
+        build_model(**{field: value})
+
+
+def test_unknown_config_field_and_v1_options():
+    with pytest.raises(ValueError, match="unknown field"):
+        ModelConfig.from_dict({"arch": "mobilenet_v2", "widht_mult": 1.0})
+    with pytest.raises(ValueError, match="attention: got 'triplet'.*mobilenet_v1"):
+        build_model(arch="mobilenet_v1", attention="triplet")
+
+
+def test_bad_forward_input():
+    model = build_model(num_classes=10)
+    with pytest.raises(ValueError, match="4-D"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="input channels: got 1"):
+        model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="input channels: got 4"):
+        build_model(arch="mobilenet_v1")(torch.randn(1, 4, 32, 32))
+
+
+def test_summary_helper():
+    stats = summary(build_model(num_classes=10, width_mult=0.5, stem="cifar"), (1, 3, 32, 32))
+    assert stats.total_params == n_params(build_model(num_classes=10, width_mult=0.5, stem="cifar"))
+    assert "InvertedResidual" in str(stats)
+
+
+def test_block_is_injectable():
+    calls = []
+
+    class CountingBlock(InvertedResidual):
+        def __init__(self, *args, **kwargs):
+            calls.append(args[:3])
+            super().__init__(*args, **kwargs)
+
+    from mnv2lib.models import MobileNetV2
+
+    MobileNetV2(num_classes=10, block=CountingBlock)
+    assert len(calls) == 17
