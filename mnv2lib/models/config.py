@@ -9,7 +9,7 @@ from typing import Any
 from ..layers.activations import activation_names
 from ..layers.attention import attention_names, check_kernel_size
 
-STEMS = ("imagenet", "cifar")
+STEMS = ("imagenet", "cifar", "cifar_lite")
 ATTENTION_POSITIONS = ("residual", "block_output", "after_depthwise")
 CNSN_KINDS = (None, "cn", "sn", "cnsn")
 CNSN_POSITIONS = ("post", "pre", "residual", "identity")

@@ -32,7 +32,8 @@ class MobileNetV1(nn.Module):
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2,
                  activation_layer=nn.ReLU, in_channels: int = 3, stem: str = "imagenet",
                  round_nearest: int = 8) -> None:
-        """``stem="cifar"``: stride 1 in the stem conv and in the first stride-2 layer."""
+        """``stem="cifar"``: stride 1 in the stem conv and in the first stride-2 layer;
+        ``stem="cifar_lite"``: stride 1 in the stem conv only."""
         super().__init__()
         self.in_channels = in_channels
         setting = list(DEPTHWISE_SEPARABLE_SETTING)
@@ -41,7 +42,7 @@ class MobileNetV1(nn.Module):
             setting[first_strided] = (setting[first_strided][0], 1)
         channels = _make_divisible(32 * width_mult, round_nearest)
         features: list[nn.Module] = [
-            Conv2dNormActivation(in_channels, channels, stride=1 if stem == "cifar" else 2,
+            Conv2dNormActivation(in_channels, channels, stride=1 if stem in ("cifar", "cifar_lite") else 2,
                                  activation_layer=activation_layer)
         ]
         for c, s in setting:

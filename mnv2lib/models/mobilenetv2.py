@@ -127,7 +127,8 @@ class MobileNetV2(nn.Module):
         in_channels: int = 3,
         stem: str = "imagenet",
     ) -> None:
-        """``stem="cifar"``: stride 1 in the stem conv and in the first stride-2 stage (for 32x32)."""
+        """``stem="cifar"``: stride 1 in the stem conv and in the first stride-2 stage (for 32x32);
+        ``stem="cifar_lite"``: stride 1 in the stem conv only (4x fewer activations than "cifar")."""
         super().__init__()
         block = block or InvertedResidual
         norm_layer = norm_layer or nn.BatchNorm2d
@@ -140,7 +141,7 @@ class MobileNetV2(nn.Module):
         input_channel = _make_divisible(32 * width_mult, round_nearest)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult), round_nearest)
         features: list[nn.Module] = [
-            Conv2dNormActivation(in_channels, input_channel, stride=1 if stem == "cifar" else 2,
+            Conv2dNormActivation(in_channels, input_channel, stride=1 if stem in ("cifar", "cifar_lite") else 2,
                                  norm_layer=norm_layer, activation_layer=activation_layer)
         ]
         for t, c, n, s in setting:

@@ -1,0 +1,159 @@
+"""The 2^3 ablation: summaries over seeds, paired differences against the baseline with
+confidence intervals, main effects, and the sentences that report them."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+METRICS = {
+    "clean_accuracy": "clean accuracy",
+    "mean_corruption_accuracy": "mean corruption accuracy",
+}
+COSTS = ["parameters", "multiply_adds", "train_seconds", "train_memory_MiB", "train_images_per_s",
+         "latency_ms_batch1", "latency_ms_batch64"]
+FACTORS = {"mish": ("activation", "mish"), "triplet": ("attention", "triplet"), "cnsn": ("cnsn", "cnsn")}
+
+
+def _t_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    """Mean and two-sided t confidence interval; NaN bounds when there is a single value."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def variant_order(labels) -> list[str]:
+    """baseline, single improvements, pairs, all three."""
+    return sorted(set(labels), key=lambda s: (0 if s == "baseline" else s.count("+") + 1, s))
+
+
+def summarize(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """One row per variant: seeds, mean/std/CI of each accuracy metric, and the cost columns."""
+    rows = []
+    for label, group in df.groupby("label"):
+        row = {"label": label, "seeds": len(group)}
+        for metric in METRICS:
+            values = group[metric].dropna().to_numpy()
+            if len(values):
+                mean, low, high = _t_interval(values, confidence)
+                row.update({f"{metric}_mean": mean, f"{metric}_std": float(values.std(ddof=1)) if len(values) > 1
+                            else math.nan, f"{metric}_ci_low": low, f"{metric}_ci_high": high})
+        for cost in COSTS:
+            if cost in group:
+                row[cost] = float(group[cost].mean())
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = variant_order(out["label"])
+    return out.set_index("label").loc[order].reset_index()
+
+
+def paired_differences(df: pd.DataFrame, metric: str = "clean_accuracy", baseline: str = "baseline",
+                       confidence: float = 0.95) -> pd.DataFrame:
+    """Per variant, the seed-paired difference ``variant - baseline`` with a t confidence interval."""
+    wide = df.pivot_table(index="seed", columns="label", values=metric)
+    if baseline not in wide:
+        raise ValueError(f"baseline: got {baseline!r}; allowed values are the labels {sorted(wide.columns)}")
+    rows = []
+    for label in variant_order(wide.columns):
+        if label == baseline:
+            continue
+        diffs = (wide[label] - wide[baseline]).dropna().to_numpy()
+        if len(diffs) == 0:
+            continue
+        mean, low, high = _t_interval(diffs, confidence)
+        rows.append({"label": label, "metric": metric, "seeds": len(diffs), "mean_difference": mean,
+                     "ci_low": low, "ci_high": high,
+                     "significant": bool(not math.isnan(low) and (low > 0 or high < 0))})
+    return pd.DataFrame(rows)
+
+
+def main_effects(df: pd.DataFrame, metric: str = "clean_accuracy") -> pd.DataFrame:
+    """Factorial main effect of each improvement: mean over runs with it minus mean over runs without."""
+    rows = []
+    for factor, (column, value) in FACTORS.items():
+        with_it = df[df[column] == value][metric].dropna()
+        without = df[df[column] != value][metric].dropna()
+        if len(with_it) and len(without):
+            rows.append({"factor": factor, "metric": metric, "effect": float(with_it.mean() - without.mean()),
+                         "runs_with": len(with_it), "runs_without": len(without)})
+    return pd.DataFrame(rows)
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.1f} pp"
+
+
+def describe(summary: pd.DataFrame, diffs: dict[str, pd.DataFrame], dataset: str, profile: str) -> str:
+    """Markdown sentences stating the results, built only from the numbers passed in."""
+    base = summary.set_index("label").loc["baseline"]
+    lines = [f"**Results on {dataset}, profile `{profile}`, {int(base['seeds'])} seed(s) per variant.**", ""]
+    lines.append(f"- The baseline reaches {100 * base['clean_accuracy_mean']:.1f}% clean accuracy and "
+                 f"{100 * base.get('mean_corruption_accuracy_mean', math.nan):.1f}% mean corruption accuracy.")
+    for metric, frame in diffs.items():
+        if frame.empty:
+            continue
+        best = frame.loc[frame["mean_difference"].idxmax()]
+        worst = frame.loc[frame["mean_difference"].idxmin()]
+        sig = frame[frame["significant"]]
+        ci = (lambda r: "" if math.isnan(r["ci_low"]) else f" (95% CI {_pp(r['ci_low'])} to {_pp(r['ci_high'])})")
+        lines.append(f"- {METRICS.get(metric, metric).capitalize()}: the largest gain over the baseline is "
+                     f"**{best['label']}** at {_pp(best['mean_difference'])}{ci(best)}; the smallest is "
+                     f"**{worst['label']}** at {_pp(worst['mean_difference'])}{ci(worst)}. "
+                     + (f"{len(sig)} of {len(frame)} differences have a confidence interval that excludes zero"
+                        + (f" ({', '.join(sig['label'])})." if len(sig) else ".")
+                        if not frame["ci_low"].isna().all() else
+                        "With a single seed there are no confidence intervals; treat differences as indicative."))
+    costly = summary.set_index("label")
+    if "train_images_per_s" in costly and costly["train_images_per_s"].notna().all():
+        slowest = costly["train_images_per_s"].idxmin()
+        lines.append(f"- Training throughput ranges from {costly['train_images_per_s'].min():.0f} img/s "
+                     f"({slowest}) to {costly['train_images_per_s'].max():.0f} img/s "
+                     f"({costly['train_images_per_s'].idxmax()}) on the measuring machine.")
+    if "parameters" in costly and costly["parameters"].notna().all():
+        lines.append(f"- Parameters: baseline {costly.loc['baseline', 'parameters'] / 1e6:.3f}M; the largest "
+                     f"variant ({costly['parameters'].idxmax()}) adds "
+                     f"{(costly['parameters'].max() - costly.loc['baseline', 'parameters']) / 1e3:.1f}k.")
+    return "\n".join(lines)
+
+
+def corruption_table(records: list[dict]) -> pd.DataFrame:
+    """Accuracy per corruption (rows) and variant (columns), mean over severities and seeds."""
+    rows = []
+    for r in records:
+        for corruption, per_severity in (r.get("corruption_accuracy") or {}).items():
+            for severity, acc in per_severity.items():
+                rows.append({"label": r["label"], "corruption": corruption, "severity": int(severity),
+                             "accuracy": acc})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.pivot_table(index="corruption", columns="label", values="accuracy", aggfunc="mean")
+
+
+def severity_table(records: list[dict]) -> pd.DataFrame:
+    """Accuracy per severity (rows) and variant (columns), mean over corruptions and seeds."""
+    rows = [{"label": r["label"], "severity": int(s), "accuracy": acc}
+            for r in records for per in (r.get("corruption_accuracy") or {}).values() for s, acc in per.items()]
+    frame = pd.DataFrame(rows)
+    return frame if frame.empty else frame.pivot_table(index="severity", columns="label", values="accuracy")
+
+
+def histories_frame(records: list[dict]) -> pd.DataFrame:
+    """Per-epoch metrics of every run, long format with label and seed."""
+    return pd.DataFrame([{**epoch, "label": r["label"], "seed": r["seed"]}
+                         for r in records for epoch in r.get("history", [])])
+
+
+def describe_main_effects(effects: pd.DataFrame) -> str:
+    """One sentence per improvement from the main-effects table (columns effect_clean, effect_corruption)."""
+    lines = []
+    for _, row in effects.iterrows():
+        lines.append(f"- **{row['factor']}**: main effect {_pp(row['effect_clean'])} on clean accuracy and "
+                     f"{_pp(row['effect_corruption'])} on mean corruption accuracy "
+                     f"({int(row['runs_with_clean'])} runs with, {int(row['runs_without_clean'])} without).")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Speed benchmark: ``python -m mnv2lib.bench`` (``make bench``).
+
+Builds MobileNetV2 (width 0.5, CIFAR stem, 10 classes, 32x32 inputs) with and without
+each improvement, plus the straightforward reference implementations and torchvision's
+model, and times training steps (batch 128) and inference (batch 64) *interleaved*
+in one process after warm-up, so that the ratios of medians compare like with like.
+Writes ``reports/bench.json`` and ``reports/bench.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+from torch import nn
+
+from . import paths
+from .measure import make_eval_step, make_train_step, saved_activation_bytes
+from .models import build_model
+
+BASE = dict(num_classes=10, width_mult=0.5, stem="cifar")
+
+VARIANTS = {
+    "baseline": dict(),
+    "mish": dict(activation="mish"),
+    "mish_reference": dict(activation="mish_reference"),
+    "triplet": dict(attention="triplet"),
+    "triplet_reference": dict(attention="triplet_reference"),
+    # default CNSN settings with CrossNorm switched on for every timed step
+    "cnsn": dict(cnsn="cnsn", cn_prob=1.0),
+    "selfnorm": dict(cnsn="sn"),
+}
+
+# (json key, numerator variant, denominator variant, mode)
+RATIOS = [
+    ("mish_train_ratio", "mish", "baseline", "train"),
+    ("mish_eval_ratio", "mish", "baseline", "eval"),
+    ("mish_reference_train_ratio", "mish_reference", "baseline", "train"),
+    ("mish_reference_eval_ratio", "mish_reference", "baseline", "eval"),
+    ("triplet_train_ratio", "triplet", "baseline", "train"),
+    ("triplet_eval_ratio", "triplet", "baseline", "eval"),
+    ("triplet_reference_train_ratio", "triplet_reference", "baseline", "train"),
+    ("triplet_reference_eval_ratio", "triplet_reference", "baseline", "eval"),
+    ("cnsn_train_ratio", "cnsn", "baseline", "train"),
+    ("cnsn_eval_ratio", "cnsn", "baseline", "eval"),
+    ("selfnorm_eval_ratio", "selfnorm", "baseline", "eval"),
+    ("baseline_vs_torchvision_train_ratio", "baseline", "torchvision", "train"),
+    ("baseline_vs_torchvision_eval_ratio", "baseline", "torchvision", "eval"),
+]
+TARGETS = {
+    "mish_train_ratio": 1.15, "mish_eval_ratio": 1.20, "triplet_train_ratio": 1.10, "triplet_eval_ratio": 1.10,
+    "cnsn_train_ratio": 1.10, "selfnorm_eval_ratio": 1.05, "baseline_vs_torchvision_train_ratio": 1.03,
+}
+
+
+def torchvision_cifar_mobilenet_v2() -> nn.Module:
+    """torchvision's MobileNetV2 with the same CIFAR stem (stride 1 in the stem and first stride-2 stage)."""
+    model = torchvision.models.mobilenet_v2(num_classes=BASE["num_classes"], width_mult=BASE["width_mult"])
+    model.features[0][0].stride = (1, 1)
+    first_strided = next(b for b in model.features[1:] if getattr(b, "stride", 1) == 2)
+    first_strided.conv[1][0].stride = (1, 1)
+    first_strided.stride = 1
+    return model
+
+
+def build_variants(names) -> dict[str, nn.Module]:
+    models = {}
+    for name in names:
+        torch.manual_seed(0)
+        models[name] = torchvision_cifar_mobilenet_v2() if name == "torchvision" else build_model(**BASE, **VARIANTS[name])
+    return models
+
+
+def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 7, warmup: int = 2,
+        variants: list[str] | None = None, device: str = "cpu", channels_last: bool = False) -> dict:
+    names = variants or ["torchvision", *VARIANTS]
+    dev = torch.device(device)
+    models = {k: m.to(dev) for k, m in build_variants(names).items()}
+    if channels_last:
+        models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(train_batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (train_batch,), device=dev)
+    xe = torch.randn(eval_batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
+    steps = {"train": {k: make_train_step(m, x, y) for k, m in models.items()},
+             "eval": {k: make_eval_step(m, xe) for k, m in models.items()}}
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    times: dict[str, dict[str, list[float]]] = {mode: {k: [] for k in names} for mode in steps}
+    start = time.time()
+    for mode, fns in steps.items():
+        for _ in range(warmup):  # warm-up, including Mish's one-off compilation
+            for fn in fns.values():
+                fn()
+        for _ in range(repeats * (3 if mode == "eval" else 1)):
+            for name, fn in fns.items():  # interleaved: drifts in machine speed hit every variant alike
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[mode][name].append(time.perf_counter() - t0)
+    medians = {mode: {k: statistics.median(v) for k, v in per.items()} for mode, per in times.items()}
+    ratios = {key: medians[mode][a] / medians[mode][b] for key, a, b, mode in RATIOS
+              if a in medians[mode] and b in medians[mode]}
+    activation_mb = {k: saved_activation_bytes(m, (train_batch, 3, 32, 32)) / 2**20 for k, m in models.items()}
+    return {
+        **ratios,
+        "targets": TARGETS,
+        "median_seconds": medians,
+        "saved_activation_MiB_train_batch": activation_mb,
+        "config": {**BASE, "input": [3, 32, 32], "train_batch": train_batch, "eval_batch": eval_batch,
+                   "repeats": repeats, "warmup": warmup, "channels_last": channels_last},
+        "machine": {"device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "torchvision": torchvision.__version__, "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine()},
+        "wall_seconds": time.time() - start,
+    }
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"# Speed benchmark ({result['machine']['device']}, {result['machine']['threads']} threads, "
+             f"torch {result['machine']['torch']})", "",
+             "MobileNetV2 width 0.5, CIFAR stem, 32x32; training step at batch "
+             f"{result['config']['train_batch']}, inference at batch {result['config']['eval_batch']}; "
+             "ratios of medians of interleaved runs.", "",
+             "| ratio | measured | target |", "|---|---|---|"]
+    for key, *_ in RATIOS:
+        if key in result:
+            target = result["targets"].get(key)
+            verdict = "" if target is None else (f"<= {target}" + (" ok" if result[key] <= target else " MISSED"))
+            if key.startswith("baseline_vs") and target is not None:
+                verdict = f"1.00 +- 0.03" + (" ok" if abs(result[key] - 1) <= 0.03 else " MISSED")
+            lines.append(f"| {key} | {result[key]:.3f} | {verdict} |")
+    lines += ["", "| variant | train step (ms) | inference (ms) | saved activations (MiB) |", "|---|---|---|---|"]
+    for name in result["median_seconds"]["train"]:
+        lines.append(f"| {name} | {1000 * result['median_seconds']['train'][name]:.1f} | "
+                     f"{1000 * result['median_seconds']['eval'][name]:.1f} | "
+                     f"{result['saved_activation_MiB_train_batch'][name]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="MobileNetV2 improvements: speed ratios, interleaved.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--variants", nargs="*")
+    parser.add_argument("--output", default=str(paths.REPORTS_DIR / "bench.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(repeats=args.repeats, device=args.device, variants=args.variants, channels_last=args.channels_last)
+    out = paths.Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    markdown = to_markdown(result)
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"written: {out}, {out.with_suffix('.md')} ({result['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

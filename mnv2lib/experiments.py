@@ -1,0 +1,325 @@
+"""Experiment runs and the results store.
+
+A run is (model config, training profile, dataset, seed). Its record goes to
+``reports/results/<key>.json``, written atomically, keyed by a hash of all four, so a
+finished run is never recomputed and every notebook reuses the same trained models
+(their weights stay in ``reports/runs/<key>/``). Runs checkpoint every epoch: killing
+the process loses at most the current epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from . import paths
+from .models import ModelConfig, build_model
+from .progress import progress
+from .train import NonFiniteLossError, TrainConfig, evaluate, resolve_device, train_model
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much to train and evaluate: a budget, chosen for a machine."""
+
+    name: str
+    train_size: int | None            # training images (class-balanced subset); None = all
+    test_size: int | None             # clean test images; None = all
+    corruption_test_size: int         # test images per corruption set
+    severities: tuple = (1, 2, 3, 4, 5)
+    corruptions: tuple | None = None  # None = all 15
+    width_mult: float = 0.5
+    stem: str = "cifar"
+    seeds: tuple = (0, 1)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cost_input_size: int = 32         # input side for latency and memory measurements
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+
+PROFILES: dict[str, Profile] = {
+    # seconds: for tests and for checking that every notebook runs end to end
+    "smoke": Profile("smoke", train_size=256, test_size=128, corruption_test_size=64, severities=(3,),
+                     corruptions=("gaussian_noise", "defocus_blur", "contrast"), width_mult=0.25, stem="cifar_lite",
+                     seeds=(0, 1), train=TrainConfig(epochs=1, batch_size=64, lr=0.05, eval_batch_size=256)),
+    # the whole 2^3 ablation, 2 seeds, on a 2-core CPU in about half an hour (see README: budget)
+    "quick": Profile("quick", train_size=5000, test_size=2000, corruption_test_size=500, width_mult=0.5,
+                     stem="cifar_lite", seeds=(0, 1),
+                     train=TrainConfig(epochs=8, batch_size=128, lr=0.1, eval_batch_size=500)),
+    # paper-like CIFAR-10 training, for a GPU
+    "full": Profile("full", train_size=None, test_size=None, corruption_test_size=10000, width_mult=1.0,
+                    stem="cifar", seeds=(0, 1, 2),
+                    train=TrainConfig(epochs=200, batch_size=128, lr=0.1, eval_batch_size=1000, channels_last=True)),
+}
+
+
+def get_profile(profile: str | Profile) -> Profile:
+    if isinstance(profile, Profile):
+        return profile
+    if profile not in PROFILES:
+        raise ValueError(f"profile: got {profile!r}; allowed values are {tuple(PROFILES)}")
+    return PROFILES[profile]
+
+
+# The 2^3 ablation: each improvement switched on or off.
+IMPROVEMENTS = {"mish": dict(activation="mish"), "triplet": dict(attention="triplet"), "cnsn": dict(cnsn="cnsn")}
+
+
+def ablation_configs(base: dict | None = None) -> list[dict]:
+    """The eight model-config overrides of the 2^3 ablation, baseline first."""
+    names = list(IMPROVEMENTS)
+    configs = []
+    for mask in range(2 ** len(names)):
+        overrides = dict(base or {})
+        for i, name in enumerate(names):
+            if mask >> i & 1:
+                overrides.update(IMPROVEMENTS[name])
+        configs.append(overrides)
+    return sorted(configs, key=lambda c: (len([k for k in c if k not in (base or {})]), str(sorted(c.items()))))
+
+
+def model_config_for(overrides: dict, profile: Profile, num_classes: int) -> ModelConfig:
+    """Profile defaults (width, stem) < the overrides; num_classes from the dataset."""
+    fields = {"width_mult": profile.width_mult, "stem": profile.stem, **overrides, "num_classes": num_classes}
+    return ModelConfig(**fields)
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def run_key(model_config: ModelConfig, profile: Profile, dataset_identity: dict, seed: int) -> str:
+    payload = {"model": model_config.to_dict(), "profile": {**profile.to_dict(), "seeds": None},
+               "dataset": dataset_identity, "seed": seed, "version": RECORD_VERSION}
+    return hashlib.sha256(_canonical(payload).encode()).hexdigest()[:16]
+
+
+def dataset_identity(dataset) -> dict:
+    return {"name": dataset.name, "train_size": len(dataset.train_labels), "test_size": len(dataset.test_labels),
+            "classes": len(dataset.classes)}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _git_commit() -> str:
+    from .reports import git_commit
+
+    return git_commit()
+
+
+class ResultsStore:
+    """Run records in ``results_dir`` (JSON), weights and checkpoints in ``runs_dir``."""
+
+    def __init__(self, results_dir: Path | None = None, runs_dir: Path | None = None) -> None:
+        self.results_dir = Path(results_dir or paths.RESULTS_DIR)
+        self.runs_dir = Path(runs_dir or paths.RUNS_DIR)
+
+    def record_path(self, key: str) -> Path:
+        return self.results_dir / f"{key}.json"
+
+    def run_dir(self, key: str) -> Path:
+        return self.runs_dir / key
+
+    def get(self, key: str) -> dict | None:
+        path = self.record_path(key)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def put(self, record: dict) -> None:
+        write_json_atomic(self.record_path(record["key"]), record)
+
+    def records(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.results_dir.glob("*.json"))]
+
+
+def load_profile_dataset(profile: Profile, dataset: str = "auto", seed: int = 0):
+    from .data import load_dataset
+
+    return load_dataset(dataset, train_size=profile.train_size, test_size=profile.test_size, seed=seed)
+
+
+def evaluate_corruptions(model, dataset, profile: Profile, device) -> dict[str, dict[str, float]]:
+    """Accuracy per corruption and severity (CIFAR-10-C protocol) on the profile's corruption test set."""
+    from .corruptions import CORRUPTIONS, load_corrupted_test_set
+
+    results: dict[str, dict[str, float]] = {}
+    for corruption in profile.corruptions or CORRUPTIONS:
+        results[corruption] = {}
+        for severity in profile.severities:
+            images, labels = load_corrupted_test_set(dataset, corruption, severity,
+                                                     size=profile.corruption_test_size)
+            acc = evaluate(model, images, labels, dataset.mean, dataset.std, profile.train.eval_batch_size,
+                           device)["accuracy"]
+            results[corruption][str(severity)] = acc
+    return results
+
+
+def measure_config_costs(model_config: ModelConfig, profile: Profile, store: ResultsStore) -> dict:
+    """Parameters, multiply-adds, FLOPs, memory and speed of a config (measured once, cached)."""
+    from .measure import measure_costs
+
+    key = hashlib.sha256(_canonical({"model": model_config.to_dict(), "input": profile.cost_input_size,
+                                     "threads": torch.get_num_threads()}).encode()).hexdigest()[:16]
+    path = store.results_dir / "costs" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    size = profile.cost_input_size
+    report = measure_costs(lambda: build_model(model_config), input_size=(model_config.in_channels, size, size),
+                           num_classes=model_config.num_classes, device="cpu", repeats=3).to_dict()
+    report["measured"] = _dt.datetime.now().isoformat(timespec="seconds")
+    write_json_atomic(path, report)
+    return report
+
+
+def run_experiment(model_config: ModelConfig, profile: str | Profile, dataset, seed: int,
+                   store: ResultsStore | None = None, show_progress: bool = True,
+                   stop_after_epoch: int | None = None) -> dict:
+    """Train, evaluate (clean and corrupted) and record one run; a finished run is read back, not redone."""
+    profile = get_profile(profile)
+    store = store or ResultsStore()
+    identity = dataset_identity(dataset)
+    key = run_key(model_config, profile, identity, seed)
+    existing = store.get(key)
+    if existing is not None and existing["status"] in ("finished", "failed"):
+        return existing
+    run_dir = store.run_dir(key)
+    model = build_model(model_config)
+    record = {
+        "key": key, "version": RECORD_VERSION, "status": "running", "model_config": model_config.to_dict(),
+        "label": model_config.label, "profile": profile.to_dict(), "profile_name": profile.name,
+        "dataset": {**identity, "description": dataset.description}, "seed": seed,
+        "started": _dt.datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+    }
+    try:
+        result = train_model(model, dataset, profile.train, seed=seed, checkpoint_path=run_dir / "checkpoint.pt",
+                             show_progress=show_progress, stop_after_epoch=stop_after_epoch)
+    except NonFiniteLossError as error:
+        record.update(status="failed", error=str(error), finished=_dt.datetime.now().isoformat(timespec="seconds"))
+        store.put(record)
+        return record
+    if len(result.history) < profile.train.epochs:  # stopped early on purpose: resumable, not finished
+        return {**record, "history": result.history}
+    device = resolve_device(profile.train.device)
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    t0 = time.perf_counter()
+    corruption = evaluate_corruptions(model, dataset, profile, device)
+    flat = [acc for per in corruption.values() for acc in per.values()]
+    record.update(
+        status="finished", history=result.history, train_seconds=result.seconds, device=result.device,
+        resumed_from_epoch=result.resumed_from_epoch,
+        clean_accuracy=result.history[-1]["test_accuracy"], corruption_accuracy=corruption,
+        mean_corruption_accuracy=statistics.fmean(flat) if flat else None,
+        corruption_eval_seconds=time.perf_counter() - t0,
+        costs=measure_config_costs(model_config, profile, store),
+        finished=_dt.datetime.now().isoformat(timespec="seconds"),
+    )
+    store.put(record)
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    return record
+
+
+def load_trained_model(record: dict, store: ResultsStore | None = None, device: str = "cpu"):
+    """The trained model of a finished run, in eval mode."""
+    store = store or ResultsStore()
+    model = build_model(ModelConfig.from_dict(record["model_config"]))
+    state = torch.load(store.run_dir(record["key"]) / "model.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def records_to_frame(records: Iterable[dict]):
+    """A tidy DataFrame: one row per run, the headline numbers as columns."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        costs = r.get("costs") or {}
+        rows.append({
+            "key": r["key"], "label": r.get("label"), "status": r["status"], "seed": r["seed"],
+            "profile": r.get("profile_name"), "dataset": r["dataset"]["name"],
+            "dataset_description": r["dataset"].get("description"),
+            "activation": r["model_config"]["activation"], "attention": r["model_config"]["attention"],
+            "cnsn": r["model_config"]["cnsn"], "arch": r["model_config"]["arch"],
+            "clean_accuracy": r.get("clean_accuracy"), "mean_corruption_accuracy": r.get("mean_corruption_accuracy"),
+            "train_seconds": r.get("train_seconds"), "parameters": costs.get("parameters"),
+            "multiply_adds": costs.get("multiply_adds"), "flops": costs.get("flops"),
+            "train_memory_MiB": (costs.get("train_memory_bytes") or 0) / 2**20 or None,
+            "train_images_per_s": costs.get("train_images_per_s"),
+            "latency_ms_batch1": costs.get("latency_ms_batch1"), "latency_ms_batch64": costs.get("latency_ms_batch64"),
+        })
+    return pd.DataFrame(rows)
+
+
+def load_results(store: ResultsStore | None = None, status: str | None = "finished"):
+    """Every record in the store as a DataFrame (failed runs carry no numbers)."""
+    store = store or ResultsStore()
+    records = [r for r in store.records() if status is None or r["status"] == status]
+    return records_to_frame(records)
+
+
+def run_grid(overrides_list: list[dict], profile: str | Profile = "quick", dataset="auto", seeds=None,
+             store: ResultsStore | None = None, show_progress: bool = True):
+    """Every config x seed; runs only what the store does not have. Returns the tidy DataFrame."""
+    return records_to_frame(ensure_runs(overrides_list, profile, dataset, seeds, store, show_progress))
+
+
+def ensure_runs(overrides_list: list[dict], profile: str | Profile = "quick", dataset="auto", seeds=None,
+                store: ResultsStore | None = None, show_progress: bool = True) -> list[dict]:
+    """The records of every config x seed, running only the missing ones (in this order)."""
+    profile = get_profile(profile)
+    store = store or ResultsStore()
+    if isinstance(dataset, str):
+        dataset = load_profile_dataset(profile, dataset)
+    seeds = tuple(seeds if seeds is not None else profile.seeds)
+    jobs = [(model_config_for(o, profile, len(dataset.classes)), s) for o in overrides_list for s in seeds]
+    records = []
+    for config, seed in progress(jobs, enabled=show_progress, desc="runs", unit="run"):
+        records.append(run_experiment(config, profile, dataset, seed, store, show_progress=False))
+    return records
+
+
+def trained_model(overrides: dict, profile: str | Profile = "quick", dataset="auto", seed: int = 0,
+                  store: ResultsStore | None = None, show_progress: bool = True):
+    """(model in eval mode, record) for a config of the profile: read from the store, trained if missing.
+
+    The same (config, profile, dataset, seed) is the same run in every notebook, so a model
+    trained for one notebook is reused by the others and by the ablation grid.
+    """
+    profile = get_profile(profile)
+    store = store or ResultsStore()
+    if isinstance(dataset, str):
+        dataset = load_profile_dataset(profile, dataset)
+    config = model_config_for(overrides, profile, len(dataset.classes))
+    record = run_experiment(config, profile, dataset, seed, store, show_progress=show_progress)
+    if record["status"] != "finished":
+        raise RuntimeError(f"run {record['key']} ({config.label}) did not finish: {record.get('error')}")
+    return load_trained_model(record, store), record
+
+
+def finished(records: list[dict]) -> list[dict]:
+    """Only the finished runs; a failed run (non-finite loss) never enters a results table."""
+    dropped = [r for r in records if r["status"] != "finished"]
+    for r in dropped:
+        print(f"[experiments] run {r['key']} ({r.get('label')}, seed {r['seed']}) is {r['status']}: "
+              f"{r.get('error', '')}; left out of the tables")
+    return [r for r in records if r["status"] == "finished"]

@@ -1,0 +1,186 @@
+"""Cost measurements: parameters, multiply-adds and FLOPs, training memory, throughput, latency.
+
+Counting is done by libraries (torchinfo for multiply-adds, ``torch.utils.flop_counter``
+for FLOPs); only timing and memory bookkeeping are written here.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _eval_copy_input(model: nn.Module, input_size) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return torch.randn(*input_size, device=device)
+
+
+def multiply_adds(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
+    """Multiply-adds of one forward pass in eval mode (torchinfo: convolutions and linear layers)."""
+    from .summary import summary
+
+    return int(summary(model, input_size, verbose=0).total_mult_adds)
+
+
+def flops(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
+    """FLOPs of one forward pass in eval mode, from ``torch.utils.flop_counter`` (2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(_eval_copy_input(model, input_size))
+        return int(counter.get_total_flops())
+    finally:
+        model.train(was_training)
+
+
+def saved_activation_bytes(model: nn.Module, input_size, loss_fn: Callable | None = None) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one training forward.
+
+    This is the activation memory of a training step, the part that the model's design
+    decides (a Mish that keeps only its input, say); it is exact and device-independent.
+    """
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    was_training = model.training
+    model.train()
+    x = _eval_copy_input(model, input_size)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        del out
+    finally:
+        model.train(was_training)
+    # parameters are saved by reference by every layer; they are not activation memory
+    params = {(p.untyped_storage().data_ptr(), p.dtype) for p in model.parameters()}
+    return sum(v for k, v in seen.items() if k not in params and k[0] != x.untyped_storage().data_ptr())
+
+
+def training_memory_bytes(model: nn.Module, input_size, optimizer_slots: int = 1) -> dict[str, int]:
+    """Memory of a training step: activations saved for backward, parameters, gradients and
+    optimizer state (``optimizer_slots`` tensors per parameter: 1 for SGD with momentum).
+    On CUDA the measured peak allocation is added as ``cuda_peak``."""
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    result = {
+        "activations": saved_activation_bytes(model, input_size),
+        "parameters": param_bytes,
+        "gradients": param_bytes,
+        "optimizer_state": param_bytes * optimizer_slots,
+    }
+    result["total"] = sum(result.values())
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        model.train()
+        model(_eval_copy_input(model, input_size)).sum().backward()
+        torch.cuda.synchronize(device)
+        result["cuda_peak"] = torch.cuda.max_memory_allocated(device) - base
+        model.zero_grad(set_to_none=True)
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 10) -> list[float]:
+    """Wall-clock seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def make_train_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, lr: float = 0.01):
+    """One SGD step (forward, backward, update) as a closure, for timing."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(batch), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def make_eval_step(model: nn.Module, batch: torch.Tensor):
+    def step() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(batch)
+
+    return step
+
+
+@dataclass
+class CostReport:
+    parameters: int
+    multiply_adds: int
+    flops: int
+    train_memory_bytes: int
+    activation_bytes: int
+    train_images_per_s: float
+    latency_ms_batch1: float
+    latency_ms_batch64: float
+    input_size: tuple
+    device: str
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_costs(model_factory: Callable[[], nn.Module], input_size=(3, 32, 32), num_classes: int = 10,
+                  train_batch: int = 128, device: str | torch.device = "cpu", repeats: int = 5) -> CostReport:
+    """Every cost of one model configuration; timings are medians after warm-up."""
+    device = torch.device(device)
+    model = model_factory().to(device)
+    c, h, w = input_size
+    report = dict(
+        parameters=count_parameters(model),
+        multiply_adds=multiply_adds(model, (1, c, h, w)),
+        flops=flops(model, (1, c, h, w)),
+    )
+    memory = training_memory_bytes(model, (train_batch, c, h, w))
+    x = torch.randn(train_batch, c, h, w, device=device)
+    y = torch.randint(0, num_classes, (train_batch,), device=device)
+    train_times = time_call(make_train_step(model, x, y), device, warmup=2, repeats=repeats)
+    lat1 = time_call(make_eval_step(model, x[:1]), device, warmup=3, repeats=repeats * 4)
+    x64 = torch.randn(64, c, h, w, device=device)
+    lat64 = time_call(make_eval_step(model, x64), device, warmup=2, repeats=repeats)
+    return CostReport(
+        **report,
+        train_memory_bytes=memory.get("cuda_peak", memory["total"]),
+        activation_bytes=memory["activations"],
+        train_images_per_s=train_batch / statistics.median(train_times),
+        latency_ms_batch1=1000 * statistics.median(lat1),
+        latency_ms_batch64=1000 * statistics.median(lat64),
+        input_size=tuple(input_size),
+        device=str(device),
+        threads=torch.get_num_threads(),
+    )
