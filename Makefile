@@ -31,8 +31,8 @@ reports: $(STAMP) ## execute every notebook with papermill and regenerate report
 bench: $(STAMP) ## speed benchmark of Mish, Triplet Attention and CNSN -> reports/bench.json
 	$(BIN)/python -m mnv2lib.bench
 
-lab: $(STAMP) ## open the notebooks in JupyterLab
-	$(BIN)/jupyter lab notebooks/
+lab: $(STAMP) ## open the notebooks in JupyterLab (kernel "Python (mnv2lib)")
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-reports: ## delete generated reports (keeps finished experiment records in reports/results/)
 	rm -rf reports/notebooks reports/figures/*/ reports/README.md

@@ -4,11 +4,21 @@ Builds MobileNetV2 (width 0.5, CIFAR stem, 10 classes, 32x32 inputs) with and wi
 each improvement, plus the straightforward reference implementations and torchvision's
 model, and times training steps (batch 128) and inference (batch 64) *interleaved*
 in one process after warm-up, so that the ratios of medians compare like with like.
-Writes ``reports/bench.json`` and ``reports/bench.md``.
+Python's garbage collector is paused while timing (as ``timeit`` does), and inference,
+which is short, is timed six times as often as training. Writes ``reports/bench.json``
+and ``reports/bench.md``.
+
+On glibc, a training step at batch 128 spends a large and variable part of its time in
+page faults (PyTorch's CPU allocator returns big activation buffers to the system and
+takes them back every step); ``--steady-allocator`` keeps freed memory in the process
+(``mallopt``), which makes training steps compute-bound and far less noisy. It is off
+by default, and the setting is recorded in the report.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import platform
 import statistics
@@ -76,8 +86,35 @@ def build_variants(names) -> dict[str, nn.Module]:
     return models
 
 
-def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 7, warmup: int = 2,
-        variants: list[str] | None = None, device: str = "cpu", channels_last: bool = False) -> dict:
+EVAL_REPEATS_FACTOR = 6  # inference steps are ~20x shorter than training steps: time them more often
+
+
+def steady_allocator() -> bool:
+    """glibc only: keep freed memory in the process (no mmap for big blocks, no trimming)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def kernel_paths(device: torch.device) -> dict[str, str]:
+    """Which implementation each improvement runs on ``device`` (recorded in the report)."""
+    from .layers import activations, attention, cnsn
+
+    native = device.type == "cpu"
+    return {
+        "mish_training": "torch.compile" if activations._kernels.get() is not activations._EAGER else "eager",
+        "mish_inference": "C" if native and activations._mish_native.get() is not None else "torch.compile/eager",
+        "triplet_attention": "C" if native and attention._native.get() is not None else "PyTorch ops",
+        "cnsn": "C" if native and cnsn._native.get() is not None else "PyTorch ops",
+    }
+
+
+def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: int = 2,
+        variants: list[str] | None = None, device: str = "cpu", channels_last: bool = False,
+        allocator: str = "system") -> dict:
     names = variants or ["torchvision", *VARIANTS]
     dev = torch.device(device)
     models = {k: m.to(dev) for k, m in build_variants(names).items()}
@@ -93,16 +130,21 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 7, warmup: 
     times: dict[str, dict[str, list[float]]] = {mode: {k: [] for k in names} for mode in steps}
     start = time.time()
     for mode, fns in steps.items():
-        for _ in range(warmup):  # warm-up, including Mish's one-off compilation
+        for _ in range(warmup):  # warm-up, including the one-off compilation of kernels
             for fn in fns.values():
                 fn()
-        for _ in range(repeats * (3 if mode == "eval" else 1)):
-            for name, fn in fns.items():  # interleaved: drifts in machine speed hit every variant alike
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[mode][name].append(time.perf_counter() - t0)
+        gc.collect()
+        gc.disable()  # no collector pauses inside the timed steps
+        try:
+            for _ in range(repeats * (EVAL_REPEATS_FACTOR if mode == "eval" else 1)):
+                for name, fn in fns.items():  # interleaved: drifts in machine speed hit every variant alike
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    times[mode][name].append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
     medians = {mode: {k: statistics.median(v) for k, v in per.items()} for mode, per in times.items()}
     ratios = {key: medians[mode][a] / medians[mode][b] for key, a, b, mode in RATIOS
               if a in medians[mode] and b in medians[mode]}
@@ -113,7 +155,9 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 7, warmup: 
         "median_seconds": medians,
         "saved_activation_MiB_train_batch": activation_mb,
         "config": {**BASE, "input": [3, 32, 32], "train_batch": train_batch, "eval_batch": eval_batch,
-                   "repeats": repeats, "warmup": warmup, "channels_last": channels_last},
+                   "train_repeats": repeats, "eval_repeats": repeats * EVAL_REPEATS_FACTOR, "warmup": warmup,
+                   "channels_last": channels_last, "allocator": allocator},
+        "kernels": kernel_paths(dev),
         "machine": {"device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "torchvision": torchvision.__version__, "python": platform.python_version(),
@@ -123,11 +167,15 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 7, warmup: 
 
 
 def to_markdown(result: dict) -> str:
+    config = result["config"]
     lines = [f"# Speed benchmark ({result['machine']['device']}, {result['machine']['threads']} threads, "
              f"torch {result['machine']['torch']})", "",
              "MobileNetV2 width 0.5, CIFAR stem, 32x32; training step at batch "
-             f"{result['config']['train_batch']}, inference at batch {result['config']['eval_batch']}; "
-             "ratios of medians of interleaved runs.", "",
+             f"{config['train_batch']}, inference at batch {config['eval_batch']}; "
+             f"ratios of medians of interleaved runs ({config.get('train_repeats', config.get('repeats'))} training "
+             f"steps, {config.get('eval_repeats', '')} inference steps per variant; allocator: "
+             f"{config.get('allocator', 'system')}).", "",
+             "Kernels: " + ", ".join(f"{k} {v}" for k, v in result.get("kernels", {}).items()), "",
              "| ratio | measured | target |", "|---|---|---|"]
     for key, *_ in RATIOS:
         if key in result:
@@ -147,14 +195,21 @@ def to_markdown(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="MobileNetV2 improvements: speed ratios, interleaved.")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9, help="timed training steps per variant "
+                        f"(inference: {EVAL_REPEATS_FACTOR}x as many)")
+    parser.add_argument("--steady-allocator", action="store_true",
+                        help="keep freed memory in the process (glibc mallopt): no page-fault noise in training steps")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--variants", nargs="*")
     parser.add_argument("--output", default=str(paths.REPORTS_DIR / "bench.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run(repeats=args.repeats, device=args.device, variants=args.variants, channels_last=args.channels_last)
+    allocator = "system"
+    if args.steady_allocator:
+        allocator = "steady (mallopt: no mmap, no trim)" if steady_allocator() else "system (mallopt unavailable)"
+    result = run(repeats=args.repeats, device=args.device, variants=args.variants, channels_last=args.channels_last,
+                 allocator=allocator)
     out = paths.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

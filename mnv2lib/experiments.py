@@ -202,6 +202,7 @@ def run_experiment(model_config: ModelConfig, profile: str | Profile, dataset, s
     if existing is not None and existing["status"] in ("finished", "failed"):
         return existing
     run_dir = store.run_dir(key)
+    torch.manual_seed(seed)  # the initial weights belong to the run, not to whatever ran before it
     model = build_model(model_config)
     record = {
         "key": key, "version": RECORD_VERSION, "status": "running", "model_config": model_config.to_dict(),

@@ -115,12 +115,17 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, r
 
 
 def make_train_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, lr: float = 0.01):
-    """One SGD step (forward, backward, update) as a closure, for timing."""
+    """One SGD step (forward, backward, update) as a closure, for timing.
+
+    The model is switched to training mode only when it is not in it: ``Module.train()`` walks
+    every submodule, which would add a cost that grows with the number of modules, not with the
+    computation (a Triplet Attention model has 13 more modules per block than the baseline)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
-        model.train()
+        if not model.training:
+            model.train()
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(batch), labels).backward()
         optimizer.step()
@@ -129,8 +134,10 @@ def make_train_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor,
 
 
 def make_eval_step(model: nn.Module, batch: torch.Tensor):
+    """One inference forward as a closure, for timing (evaluation mode set only when needed, as above)."""
     def step() -> None:
-        model.eval()
+        if model.training:
+            model.eval()
         with torch.inference_mode():
             model(batch)
 

@@ -1,8 +1,9 @@
 """Every path of the project derives from here (cookiecutter-data-science style).
 
 The data folder can be moved with the environment variable ``MNV2_DATA_DIR``
-(CI points it at the shared, read-only CIFAR-10 copy); everything the project
-writes stays under the project root.
+(CI points it at the shared, read-only CIFAR-10 copy). Everything the project
+writes goes under ``reports/`` and ``data/cache/``; ``MNV2_REPORTS_DIR`` moves the
+reports (the notebook tests use it so that smoke runs never overwrite real reports).
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_ENV_VAR = "MNV2_DATA_DIR"
+REPORTS_ENV_VAR = "MNV2_REPORTS_DIR"
 
 DATA_DIR = PROJECT_ROOT / "data"          # project-local data and caches (ignored by git)
 CACHE_DIR = DATA_DIR / "cache"            # decoded tensors, generated corruption sets
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
-REPORTS_DIR = PROJECT_ROOT / "reports"
+REPORTS_DIR = Path(os.environ.get(REPORTS_ENV_VAR) or PROJECT_ROOT / "reports").expanduser().resolve()
 FIGURES_DIR = REPORTS_DIR / "figures"
 RESULTS_DIR = REPORTS_DIR / "results"     # one JSON record per finished experiment run
 RUNS_DIR = REPORTS_DIR / "runs"           # checkpoints of runs in progress

@@ -72,13 +72,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _loader(dataset, split: str, batch_size: int, train: bool, seed: int, device, channels_last: bool):
+def _train_loader(dataset, batch_size: int, augment: bool, seed: int, device, channels_last: bool):
     from .data import BatchLoader
 
-    images = dataset.train_images if split == "train" else dataset.test_images
-    labels = dataset.train_labels if split == "train" else dataset.test_labels
-    return BatchLoader(images, labels, batch_size=batch_size, train=train, mean=dataset.mean, std=dataset.std,
-                       seed=seed, device=device, channels_last=channels_last, drop_last=train)
+    # always shuffled; `augment` only switches the random crop + flip
+    return BatchLoader(dataset.train_images, dataset.train_labels, batch_size=batch_size, train=True,
+                       augment=augment, mean=dataset.mean, std=dataset.std, seed=seed, device=device,
+                       channels_last=channels_last, drop_last=True)
 
 
 @torch.no_grad()
@@ -199,6 +199,9 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     if checkpoint_path and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if state.get("config") not in (None, config.to_dict()):
+            raise ValueError(f"checkpoint_path: {checkpoint_path} belongs to a run with another TrainConfig "
+                             f"({state['config']}); allowed: a checkpoint of this config, or a new path")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -213,8 +216,8 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
         model.train()
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
-        loader = _loader(dataset, "train", config.batch_size, config.augment, seed * 100_003 + epoch, device,
-                         config.channels_last)
+        loader = _train_loader(dataset, config.batch_size, config.augment, seed * 100_003 + epoch, device,
+                               config.channels_last)
         for step, (x, y) in enumerate(progress(loader, enabled=show_progress, desc=f"epoch {epoch + 1}",
                                                leave=False, unit="batch")):
             with torch.autocast(device.type, enabled=scaler.is_enabled()):
@@ -243,7 +246,7 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
         if checkpoint_path:
             _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                          "rng": _rng_state(model), "history": history, "epoch": epoch + 1,
+                          "rng": _rng_state(model), "config": config.to_dict(), "history": history, "epoch": epoch + 1,
                           "seconds": elapsed_before + time.perf_counter() - t_start}, checkpoint_path)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
             break

@@ -10,6 +10,8 @@ from typing import Callable
 
 from matplotlib.figure import Figure
 
+from .figures.common import show_figure
+
 
 class FigureView:
     """Controls + an output area showing the figure of the current values."""
@@ -34,20 +36,18 @@ class FigureView:
         return {name: control.value for name, control in self.controls.items()}
 
     def render(self) -> Figure:
-        from IPython.display import display
-
         fig = self.make_figure(**self.values())
         self.last_figure = fig
         self.renders += 1
         self.output.clear_output(wait=True)
         with self.output:
-            display(fig)
+            show_figure(fig)
         return fig
 
     def _on_change(self, change) -> None:
         self.render()
 
-    def show(self):
+    def show(self) -> None:
         """Display: the live widget in JupyterLab, or a single static image when not interactive."""
         from IPython.display import display
 
@@ -55,11 +55,10 @@ class FigureView:
             fig = self.make_figure(**self.values())
             self.last_figure = fig
             self.renders += 1
-            display(fig)
-            return fig
+            show_figure(fig)
+            return
         self.render()
         display(self.widget)
-        return self.widget
 
 
 def figure_view(make_figure: Callable[..., Figure], controls: dict, interactive: bool = True,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from . import paths
 from .experiments import Profile, get_profile
-from .figures.common import FigureContext, apply_style, save_figure
+from .figures.common import FigureContext, apply_style, save_figure, show_figure
 
 
 @dataclass
@@ -39,11 +39,8 @@ class Session:
 
     def save(self, fig, name: str, caption: str, context: FigureContext | None = None):
         """Save a report figure (PNG + PDF + caption sidecar) and display it."""
-        from IPython.display import display
-
         save_figure(fig, self.notebook, name, caption, context or self.context())
-        display(fig)
-        return fig
+        show_figure(fig)
 
     def markdown(self, text: str):
         from IPython.display import Markdown, display

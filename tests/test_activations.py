@@ -102,3 +102,41 @@ def test_unknown_activation_and_backend_names():
                                       ("hardswish", nn.Hardswish), ("gelu", nn.GELU)])
 def test_activation_registry(name, cls):
     assert isinstance(create_activation(name), cls)
+
+
+def test_inplace_inference_mish():
+    """Mish(inplace=True), as Conv2dNormActivation builds it, overwrites its input where no autograd
+    graph is recorded (like torchvision's in-place ReLU6), and never where one is."""
+    module = Mish(inplace=True)
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.randn(64 * 96 * 8 * 8)])
+    ref = nn.functional.mish(x)
+    with torch.inference_mode():
+        a = x.clone()
+        assert module(a) is a
+        torch.testing.assert_close(a, ref, atol=1e-6, rtol=1e-6)
+    b = x.clone()
+    version = b._version
+    with torch.no_grad():
+        assert module(b) is b
+    assert b._version > version  # autograd sees the write
+    torch.testing.assert_close(b, ref, atol=1e-6, rtol=1e-6)
+    c = torch.randn(40, 30)[:, ::2]  # strided, not dense: a new tensor
+    with torch.no_grad():
+        torch.testing.assert_close(module(c), nn.functional.mish(c), atol=1e-6, rtol=1e-6)
+    d = x.clone().requires_grad_()
+    y = module(d)  # training: the input is what backward needs
+    assert y is not d and torch.equal(d.detach(), x)
+    (g,) = torch.autograd.grad(y.sum(), d)
+    ref_d = x.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(nn.functional.mish(ref_d).sum(), ref_d)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-6)
+    cl = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    expected = nn.functional.mish(cl)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(cl), expected)
+    for dtype in (torch.float64, torch.bfloat16):  # other dtypes: the compiled/eager kernels, in place
+        e = torch.randn(100, dtype=dtype)
+        expected = nn.functional.mish(e.float())
+        with torch.no_grad():
+            assert module(e) is e
+        torch.testing.assert_close(e.float(), expected, atol=2e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)

@@ -1,7 +1,20 @@
+import copy
+import warnings
+
 import pytest
 import torch
 
+from mnv2lib.layers import attention as attention_module
+from mnv2lib.layers.activations import set_kernel_backend
 from mnv2lib.layers.attention import TripletAttention, TripletAttentionReference, record_attention, zpool
+
+
+@pytest.fixture(params=["auto", "eager"])
+def backend(request):
+    """"auto": the C kernels on float32 CPU tensors; "eager": the PyTorch formulation."""
+    set_kernel_backend(request.param)
+    yield request.param
+    set_kernel_backend("auto")
 
 
 def _pair(kernel_size=7, no_spatial=False):
@@ -45,7 +58,7 @@ def _naive_triplet(module, x):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("no_spatial", [False, True])
 @pytest.mark.parametrize("shape", [(4, 16, 8, 8), (3, 5, 7, 11)])
-def test_matches_reference_values_and_gradients(training, no_spatial, shape):
+def test_matches_reference_values_and_gradients(training, no_spatial, shape, backend):
     fast, ref = _pair(7, no_spatial)
     fast.train(training)
     ref.train(training)
@@ -89,3 +102,114 @@ def test_bad_kernel_size(k):
 def test_bad_input_rank():
     with pytest.raises(ValueError, match="4-D"):
         TripletAttention()(torch.randn(2, 3, 4))
+
+
+def _compare(fast, ref, x, atol=1e-5, rtol=1e-5):
+    """Outputs, input and parameter gradients, and BN buffers of ``fast`` and ``ref`` on x."""
+    x1 = x.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y1, y2 = fast(x1), ref(x2)
+    torch.testing.assert_close(y1, y2, atol=atol, rtol=rtol)
+    grad = torch.randn_like(y1)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=atol, rtol=rtol)
+    for (name, p1), (_, p2) in zip(fast.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-4, rtol=1e-4, msg=name)
+    for (name, b1), (_, b2) in zip(fast.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b1, b2, msg=name)
+
+
+def test_native_kernels_available_on_cpu():
+    """The C kernels build on this machine (they need a C compiler with OpenMP, like torch.compile)."""
+    assert attention_module._native.get() is not None
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 7, 9])
+@pytest.mark.parametrize("shape", [(2, 40, 3, 9), (5, 3, 12, 2), (2, 160, 4, 4), (3, 12, 32, 32), (1, 6, 5, 5),
+                                   (4, 1, 1, 6)])
+def test_kernels_match_reference_on_many_shapes(kernel_size, shape):
+    # narrow and wide planes (stored transposed or not), one channel, batch of one, every kernel size
+    fast, ref = _pair(kernel_size)
+    for training in (True, False):
+        fast.train(training)
+        ref.train(training)
+        _compare(fast, ref, torch.randn(*shape))
+
+
+@pytest.mark.parametrize("no_spatial", [False, True])
+def test_tied_maxima_share_the_gradient_like_amax(no_spatial):
+    # after ReLU6 (and rounding) many values of a row or column are equal: amax spreads the
+    # gradient of a max evenly over them, and so must the kernels
+    fast, ref = _pair(7, no_spatial)
+    x = torch.nn.functional.relu6(3 * torch.randn(4, 24, 8, 8)).round()
+    for training in (True, False):
+        fast.train(training)
+        ref.train(training)
+        _compare(fast, ref, x)
+
+
+@pytest.mark.parametrize("no_spatial", [False, True])
+def test_inference_kernel_follows_parameter_changes(no_spatial):
+    fast, ref = _pair(7, no_spatial)
+    fast.eval()
+    ref.eval()
+    x = torch.randn(3, 8, 6, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # in place (same storage) and replaced (new tensors)
+        fast.height_channel.bn.running_var.mul_(3.0)
+        fast.channel_width.conv.weight.add_(0.5)
+        fast.height_channel.bn.weight = torch.nn.Parameter(torch.full((1,), 2.0))
+        fast.height_channel.bn.running_mean = torch.full((1,), 0.25)
+    ref.load_state_dict(fast.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # storage swapped behind the module's back, eps changed, a round trip of dtypes
+        fast.channel_width.bn.running_mean.data = torch.full((1,), -0.5)
+        fast.height_channel.conv.weight.data = fast.height_channel.conv.weight.data * 2
+    for gate in fast._branches():
+        gate.bn.eps = 1e-3
+    fast.double().float()
+    ref.load_state_dict(fast.state_dict())
+    for gate in ref._branches():
+        gate.bn.eps = 1e-3
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+    clone = copy.deepcopy(fast)  # modules stay copyable (no native handles on them)
+    with torch.inference_mode():
+        torch.testing.assert_close(clone(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_layouts_and_dtypes():
+    fast, ref = _pair()
+    x = torch.randn(2, 8, 6, 10)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    y = fast(cl)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast(x[:, :, :, ::2]), ref(x[:, :, :, ::2]), atol=1e-5, rtol=1e-5)  # strided
+    fast64, ref64 = fast.double(), ref.double()
+    x64 = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fast64(x64), ref64(x64))
+    fast64.eval()
+    assert torch.autograd.gradcheck(fast64, (x64,))
+
+
+def test_unavailable_compiler_falls_back_to_pytorch(monkeypatch):
+    library = attention_module._native
+    monkeypatch.setattr(library, "_lib", None)
+    monkeypatch.setattr(library, "_failed", False)
+
+    def broken():
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(library, "_load", broken)
+    fast, ref = _pair()
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.warns(RuntimeWarning, match="PyTorch implementation"):
+        torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert library.get() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        _compare(fast, ref, torch.randn(2, 4, 6, 6))

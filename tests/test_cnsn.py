@@ -227,3 +227,147 @@ def test_recording_mode():
                 "gate_g"):
         assert first[key].shape[0] == 4
     assert not torch.allclose(first["input_mean"], first["crossnorm_mean"])  # CrossNorm was on
+
+
+# ---- the C kernels (float32 CPU) against the PyTorch formulation ----------------------------------
+
+@pytest.fixture
+def eager():
+    """Run a block of code with the PyTorch formulation instead of the C kernels."""
+    from mnv2lib.layers.activations import set_kernel_backend
+
+    class Switch:
+        def __enter__(self):
+            set_kernel_backend("eager")
+
+        def __exit__(self, *exc):
+            set_kernel_backend("auto")
+
+    yield Switch()
+    set_kernel_backend("auto")
+
+
+def _randomized(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+        for name, b in module.named_buffers():
+            if b.dtype.is_floating_point:
+                b.uniform_(0.5, 1.5)
+    return module
+
+
+def test_native_kernels_available_on_cpu():
+    from mnv2lib.layers import cnsn
+
+    assert cnsn._native.get() is not None
+
+
+@pytest.mark.parametrize("two_gates", [False, True])
+@pytest.mark.parametrize("shape", [(4, 16, 5, 5), (3, 8, 1, 1), (1, 6, 4, 4), (2, 12, 32, 32), (5, 3, 1, 7),
+                                   (6, 160, 4, 4)])
+def test_selfnorm_kernels_match_pytorch(two_gates, shape, eager):
+    """The kernels against the PyTorch formulation run in float64 (BatchNorm1d over a few samples
+    amplifies float32 rounding, of the PyTorch float32 path as much as of the kernels)."""
+    import copy
+
+    fast = _randomized(SelfNorm(shape[1], two_gates=two_gates))
+    ref = copy.deepcopy(fast).double()
+    x = torch.randn(*shape) * torch.rand(shape[0], shape[1], 1, 1) * 3 + 1
+    for training in (True, False):
+        fast.train(training)
+        ref.train(training)
+        x1, x2 = x.clone().requires_grad_(), x.double().requires_grad_()
+        y1 = fast(x1)
+        with eager:
+            y2 = ref(x2)
+        torch.testing.assert_close(y1, y2.float(), atol=1e-5, rtol=1e-5)
+        grad = torch.randn_like(y1)
+        y1.backward(grad)
+        with eager:
+            y2.backward(grad.double())
+        torch.testing.assert_close(x1.grad, x2.grad.float(), atol=1e-5, rtol=1e-4)
+        for (name, p1), (_, p2) in zip(fast.named_parameters(), ref.named_parameters()):
+            assert (p1.grad.double() - p2.grad).norm() <= 5e-3 * p2.grad.norm() + 1e-6, name
+            p1.grad = p2.grad = None
+        for (name, b1), (_, b2) in zip(fast.named_buffers(), ref.named_buffers()):
+            torch.testing.assert_close(b1.double(), b2.double(), atol=1e-6, rtol=1e-5, msg=name)
+    with torch.inference_mode():  # the one-kernel inference path
+        fast.eval()
+        ref.eval()
+        y1 = fast(x)
+        with eager:
+            y2 = ref(x.double())
+        torch.testing.assert_close(y1, y2.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_channel_stats_gradient_matches_float64():
+    x = (torch.randn(3, 5, 6, 7) * 2 + 1).requires_grad_()
+    mean, std = channel_stats(x, 1e-5)
+    d_mean, d_std = torch.randn_like(mean), torch.randn_like(std)
+    (gx,) = torch.autograd.grad((mean * d_mean).sum() + (std * d_std).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    ref_mean, ref_std = stats(x64)
+    (g64,) = torch.autograd.grad((ref_mean * d_mean.double().flatten(2).squeeze(-1)).sum()
+                                 + (ref_std * d_std.double().flatten(2).squeeze(-1)).sum(), x64)
+    torch.testing.assert_close(gx, g64.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(std.flatten(1), ref_std.float(), atol=1e-6, rtol=1e-6)
+
+
+def test_selfnorm_layouts_and_recording(eager):
+    import copy
+
+    fast = _randomized(SelfNorm(8, two_gates=True))
+    ref = copy.deepcopy(fast)
+    x = torch.randn(4, 8, 6, 6)
+    y = fast(x.contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    with eager:
+        torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+    module = CNSN(None, fast).train()
+    with record_cnsn(torch.nn.Sequential(module)) as recorded:
+        module(x)
+    gates = recorded["0"]
+    assert gates["gate_g"].shape == (4, 8) and gates["gate_f"].shape == (4, 8)
+
+
+def test_crossnorm_with_kernels_matches_pytorch(eager):
+    for mode in ("2-instance", "1-instance"):
+        for crop in ("neither", "style", "content", "both"):
+            a = CrossNorm(mode, crop, generator=torch.Generator().manual_seed(3))
+            b = CrossNorm(mode, crop, generator=torch.Generator().manual_seed(3))
+            x1 = torch.randn(6, 5, 9, 9, requires_grad=True)
+            x2 = x1.detach().clone().requires_grad_()
+            y1 = active(a)(x1)
+            with eager:
+                y2 = active(b)(x2)
+            torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+            grad = torch.randn_like(y1)
+            y1.backward(grad)
+            with eager:
+                y2.backward(grad)
+            torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_selfnorm_inference_kernel_follows_parameter_changes(eager):
+    import copy
+
+    fast = _randomized(SelfNorm(6, two_gates=True)).eval()
+    x = torch.randn(3, 6, 5, 5)
+
+    def check():
+        ref = copy.deepcopy(fast)
+        with torch.inference_mode():
+            y = fast(x)
+            with eager:
+                torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+
+    check()
+    with torch.no_grad():
+        fast.g_bn.running_var.mul_(2.0)  # in place
+        fast.f_fc.weight = torch.nn.Parameter(torch.randn(6, 1, 2))  # replaced
+        fast.g_bn.running_mean.data = torch.randn(6)  # storage swapped
+    check()
+    fast.g_bn.eps = 0.5
+    fast.eps = 1e-3
+    check()

@@ -65,9 +65,22 @@ def save_figure(fig: Figure, notebook: str, name: str, caption: str, context: Fi
     return folder / f"{name}.png"
 
 
-def show_figure(fig: Figure):
-    """Display a pyplot-free Figure in a notebook (inline PNG)."""
-    from IPython.display import display
+def figure_png(fig: Figure, dpi: float | None = None) -> bytes:
+    """PNG bytes of ``fig`` (tight bounding box), at ``dpi`` (default: the figure's own)."""
+    import io
 
-    display(fig)
-    return fig
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def show_figure(fig: Figure) -> None:
+    """Display a pyplot-free Figure in a notebook as an inline PNG.
+
+    A bare ``Figure`` has no rich repr without pyplot's inline backend (it would print as
+    ``<Figure size ...>`` in an executed notebook), so the PNG is displayed explicitly.
+    Returns None so a trailing call doesn't display the figure a second time.
+    """
+    from IPython.display import Image, display
+
+    display(Image(data=figure_png(fig, dpi=2 * fig.dpi), width=int(fig.get_figwidth() * fig.dpi)))

@@ -9,27 +9,269 @@ Distribution Shifts", ICCV 2021), following the paper and the official code.
   CrossNorm on in ``active_num`` random modules with probability ``cn_prob`` per step.
 
 Statistics are taken over H x W with the unbiased variance plus 1e-5 (1e-12 in
-SelfNorm, as the official code), computed in one pass (``torch.var_mean``) and in
-float32 for half-precision inputs. A map with a single pixel has no spatial spread:
-its variance is taken as 0 (not NaN), so its std is sqrt(eps). Every random draw
-comes from a ``torch.Generator`` that the caller can seed.
+SelfNorm, as the official code), and in float32 for half-precision inputs. A map with a
+single pixel has no spatial spread: its variance is taken as 0 (not NaN), so its std is
+sqrt(eps). Every random draw comes from a ``torch.Generator`` that the caller can seed.
+
+On float32 CPU tensors the statistics (with their gradient) and SelfNorm (with its
+gradient; in inference the whole module) run as C kernels, see the notes above
+``_C_SOURCE``; elsewhere as PyTorch ops (``torch.var_mean``).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from .attention import check_feature_map
+from .activations import NativeLibrary, PointerCache, _bump_generation
+from .attention import _is_channels_last, check_feature_map
 
 CROSSNORM_MODES = ("2-instance", "1-instance")
 CROSSNORM_CROPS = ("neither", "style", "content", "both")
 
 
+# ---------------------------------------------------------------------------------------------
+# Fast path (float32 CPU tensors): C kernels, see _C_SOURCE. torch.var_mean over (H, W) costs
+# on this kind of CPU about a third of a whole convolution layer; the kernels read each
+# (sample, channel) plane twice while it is in cache (mean, then the squared deviations, so
+# the variance is as exact as the two-pass definition). SelfNorm's gates (a grouped Conv1d,
+# BatchNorm1d and a sigmoid on (B, C, 2) statistics) stay PyTorch modules, differentiated
+# inside the custom Function; in inference the whole module is one kernel. Elsewhere (CUDA,
+# other dtypes, no C compiler) the same computations run as PyTorch ops.
+# ---------------------------------------------------------------------------------------------
+
+_C_SOURCE = r"""
+/* CNSN kernels, float32, contiguous (B, C, H, W): per-(sample, channel) plane statistics and
+ * the SelfNorm gating. A plane (n = H * W values) is read twice while it is in cache. */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <stdlib.h>
+
+typedef int64_t i64;
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float vexpf(float x) {  /* Cephes expf, vectorizable, ~1 ulp */
+    x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.f;
+    const int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, sizeof s);
+    return y * s;
+}
+
+/* mean and std = sqrt(var + eps) of a plane; var unbiased, 0 for a single value */
+INLINE void plane_stats(const float* restrict p, i64 n, float eps, float* mean, float* std) {
+    float s = 0.f;
+#pragma omp simd reduction(+:s)
+    for (i64 i = 0; i < n; i++) s += p[i];
+    const float m = s / (float)n;
+    float q = 0.f;
+#pragma omp simd reduction(+:q)
+    for (i64 i = 0; i < n; i++) { const float d = p[i] - m; q += d * d; }
+    *mean = m;
+    *std = sqrtf((n > 1 ? q / (float)(n - 1) : 0.f) + eps);
+}
+
+void cn_stats(const float* x, i64 planes, i64 n, double eps, float* mean, float* std, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (i64 k = 0; k < planes; k++) plane_stats(x + k * n, n, (float)eps, mean + k, std + k);
+}
+
+/* out = x * g + h, per plane (h may be NULL) */
+void sn_apply(const float* x, i64 planes, i64 n, const float* g, const float* h, float* out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (i64 k = 0; k < planes; k++) {
+        const float gk = g[k], hk = h ? h[k] : 0.f;
+        const float* xp = x + k * n;
+        float* op = out + k * n;
+#pragma omp simd
+        for (i64 i = 0; i < n; i++) op[i] = xp[i] * gk + hk;
+    }
+}
+
+/* per plane: sgx = sum(grad * x), sg = sum(grad) (sg may be NULL) */
+void sn_backward_reduce(const float* x, const float* go, i64 planes, i64 n, float* sgx, float* sg, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (i64 k = 0; k < planes; k++) {
+        const float* xp = x + k * n;
+        const float* gp = go + k * n;
+        float a = 0.f, b = 0.f;
+#pragma omp simd reduction(+:a, b)
+        for (i64 i = 0; i < n; i++) { a += gp[i] * xp[i]; b += gp[i]; }
+        sgx[k] = a;
+        if (sg) sg[k] = b;
+    }
+}
+
+/* dx = grad * g + alpha + beta * (x - mean), per plane (grad and g may be NULL). The deviation is
+ * taken first: alpha + beta * x - beta * mean would cancel catastrophically when |mean| >> std. */
+void sn_backward_dx(const float* x, const float* go, i64 planes, i64 n, const float* g, const float* alpha,
+                    const float* beta, const float* mean, float* dx, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (i64 k = 0; k < planes; k++) {
+        const float* xp = x + k * n;
+        float* dp = dx + k * n;
+        const float a = alpha[k], b = beta[k], m = mean[k];
+        if (go) {
+            const float* gp = go + k * n;
+            const float gk = g[k];
+#pragma omp simd
+            for (i64 i = 0; i < n; i++) dp[i] = gp[i] * gk + a + b * (xp[i] - m);
+        } else {
+#pragma omp simd
+            for (i64 i = 0; i < n; i++) dp[i] = a + b * (xp[i] - m);
+        }
+    }
+}
+
+INLINE void sn_sample(const float* restrict xb, i64 C, const i64 n, float eps, const float* restrict q, int two,
+                      float* restrict st, float* restrict ob) {
+    const i64 chunk = n >= 4096 ? 1 : 4096 / n;
+    for (i64 c0 = 0; c0 < C; c0 += chunk) {
+        const i64 m = C - c0 < chunk ? C - c0 : chunk;
+        float* mean = st;
+        float* std = st + chunk;
+        float* g = st + 2 * chunk;
+        float* shift = st + 3 * chunk;
+        for (i64 c = 0; c < m; c++) plane_stats(xb + (c0 + c) * n, n, eps, mean + c, std + c);
+        const float *q0 = q + c0, *q1 = q + C + c0, *q2 = q + 2 * C + c0;
+        const float *q3 = q + 3 * C + c0, *q4 = q + 4 * C + c0, *q5 = q + 5 * C + c0;
+#pragma omp simd
+        for (i64 c = 0; c < m; c++) {
+            const float gv = 1.f / (1.f + vexpf(-(q0[c] * mean[c] + q1[c] * std[c] + q2[c])));
+            float sh = 0.f;
+            if (two) {
+                const float fv = 1.f / (1.f + vexpf(-(q3[c] * mean[c] + q4[c] * std[c] + q5[c])));
+                sh = (fv - gv) * mean[c];
+            }
+            g[c] = gv;
+            shift[c] = sh;
+        }
+        for (i64 c = 0; c < m; c++) {
+            const float* xp = xb + (c0 + c) * n;
+            float* op = ob + (c0 + c) * n;
+            const float gv = g[c], sh = shift[c];
+#pragma omp simd
+            for (i64 i = 0; i < n; i++) op[i] = xp[i] * gv + sh;
+        }
+    }
+}
+
+/* SelfNorm inference. Per channel c, gate(mean, std) = sigmoid(fc0 * mean + fc1 * std) through the BN
+ * affine with running statistics; fc: (C, 2); bn: weight, bias, running mean, running var (C each).
+ * One gate: out = x * g; two gates: out = g * (x - mean) + f * mean. f* may be NULL. */
+void sn_eval(const float* x, i64 B, i64 C, i64 n, double eps,
+             const float* gfc, const float* gw, const float* gb, const float* grm, const float* grv, double geps,
+             const float* ffc, const float* fw, const float* fb, const float* frm, const float* frv, double feps,
+             float* out, int nthreads) {
+    const int two = ffc != NULL;
+    /* per channel: gate input = q0 * mean + q1 * std + q2 (structure of arrays) */
+    float* q = malloc(sizeof(float) * 6 * C);
+    for (i64 c = 0; c < C; c++) {
+        const double ga = gw[c] / sqrt((double)grv[c] + geps);
+        q[c] = (float)(gfc[2 * c] * ga);
+        q[C + c] = (float)(gfc[2 * c + 1] * ga);
+        q[2 * C + c] = (float)(gb[c] - grm[c] * ga);
+        if (two) {
+            const double fa = fw[c] / sqrt((double)frv[c] + feps);
+            q[3 * C + c] = (float)(ffc[2 * c] * fa);
+            q[4 * C + c] = (float)(ffc[2 * c + 1] * fa);
+            q[5 * C + c] = (float)(fb[c] - frm[c] * fa);
+        }
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* st = malloc(sizeof(float) * 4 * (n >= 4096 ? 1 : 4096 / n));
+#pragma omp for schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            const float* xb = x + b * C * n;
+            float* ob = out + b * C * n;
+            switch (n) {  /* constant plane sizes: unrolled reductions for the small maps */
+                case 16: sn_sample(xb, C, 16, (float)eps, q, two, st, ob); break;
+                case 64: sn_sample(xb, C, 64, (float)eps, q, two, st, ob); break;
+                case 256: sn_sample(xb, C, 256, (float)eps, q, two, st, ob); break;
+                case 1024: sn_sample(xb, C, 1024, (float)eps, q, two, st, ob); break;
+                default: sn_sample(xb, C, n, (float)eps, q, two, st, ob);
+            }
+        }
+        free(st);
+    }
+    free(q);
+}
+"""
+
+_P, _I, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+_native = NativeLibrary("cnsn", _C_SOURCE, {
+    "cn_stats": [_P, _I, _I, _D, _P, _P, _F],
+    "sn_apply": [_P, _I, _I, _P, _P, _P, _F],
+    "sn_backward_reduce": [_P, _P, _I, _I, _P, _P, _F],
+    "sn_backward_dx": [_P, _P, _I, _I, _P, _P, _P, _P, _P, _F],
+    "sn_eval": [_P, _I, _I, _I, _D, _P, _P, _P, _P, _P, _D, _P, _P, _P, _P, _P, _D, _P, _F],
+})
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _use_native(x: torch.Tensor):
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or not x.is_contiguous() \
+            or x.numel() == 0:
+        return None
+    return _native.get()
+
+
+class _ChannelStats(torch.autograd.Function):
+    """(B, C, H, W) float32 CPU -> per-plane mean and std (B, C), with the C kernels."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        lib = _native.get()
+        batch, channels, height, width = x.shape
+        n = height * width
+        mean, std = x.new_empty(batch, channels), x.new_empty(batch, channels)
+        lib.cn_stats(x.data_ptr(), batch * channels, n, eps, mean.data_ptr(), std.data_ptr(),
+                     torch.get_num_threads())
+        ctx.save_for_backward(x, mean, std)
+        ctx.lib = lib
+        return mean, std
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_mean, d_std):
+        x, mean, std = ctx.saved_tensors
+        return _stats_backward(ctx.lib, x, mean, std, d_mean, d_std), None
+
+
+def _stats_backward(lib, x, mean, std, d_mean, d_std, grad=None, gate=None):
+    """dx = grad * gate + d_mean / n + d_std * (x - mean) / ((n - 1) std), one pass (C kernel)."""
+    n = x.shape[2] * x.shape[3]
+    alpha = torch.zeros_like(mean) if d_mean is None else (d_mean / n).contiguous()
+    beta = torch.zeros_like(std) if d_std is None or n == 1 else (d_std / ((n - 1) * std)).contiguous()
+    dx = torch.empty_like(x)
+    lib.sn_backward_dx(x.data_ptr(), _ptr(grad), mean.numel(), n, _ptr(gate), alpha.data_ptr(), beta.data_ptr(),
+                       mean.data_ptr(), dx.data_ptr(), torch.get_num_threads())
+    return dx
+
+
 def channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and std over H x W, shaped (B, C, 1, 1), in float32."""
+    if _use_native(x) is not None:
+        mean, std = _ChannelStats.apply(x, float(eps))
+        return mean[..., None, None], std[..., None, None]
     n = x.shape[2] * x.shape[3]
     var, mean = torch.var_mean(x.float(), dim=(2, 3), keepdim=True, correction=1 if n > 1 else 0)
     return mean, (var + eps).sqrt()
@@ -63,9 +305,9 @@ def random_box(height: int, width: int, generator: torch.Generator, beta: float 
             return top, left, bottom, right
 
 
-def _restyle(content: torch.Tensor, style_mean, style_std, eps: float) -> torch.Tensor:
+def _restyle(content: torch.Tensor, style_mean, style_std, eps: float, content_stats=None) -> torch.Tensor:
     # (x - mu_x) / sigma_x * sigma_y + mu_y as a single fused multiply-add on x.
-    mean, std = channel_stats(content, eps)
+    mean, std = content_stats if content_stats is not None else channel_stats(content, eps)
     scale = style_std / std
     shift = style_mean - mean * scale
     return torch.addcmul(shift.to(content.dtype), content, scale.to(content.dtype))
@@ -111,7 +353,8 @@ class CrossNorm(nn.Module):
         if self.crop in ("style", "both"):
             top, left, bottom, right = random_box(height, width, g, self.beta, self.min_area)
             style = x[:, :, top:bottom, left:right]
-        style_mean, style_std = channel_stats(style, self.eps)
+        own_stats = channel_stats(style, self.eps)
+        style_mean, style_std = own_stats
         if self.mode == "2-instance":
             perm = torch.randperm(batch, generator=g).to(x.device)
             style_mean, style_std = style_mean[perm], style_std[perm]
@@ -124,7 +367,8 @@ class CrossNorm(nn.Module):
             out[:, :, top:bottom, left:right] = _restyle(x[:, :, top:bottom, left:right], style_mean,
                                                          style_std, self.eps)
             return out
-        return _restyle(x, style_mean, style_std, self.eps)
+        # without a style crop the content statistics are the ones just computed
+        return _restyle(x, style_mean, style_std, self.eps, None if style is not x else own_stats)
 
 
 class SelfNorm(nn.Module):
@@ -148,16 +392,75 @@ class SelfNorm(nn.Module):
         self.recorded: dict[str, torch.Tensor] = {}
 
     def _gate(self, fc: nn.Conv1d, bn: nn.BatchNorm1d, stats: torch.Tensor) -> torch.Tensor:
-        y = fc(stats)
+        w = fc.weight
+        if fc.bias is None and fc.groups == w.shape[0] and w.shape[1:] == (1, 2) and stats.shape[-1] == 2:
+            # the grouped two-tap Conv1d is w0 * mean + w1 * std per channel: two elementwise ops
+            # instead of a oneDNN convolution call (about 0.1 ms forward and backward on the CPU)
+            y = torch.addcmul(stats[..., 0] * w[:, 0, 0], stats[..., 1], w[:, 0, 1]).unsqueeze(-1)
+        else:
+            y = fc(stats)
         use_batch_stats = bn.training and y.shape[0] > 1
         y = nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                      use_batch_stats, bn.momentum if use_batch_stats else 0.0, bn.eps)
         return torch.sigmoid(y).unsqueeze(-1)  # (B, C, 1, 1)
 
+    def _gate_modules(self):
+        return [(self.g_fc, self.g_bn)] + ([(self.f_fc, self.f_bn)] if self.two_gates else [])
+
+    def _apply(self, *args, **kwargs):
+        _bump_generation()  # tensors may be replaced without registration (buffers in .to(), ...)
+        try:
+            return super()._apply(*args, **kwargs)
+        finally:
+            _bump_generation()
+
+    @staticmethod
+    def _build_inference_arguments(module):
+        """(tensors read, pointers and epsilons for the fused inference kernel or None where the
+        parameters do not suit it, the attributes that value depends on)."""
+        tensors, epsilons, attributes = [], [], []  # (the module's own eps is passed on every call)
+        for fc, bn in module._gate_modules():
+            tensors += (fc._parameters["weight"], bn._parameters.get("weight"), bn._parameters.get("bias"),
+                        bn._buffers.get("running_mean"), bn._buffers.get("running_var"))
+            epsilons.append(bn.eps)
+            attributes.append((bn, "eps"))
+        arguments = None
+        if all(t is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors):
+            pointers = [t.data_ptr() for t in tensors]
+            gates = [pointers[i:i + 5] + [epsilons[i // 5]] for i in range(0, len(pointers), 5)]
+            if len(gates) == 1:
+                gates.append([None] * 5 + [0.0])
+            arguments = gates[0] + gates[1]
+        return tensors, arguments, attributes
+
+    def _inference_arguments(self):
+        """Cached :meth:`_build_inference_arguments` (see ``PointerCache``)."""
+        return _INFERENCE_CACHE.get(self, self._build_inference_arguments)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature_map(x, "SelfNorm")
+        if x.dim() != 4:
+            check_feature_map(x, "SelfNorm")
         if x.shape[1] != self.channels:
             raise ValueError(f"SelfNorm input channels: got {x.shape[1]}; allowed: {self.channels}")
+        # (few Python operations on the way to the kernel: see PointerCache)
+        lib = _native.get() if x.is_cpu and x.dtype == torch.float32 and x.numel() else None
+        if lib is not None and not x.is_contiguous():
+            if _is_channels_last(x):
+                # the C kernels read NCHW: convert there and back (two copies, cheaper than the ops path)
+                return self(x.contiguous()).contiguous(memory_format=torch.channels_last)
+            lib = None
+        if lib is not None:
+            if not (self.training or self.record or torch.is_grad_enabled() and (
+                    x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+                arguments = self._inference_arguments()
+                if arguments is not None:  # inference: one kernel
+                    batch, channels, height, width = x.shape
+                    out = torch.empty_like(x)
+                    lib.sn_eval(x.data_ptr(), batch, channels, height * width, self.eps, *arguments,
+                                out.data_ptr(), torch.get_num_threads())
+                    return out
+            if all(p.dtype == torch.float32 for p in self.parameters()):
+                return _SelfNormFunction.apply(x, self, *self.parameters())
         mean, std = channel_stats(x, self.eps)
         stats = torch.cat((mean, std), dim=-1).flatten(2)  # (B, C, 2)
         g = self._gate(self.g_fc, self.g_bn, stats.to(self.g_fc.weight.dtype))
@@ -170,6 +473,66 @@ class SelfNorm(nn.Module):
             self.recorded["f"] = f.detach().flatten(1)
         # g * (x - mu) + f * mu, fused
         return torch.addcmul((mean * (f - g)).to(x.dtype), x, g.to(x.dtype))
+
+
+class _SelfNormFunction(torch.autograd.Function):
+    """SelfNorm with the C kernels: statistics, gating and, in backward, one reduction pass and one
+    pass for grad x. The gates (Conv1d, BatchNorm1d, sigmoid on the (B, C, 2) statistics) are a
+    small PyTorch graph recorded in forward and differentiated in backward. The inputs after the
+    module are its parameters, so that autograd routes their gradients here."""
+
+    @staticmethod
+    def forward(ctx, x, module, *params):
+        lib = _native.get()
+        batch, channels, height, width = x.shape
+        n, planes, threads = height * width, batch * channels, torch.get_num_threads()
+        mean, std = x.new_empty(batch, channels), x.new_empty(batch, channels)
+        lib.cn_stats(x.data_ptr(), planes, n, module.eps, mean.data_ptr(), std.data_ptr(), threads)
+        leaves = (mean.detach().requires_grad_(), std.detach().requires_grad_())
+        with torch.enable_grad():
+            stats = torch.stack(leaves, dim=-1)  # (B, C, 2)
+            gates = [module._gate(fc, bn, stats).view(batch, channels) for fc, bn in module._gate_modules()]
+        g = gates[0].detach()
+        shift = (gates[1].detach() - g) * mean if module.two_gates else None
+        out = torch.empty_like(x)
+        lib.sn_apply(x.data_ptr(), planes, n, g.data_ptr(), _ptr(shift), out.data_ptr(), threads)
+        if module.record:
+            module.recorded = {name: t.detach().clone() for name, t in zip("gf", gates)}
+        ctx.save_for_backward(x, mean, std)
+        ctx.inner = (leaves, gates)
+        ctx.module, ctx.lib = module, lib
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        lib = ctx.lib
+        x, mean, std = ctx.saved_tensors
+        leaves, gates = ctx.inner
+        del ctx.inner
+        module = ctx.module
+        grad = grad.contiguous()
+        batch, channels, height, width = x.shape
+        n, planes, threads = height * width, batch * channels, torch.get_num_threads()
+        sgx = x.new_empty(batch, channels)
+        sg = x.new_empty(batch, channels) if module.two_gates else None
+        lib.sn_backward_reduce(x.data_ptr(), grad.data_ptr(), planes, n, sgx.data_ptr(), _ptr(sg), threads)
+        g = gates[0].detach()
+        if module.two_gates:  # out = g * x + (f - g) * mean
+            d_gates, d_mean_direct = [sgx - mean * sg, mean * sg], (gates[1].detach() - g) * sg
+        else:  # out = g * x
+            d_gates, d_mean_direct = [sgx], None
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(gates, [*leaves, *params], d_gates, allow_unused=True)
+        d_mean, d_std = grads[0], grads[1]
+        if d_mean_direct is not None:
+            d_mean = d_mean_direct if d_mean is None else d_mean + d_mean_direct
+        grad_x = _stats_backward(lib, x, mean, std, d_mean, d_std, grad, g) if ctx.needs_input_grad[0] else None
+        by_id = {id(p): dp for p, dp in zip(params, grads[2:])}
+        return (grad_x, None, *[by_id.get(id(p)) for p in module.parameters()])
+
+
+_INFERENCE_CACHE = PointerCache()
 
 
 class CNSN(nn.Module):
@@ -187,6 +550,16 @@ class CNSN(nn.Module):
         self.recorded: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.record:
+            modules = self._modules
+            crossnorm, selfnorm = modules.get("crossnorm"), modules.get("selfnorm")  # None: not submodules
+            if crossnorm is not None:
+                x = crossnorm(x)
+            if selfnorm is None:
+                return x
+            if selfnorm.record:
+                selfnorm.record = False
+            return selfnorm(x)
         stages = {"input": x}
         if self.crossnorm is not None:
             x = self.crossnorm(x)

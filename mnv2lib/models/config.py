@@ -8,6 +8,7 @@ from typing import Any
 
 from ..layers.activations import activation_names
 from ..layers.attention import attention_names, check_kernel_size
+from .mobilenetv2 import SHORTCUTS
 
 STEMS = ("imagenet", "cifar", "cifar_lite")
 ATTENTION_POSITIONS = ("residual", "block_output", "after_depthwise")
@@ -15,6 +16,10 @@ CNSN_KINDS = (None, "cn", "sn", "cnsn")
 CNSN_POSITIONS = ("post", "pre", "residual", "identity")
 CROSSNORM_MODES = ("2-instance", "1-instance")
 CROSSNORM_CROPS = ("neither", "style", "content", "both")
+PRETRAINED = (None, "imagenet", "imagenet1k_v1", "imagenet1k_v2")
+# Fields added after run records were first stored: ``to_dict`` leaves them out while they
+# hold their defaults, so the run keys (hashes of that dict) of earlier configs do not change.
+_OMITTED_AT_DEFAULT = ("bottleneck_activation", "shortcut", "expand_ratio", "pretrained")
 
 
 def _allowed(field_name: str, value: Any, allowed: tuple) -> None:
@@ -42,6 +47,11 @@ class ModelConfig:
     cn_prob: float = 0.25
     active_num: int = 2
     selfnorm_two_gates: bool = False
+    # MobileNetV2's own design choices (the paper's Figure 6 ablations) and initialization.
+    bottleneck_activation: str | None = None  # None: linear projection (the paper's)
+    shortcut: str = "bottleneck"              # "bottleneck" (the paper's), "expansion", "none"
+    expand_ratio: float | None = None         # t of every block; None: the table's values
+    pretrained: str | None = None             # None, "imagenet" (torchvision's DEFAULT weights), ...
     # Free-form options an architecture may read (MobileNetV4's custom builder, say).
     extra: dict = field(default_factory=dict)
 
@@ -70,12 +80,29 @@ class ModelConfig:
             raise ValueError(f"cn_prob: got {self.cn_prob!r}; allowed values are 0 <= cn_prob <= 1")
         if not isinstance(self.active_num, int) or self.active_num < 1:
             raise ValueError(f"active_num: got {self.active_num!r}; allowed values are integers >= 1")
+        _allowed("bottleneck_activation", self.bottleneck_activation, (None,) + activation_names())
+        _allowed("shortcut", self.shortcut, SHORTCUTS)
+        if self.expand_ratio is not None:
+            if isinstance(self.expand_ratio, bool) or not isinstance(self.expand_ratio, (int, float)) \
+                    or not self.expand_ratio > 0:
+                raise ValueError(f"expand_ratio: got {self.expand_ratio!r}; allowed values are None "
+                                 "(the table's values) or numbers > 0")
+            object.__setattr__(self, "expand_ratio", float(self.expand_ratio))  # 4 and 4.0: one config
+        _allowed("pretrained", self.pretrained, PRETRAINED)
+        if self.cnsn is not None and self.cnsn_position == "identity" and self.shortcut == "none":
+            raise ValueError(f"cnsn_position: got 'identity' with shortcut='none' (no shortcut to put CNSN "
+                             f"on); allowed values are {tuple(p for p in CNSN_POSITIONS if p != 'identity')}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in _OMITTED_AT_DEFAULT:
+            if data[name] == defaults[name]:
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -94,7 +121,8 @@ class ModelConfig:
 
     @property
     def label(self) -> str:
-        """A short human-readable name: 'baseline', 'mish+triplet', ..."""
+        """A short human-readable name: 'baseline', 'mish+triplet', 'bottleneck=relu6', 'shortcut=none',
+        't=4', ... (the width is left out: it is the training profile's choice)."""
         parts = []
         if self.activation != "relu6":
             parts.append(self.activation)
@@ -102,5 +130,13 @@ class ModelConfig:
             parts.append(self.attention)
         if self.cnsn:
             parts.append(self.cnsn)
+        if self.bottleneck_activation:
+            parts.append(f"bottleneck={self.bottleneck_activation}")
+        if self.shortcut != "bottleneck":
+            parts.append(f"shortcut={self.shortcut}")
+        if self.expand_ratio is not None:
+            parts.append(f"t={self.expand_ratio:g}")
+        if self.pretrained:
+            parts.append(f"pretrained={self.pretrained}")
         name = "+".join(parts) or "baseline"
         return name if self.arch == "mobilenet_v2" else f"{self.arch}:{name}"

@@ -46,8 +46,19 @@ def build_model(config=None, **kwargs) -> nn.Module:
 
 
 def _activation_layer(config) -> Callable[..., nn.Module]:
-    cls = get_activation_class(config.activation)
+    return _activation_factory(config.activation)
+
+
+def _activation_factory(name: str) -> Callable[..., nn.Module]:
+    cls = get_activation_class(name)
     return cls if cls is not nn.GELU else (lambda inplace=False: nn.GELU())
+
+
+def _bottleneck_activation_layer(config) -> Callable[[], nn.Module] | None:
+    """The activation after the projection 1x1 (in place, as every other activation), or None: linear."""
+    if config.bottleneck_activation is None:
+        return None
+    return partial(_activation_factory(config.bottleneck_activation), inplace=True)
 
 
 def _cnsn_layer(config) -> Callable[[int], nn.Module] | None:
@@ -90,12 +101,19 @@ def _build_mobilenet_v2(config) -> nn.Module:
     attention_layer = (partial(create_attention, config.attention, kernel_size=config.attention_kernel)
                        if config.attention else None)
     block = mobilenet_v2_block(attention_layer=attention_layer, attention_position=config.attention_position,
-                               cnsn_layer=_cnsn_layer(config), cnsn_position=config.cnsn_position)
+                               cnsn_layer=_cnsn_layer(config), cnsn_position=config.cnsn_position,
+                               shortcut=config.shortcut,
+                               bottleneck_activation=_bottleneck_activation_layer(config))
     model = MobileNetV2(num_classes=config.num_classes, width_mult=config.width_mult, block=block,
                         dropout=config.dropout, activation_layer=_activation_layer(config),
-                        in_channels=config.in_channels, stem=config.stem)
+                        in_channels=config.in_channels, stem=config.stem, expand_ratio=config.expand_ratio)
     if config.cnsn in ("cn", "cnsn"):
         attach_crossnorm_schedule(model, config.cn_prob, config.active_num)
+    if config.pretrained is not None:
+        from .pretrained import load_pretrained
+
+        model.config = config  # named in the error when the shapes do not fit
+        load_pretrained(model, config.pretrained)  # sets model.base_parameter_names for fine-tuning
     return model
 
 
@@ -104,7 +122,8 @@ def _build_mobilenet_v1(config) -> nn.Module:
     from .config import ModelConfig
     from .mobilenetv1 import MobileNetV1
 
-    _reject(config, ("attention", "cnsn"), ModelConfig())
+    _reject(config, ("attention", "cnsn", "bottleneck_activation", "shortcut", "expand_ratio", "pretrained"),
+            ModelConfig())
     return MobileNetV1(num_classes=config.num_classes, width_mult=config.width_mult, dropout=config.dropout,
                        activation_layer=_activation_layer(config), in_channels=config.in_channels,
                        stem=config.stem)
