@@ -25,9 +25,11 @@ def _eval_copy_input(model: nn.Module, input_size) -> torch.Tensor:
 
 def multiply_adds(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
     """Multiply-adds of one forward pass in eval mode (torchinfo: convolutions and linear layers)."""
+    from .layers.activations import pytorch_ops_only
     from .summary import summary
 
-    return int(summary(model, input_size, verbose=0).total_mult_adds)
+    with pytorch_ops_only():  # the C kernels bypass the conv modules whose hooks torchinfo counts
+        return int(summary(model, input_size, verbose=0).total_mult_adds)
 
 
 def flops(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:

@@ -10,3 +10,10 @@ torch.set_num_threads(int(os.environ.get("MNV2_TEST_THREADS", "2")))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def smoke_reports_dir(tmp_path_factory):
+    """One temporary reports folder for every test that executes notebooks (papermill or the
+    browser): a smoke model trained by one is read back by the next, as in ``make reports``."""
+    return tmp_path_factory.mktemp("smoke-reports")

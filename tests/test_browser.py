@@ -49,12 +49,12 @@ def _smoke_copy(name: str, folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, smoke_reports_dir):
     """A JupyterLab server on a loopback port, no token, with temporary settings and runtime folders."""
     root = tmp_path_factory.mktemp("lab")
     for name in ("01_activation_study", "02_triplet_attention"):
         _smoke_copy(name, root)
-    env = {**os.environ, "MNV2_REPORTS_DIR": str(root / "reports"), "MNV2_PROGRESS": "auto"}
+    env = {**os.environ, "MNV2_REPORTS_DIR": str(smoke_reports_dir), "MNV2_PROGRESS": "auto"}
     for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
                      ("JUPYTERLAB_SETTINGS_DIR", "settings"), ("JUPYTERLAB_WORKSPACES_DIR", "workspaces")):
         env[var] = str(root / ".jupyter" / sub)

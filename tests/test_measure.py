@@ -40,3 +40,22 @@ def test_training_memory_and_cost_report():
     assert report.parameters == count_parameters(model)
     assert report.train_images_per_s > 0 and 0 < report.latency_ms_batch1 < report.latency_ms_batch64 * 10
     assert report.multiply_adds * 2 == pytest.approx(report.flops, rel=0.02)
+
+
+@pytest.mark.parametrize("overrides", [dict(attention="triplet"), dict(cnsn="sn"),
+                                       dict(activation="mish", attention="triplet", cnsn="cnsn")])
+def test_costs_count_the_modules_that_run_in_c_kernels(overrides):
+    from mnv2lib.layers.activations import set_kernel_backend
+
+    base = build_model(num_classes=10, width_mult=0.5, stem="cifar_lite").eval()
+    model = build_model(num_classes=10, width_mult=0.5, stem="cifar_lite", **overrides).eval()
+    size = (1, 3, 32, 32)
+    fast = (multiply_adds(model, size), flops(model, size))
+    try:
+        set_kernel_backend("eager")
+        reference = (multiply_adds(model, size), flops(model, size))
+    finally:
+        set_kernel_backend("auto")
+    assert fast == reference
+    if "attention" in overrides:  # the attention convs are counted
+        assert fast[0] > multiply_adds(base, size) and fast[1] > flops(base, size)

@@ -5,6 +5,7 @@ papermill kernel), so they never overwrite real reports; the notebooks share it,
 trained by one notebook is reused by the next, as in ``make reports``.
 """
 import json
+import time
 
 import pytest
 
@@ -17,17 +18,12 @@ EXPECTED_FIGURES = {
     "02_triplet_attention": ["branches_one_block", "blocks_spatial", "blocks_combined", "gradcam"],
     "03_cnsn_distributions": ["shift_mean", "shift_std", "distributions_example", "crossnorm_modes", "coverage",
                               "selfnorm_gates"],
-    "04_ablations": ["accuracy", "paired_differences", "accuracy_vs_madds", "corruption_accuracy_vs_latency",
+    "04_ablations": ["accuracy", "paired_differences", "accuracy_vs_train_time", "corruption_accuracy_vs_latency",
                      "corruption_heatmap", "learning_curves"],
     "05_mobilenet_families": ["cost_latency", "cost_parameters", "memory_table3", "accuracy_vs_madds"],
     "06_mobilenetv2_design": ["figure6_curves", "figure6_accuracy", "tradeoff_madds", "tradeoff_latency",
                               "width_resolution_cost"],
 }
-
-
-@pytest.fixture(scope="module")
-def reports_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("reports")
 
 
 def test_every_notebook_in_the_sequence_is_tested():
@@ -36,14 +32,16 @@ def test_every_notebook_in_the_sequence_is_tested():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPECTED_FIGURES))
-def test_notebook_runs_in_the_smoke_profile(name, reports_dir, monkeypatch):
+def test_notebook_runs_in_the_smoke_profile(name, smoke_reports_dir, monkeypatch):
+    reports_dir = smoke_reports_dir
     monkeypatch.setenv("MNV2_REPORTS_DIR", str(reports_dir))
+    started = time.time() - 1
     executed = execute_notebook(name, {"profile": "smoke", "dataset": "synthetic", "seed": 0, "interactive": False},
                                 output_dir=reports_dir / "notebooks")
     folder = reports_dir / "figures" / name
     for figure in EXPECTED_FIGURES[name]:
         png = folder / f"{figure}.png"
-        assert png.exists(), f"{name}: {figure}.png was not written"
+        assert png.exists() and png.stat().st_mtime >= started, f"{name}: {figure}.png was not written"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000, png
         sidecar = json.loads(png.with_suffix(".json").read_text())
         assert sidecar["profile"] == "smoke" and sidecar["caption"]

@@ -53,7 +53,8 @@ def design_plan(profile) -> DesignPlan:
     if profile.name == "smoke":
         return DesignPlan(seeds, seeds[:1], (2,), (0.5,), (0.25, 0.5), (24, 32), 2)
     if profile.name == "quick":
-        return DesignPlan(seeds, seeds[:1], (2, 4), tuple(w for w in (0.25, 0.75) if w != width),
+        # width 0.75 costs two quick runs: left to the full profile
+        return DesignPlan(seeds, seeds[:1], (2, 4), tuple(w for w in (0.25,) if w != width),
                           (0.25, 0.5, 0.75, 1.0), (24, 32, 40, 48), 5)
     return DesignPlan(seeds, seeds, (2, 4, 6, 8, 10), tuple(w for w in (0.35, 0.5, 0.75, 1.0, 1.4) if w != width),
                       (0.35, 0.5, 0.75, 1.0, 1.4), (24, 32, 40, 48, 64), 10)

@@ -48,8 +48,8 @@ def make_ablation_accuracy_figure(runs: pd.DataFrame, summary: pd.DataFrame,
         ax.invert_yaxis()
         ax.set_xlabel(f"{METRICS[metric]} (%)")
         lo_lim = np.nanmin(100 * runs[metric]) if runs[metric].notna().any() else 0
-        ax.set_xlim(max(0, lo_lim - 5), None)
-    axes[0].set_title("accuracy per variant (dots: seeds)", loc="left")
+        ax.set_xlim(max(0, lo_lim - 5), 100)  # an interval beyond 0-100% is clipped: few seeds, wide t-intervals
+    axes[0].set_title("accuracy per variant (dots: seeds; whiskers: 95% CI of the mean)", loc="left")
     return source_note(fig, context)
 
 
@@ -82,7 +82,7 @@ def make_accuracy_vs_cost_figure(summary: pd.DataFrame, cost: str = "multiply_ad
     if metric not in METRICS:
         raise ValueError(f"metric: got {metric!r}; allowed values are {tuple(METRICS)}")
     label_text, scale = COST_LABELS[cost]
-    fig = new_figure(5.6, 4.2)
+    fig = new_figure(6.8, 4.2)
     ax = fig.subplots()
     for _, row in summary.iterrows():
         x, y = row[cost] * scale, 100 * row[f"{metric}_mean"]
@@ -90,9 +90,12 @@ def make_accuracy_vs_cost_figure(summary: pd.DataFrame, cost: str = "multiply_ad
         if lo is not None and not math.isnan(lo):
             ax.errorbar(x, y, yerr=[[y - 100 * lo], [100 * hi - y]], color=_colour(row["label"]), capsize=3)
         ax.plot(x, y, "o", color=_colour(row["label"]), mec="black", ms=8, label=row["label"])
-        ax.annotate(row["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    # a legend, not point labels: variants often share a cost (Mish adds no multiply-adds)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel(label_text)
     ax.set_ylabel(f"{METRICS[metric]} (%)")
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(0.0, low), min(100.0, high))
     ax.set_title(f"{METRICS[metric]} vs {label_text.split(' (')[0]}", loc="left")
     return source_note(fig, context)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..analysis.attention import branch_heatmap
 from .common import FigureContext, new_figure, source_note
 
 BRANCH_TITLES = {"channel_width": "channel-width (C x W)", "height_channel": "height-channel (H x C)",
-                 "spatial": "spatial (H x W)", "combined": "mean of the three"}
+                 "spatial": "spatial (H x W)", "combined": "mean of the three gates"}
 
 
 def to_rgb(image_uint8: torch.Tensor) -> np.ndarray:
@@ -80,7 +81,7 @@ def make_attention_blocks_figure(images: torch.Tensor, maps: dict[str, dict[str,
                 axes[r, c].set_title(f"block {block.split('.')[-1]}", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"{BRANCH_TITLES[branch]} gate, early to late blocks", fontsize=10)
+    fig.suptitle(f"Triplet Attention, {BRANCH_TITLES[branch]}: early to late blocks", fontsize=10)
     return source_note(fig, context)
 
 
@@ -131,8 +132,11 @@ def make_attention_detail_figure(image: torch.Tensor, maps: dict[str, dict[str, 
         native, xlabel, ylabel = gates["height_channel"][0, :, :, 0].T, "channel", "height"
     else:
         native, xlabel, ylabel = branch_heatmap(gates, branch)[0], "width", "height"
-    im2 = axes[2].imshow(native.numpy(), cmap="magma", vmin=0, vmax=1, aspect="auto")
+    # the gate's own range (gates of a trained model often span only ~0.3-0.6 of [0, 1])
+    im2 = axes[2].imshow(native.numpy(), cmap="magma", aspect="auto")
     axes[2].set_xlabel(xlabel), axes[2].set_ylabel(ylabel)
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].set_title("gate at native resolution", fontsize=9)
     fig.colorbar(im2, ax=axes[2], shrink=0.8, label="gate")
     for ax in axes[:2]:

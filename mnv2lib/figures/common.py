@@ -7,13 +7,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 
 from .. import paths
 
 PALETTE = {  # one colour per variant across every notebook (colour-blind safe, seaborn "colorblind")
     "baseline": "#0173b2", "mish": "#de8f05", "triplet": "#029e73", "cnsn": "#d55e00",
     "mish+triplet": "#cc78bc", "mish+cnsn": "#ca9161", "triplet+cnsn": "#fbafe4", "mish+triplet+cnsn": "#949494",
-    "relu6": "#0173b2", "relu": "#56b4e9", "silu": "#029e73", "hardswish": "#ece133", "identity": "#000000",
+    "relu6": "#0173b2", "relu": "#56b4e9", "silu": "#029e73", "hardswish": "#cc78bc", "identity": "#000000",
     "gelu": "#949494",
 }
 
@@ -49,6 +50,10 @@ def new_figure(width: float = 6.4, height: float = 4.0, **kwargs) -> Figure:
 def source_note(fig: Figure, context: FigureContext | None) -> Figure:
     """Name the dataset, profile and seeds in the figure's corner, so a lifted figure keeps its provenance."""
     if context is not None:
+        engine = fig.get_layout_engine()
+        if isinstance(engine, ConstrainedLayoutEngine):  # keep a strip free so the note never covers a label
+            strip = 0.18 / fig.get_figheight()
+            engine.set(rect=(0, strip, 1, 1 - strip))
         fig.text(0.995, 0.002, context.note(), ha="right", va="bottom", fontsize=7, color="0.35")
     return fig
 

@@ -14,6 +14,7 @@ same fall-back: where no compiler is available the PyTorch implementations run.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import warnings
@@ -123,7 +124,9 @@ class NativeLibrary:
         self._failed = False
 
     def get(self):
-        if NativeLibrary.backend == "eager" or self._failed:
+        # under a dispatch mode (FLOP counting, profilers) the PyTorch ops run, so that the mode
+        # sees them: work done in C is invisible to it
+        if NativeLibrary.backend == "eager" or self._failed or torch._C._len_torch_dispatch_stack() > 0:
             return None
         if self._lib is None:
             try:
@@ -232,6 +235,18 @@ def set_kernel_backend(backend: str) -> None:
     NativeLibrary.backend = backend
     for library in NativeLibrary.instances:
         library._failed = False
+
+
+@contextlib.contextmanager
+def pytorch_ops_only():
+    """Within the block the C kernels step aside and every module runs its PyTorch ops, so that
+    tools that count by module hooks (torchinfo's multiply-adds) see the attention convs."""
+    previous = NativeLibrary.backend
+    NativeLibrary.backend = "eager"
+    try:
+        yield
+    finally:
+        NativeLibrary.backend = previous
 
 
 # In-place inference Mish for float32 CPU tensors: the same single-exponential formula as a C
