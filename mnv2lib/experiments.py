@@ -183,14 +183,17 @@ def measure_config_costs(model_config: ModelConfig, profile: Profile, store: Res
     from .measure import measure_costs
 
     key = hashlib.sha256(_canonical({"model": model_config.to_dict(), "input": profile.cost_input_size,
-                                     "threads": torch.get_num_threads(), "version": COSTS_VERSION}
+                                     "threads": torch.get_num_threads(), "version": COSTS_VERSION,
+                                     "batch": profile.train.batch_size, "smoke": profile.name == "smoke"}
                                     ).encode()).hexdigest()[:16]
     path = store.results_dir / "costs" / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     size = profile.cost_input_size
     report = measure_costs(lambda: build_model(model_config), input_size=(model_config.in_channels, size, size),
-                           num_classes=model_config.num_classes, device="cpu", repeats=3).to_dict()
+                           num_classes=model_config.num_classes, device="cpu",
+                           train_batch=profile.train.batch_size,
+                           repeats=1 if profile.name == "smoke" else 3).to_dict()  # smoke: seconds, for tests
     report["measured"] = _dt.datetime.now().isoformat(timespec="seconds")
     write_json_atomic(path, report)
     return report

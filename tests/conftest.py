@@ -3,7 +3,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("MNV2_TEST_THREADS", "2")))
+# one thread per worker when pytest-xdist runs two workers on the two cores
+_default_threads = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+torch.set_num_threads(int(os.environ.get("MNV2_TEST_THREADS", _default_threads)))
 
 
 @pytest.fixture(autouse=True)

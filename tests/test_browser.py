@@ -96,7 +96,8 @@ def browser():
 
 
 def _run_all_cells(page, url: str, name: str) -> None:
-    page.goto(f"{url}/lab/tree/{name}.ipynb")
+    # a workspace of its own, reset: only this notebook is open (no tab restored from another test)
+    page.goto(f"{url}/lab/workspaces/{name}/tree/{name}.ipynb?reset")
     page.locator(".jp-Notebook").first.wait_for(timeout=120_000)
     # the kernel must be up before "Run All Cells" (the status bar says "<kernel> | Idle")
     page.locator(".jp-StatusBar-TextItem", has_text="| Idle").first.wait_for(timeout=120_000)
