@@ -5,8 +5,9 @@ each improvement, plus the straightforward reference implementations and torchvi
 model, and times training steps (batch 128) and inference (batch 64) *interleaved*
 in one process after warm-up, so that the ratios of medians compare like with like.
 Python's garbage collector is paused while timing (as ``timeit`` does), and inference,
-which is short, is timed six times as often as training. Writes ``reports/bench.json``
-and ``reports/bench.md``.
+which is short, is timed six times as often as training. Building an augmented training
+batch with ``mnv2lib.data.BatchLoader`` is timed in the same loop, so the data-handling share
+of a step is a ratio too. Writes ``reports/bench.json`` and ``reports/bench.md``.
 
 On glibc, a training step at batch 128 spends a large and variable part of its time in
 page faults (PyTorch's CPU allocator returns big activation buffers to the system and
@@ -46,6 +47,8 @@ VARIANTS = {
     "selfnorm": dict(cnsn="sn"),
 }
 
+DATA = "data (batch loader)"  # timed like a variant in the training loop
+
 # (json key, numerator variant, denominator variant, mode)
 RATIOS = [
     ("mish_train_ratio", "mish", "baseline", "train"),
@@ -61,10 +64,13 @@ RATIOS = [
     ("selfnorm_eval_ratio", "selfnorm", "baseline", "eval"),
     ("baseline_vs_torchvision_train_ratio", "baseline", "torchvision", "train"),
     ("baseline_vs_torchvision_eval_ratio", "baseline", "torchvision", "eval"),
+    # building an augmented, normalized batch (mnv2lib.data.BatchLoader) per baseline training step
+    ("data_per_train_step_ratio", DATA, "baseline", "train"),
 ]
 TARGETS = {
     "mish_train_ratio": 1.15, "mish_eval_ratio": 1.20, "triplet_train_ratio": 1.10, "triplet_eval_ratio": 1.10,
     "cnsn_train_ratio": 1.10, "selfnorm_eval_ratio": 1.05, "baseline_vs_torchvision_train_ratio": 1.03,
+    "data_per_train_step_ratio": 0.05,
 }
 
 
@@ -112,6 +118,26 @@ def kernel_paths(device: torch.device) -> dict[str, str]:
     }
 
 
+def make_data_step(train_batch: int, device: torch.device, channels_last: bool):
+    """One augmented training batch from uint8 images, as the training loop gets it."""
+    from .data import BatchLoader
+
+    images = torch.randint(0, 256, (4 * train_batch, 3, 32, 32), dtype=torch.uint8)
+    loader = BatchLoader(images, torch.randint(0, 10, (len(images),)), train_batch, train=True, device=device,
+                         channels_last=channels_last, mean=(0.5,) * 3, std=(0.25,) * 3, drop_last=True)
+    batches = iter(())
+
+    def step():
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        return batch
+
+    return step
+
+
 def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: int = 2,
         variants: list[str] | None = None, device: str = "cpu", channels_last: bool = False,
         allocator: str = "system") -> dict:
@@ -126,8 +152,9 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: 
     xe = torch.randn(eval_batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
     steps = {"train": {k: make_train_step(m, x, y) for k, m in models.items()},
              "eval": {k: make_eval_step(m, xe) for k, m in models.items()}}
+    steps["train"][DATA] = make_data_step(train_batch, dev, channels_last)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    times: dict[str, dict[str, list[float]]] = {mode: {k: [] for k in names} for mode in steps}
+    times: dict[str, dict[str, list[float]]] = {mode: {k: [] for k in fns} for mode, fns in steps.items()}
     start = time.time()
     for mode, fns in steps.items():
         for _ in range(warmup):  # warm-up, including the one-off compilation of kernels
@@ -185,10 +212,12 @@ def to_markdown(result: dict) -> str:
                 verdict = f"1.00 +- 0.03" + (" ok" if abs(result[key] - 1) <= 0.03 else " MISSED")
             lines.append(f"| {key} | {result[key]:.3f} | {verdict} |")
     lines += ["", "| variant | train step (ms) | inference (ms) | saved activations (MiB) |", "|---|---|---|---|"]
-    for name in result["median_seconds"]["train"]:
+    for name in result["median_seconds"]["eval"]:
         lines.append(f"| {name} | {1000 * result['median_seconds']['train'][name]:.1f} | "
                      f"{1000 * result['median_seconds']['eval'][name]:.1f} | "
                      f"{result['saved_activation_MiB_train_batch'][name]:.1f} |")
+    if DATA in result["median_seconds"]["train"]:
+        lines.append(f"| {DATA} | {1000 * result['median_seconds']['train'][DATA]:.2f} | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,8 @@ from mnv2lib.layers import attention as attention_module
 from mnv2lib.layers.activations import set_kernel_backend
 from mnv2lib.layers.attention import TripletAttention, TripletAttentionReference, record_attention, zpool
 
+from kernel_checks import assert_same_training_step
+
 
 @pytest.fixture(params=["auto", "eager"])
 def backend(request):
@@ -104,22 +106,6 @@ def test_bad_input_rank():
         TripletAttention()(torch.randn(2, 3, 4))
 
 
-def _compare(fast, ref, x, atol=1e-5, rtol=1e-5):
-    """Outputs, input and parameter gradients, and BN buffers of ``fast`` and ``ref`` on x."""
-    x1 = x.detach().clone().requires_grad_()
-    x2 = x.detach().clone().requires_grad_()
-    y1, y2 = fast(x1), ref(x2)
-    torch.testing.assert_close(y1, y2, atol=atol, rtol=rtol)
-    grad = torch.randn_like(y1)
-    y1.backward(grad)
-    y2.backward(grad)
-    torch.testing.assert_close(x1.grad, x2.grad, atol=atol, rtol=rtol)
-    for (name, p1), (_, p2) in zip(fast.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-4, rtol=1e-4, msg=name)
-    for (name, b1), (_, b2) in zip(fast.named_buffers(), ref.named_buffers()):
-        torch.testing.assert_close(b1, b2, msg=name)
-
-
 def test_native_kernels_available_on_cpu():
     """The C kernels build on this machine (they need a C compiler with OpenMP, like torch.compile)."""
     assert attention_module._native.get() is not None
@@ -134,7 +120,34 @@ def test_kernels_match_reference_on_many_shapes(kernel_size, shape):
     for training in (True, False):
         fast.train(training)
         ref.train(training)
-        _compare(fast, ref, torch.randn(*shape))
+        assert_same_training_step(fast, ref, torch.randn(*shape))
+
+
+@pytest.mark.parametrize("no_spatial", [False, True])
+@pytest.mark.parametrize("kernel_size", [3, 7])
+@pytest.mark.parametrize("shape", [(4, 16, 8, 8), (3, 24, 7, 5), (2, 8, 12, 20), (2, 96, 4, 4)])
+def test_channels_last_input_matches_reference(shape, kernel_size, no_spatial):
+    # NHWC memory is read in place with the branches rotated (see _NHWC_LANES): values, gradients,
+    # BN statistics, recorded gates and the inference kernel must be those of the NCHW formulation
+    fast, ref = _pair(kernel_size, no_spatial)
+    x = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+    fast.train()
+    ref.train()
+    assert_same_training_step(fast, ref, x)
+    assert fast(x).is_contiguous(memory_format=torch.channels_last)
+    ref(x)  # the same BN statistics update on both
+    fast.eval()
+    ref.eval()
+    with torch.inference_mode():
+        y = fast(x)
+        torch.testing.assert_close(y, ref(x.contiguous()), atol=1e-5, rtol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    with record_attention(torch.nn.Sequential(fast)) as maps:
+        fast(x)
+    expected = {name: g for name, g in ref.gates(x.contiguous()).items()}
+    assert list(maps["0"]) == list(expected)
+    for name, gate in expected.items():
+        torch.testing.assert_close(maps["0"][name], gate, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("no_spatial", [False, True])
@@ -146,7 +159,7 @@ def test_tied_maxima_share_the_gradient_like_amax(no_spatial):
     for training in (True, False):
         fast.train(training)
         ref.train(training)
-        _compare(fast, ref, x)
+        assert_same_training_step(fast, ref, x)
 
 
 @pytest.mark.parametrize("no_spatial", [False, True])
@@ -212,4 +225,4 @@ def test_unavailable_compiler_falls_back_to_pytorch(monkeypatch):
     assert library.get() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once
-        _compare(fast, ref, torch.randn(2, 4, 6, 6))
+        assert_same_training_step(fast, ref, torch.randn(2, 4, 6, 6))

@@ -11,6 +11,8 @@ from mnv2lib.layers.activations import Mish, mish
 from mnv2lib.layers.attention import TripletAttention, TripletAttentionReference
 from mnv2lib.layers.cnsn import CrossNorm, SelfNorm, channel_stats
 
+from kernel_checks import assert_same_training_step
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
 
@@ -23,21 +25,6 @@ def _randomized(module):
             if b.dtype.is_floating_point:
                 b.uniform_(0.5, 1.5)
     return module
-
-
-def _check(fast, ref, x, atol=1e-4, rtol=1e-4):
-    x1 = x.detach().clone().requires_grad_()
-    x2 = x.detach().clone().requires_grad_()
-    y1, y2 = fast(x1), ref(x2)
-    torch.testing.assert_close(y1, y2, atol=atol, rtol=rtol)
-    grad = torch.randn_like(y1)
-    y1.backward(grad)
-    y2.backward(grad)
-    torch.testing.assert_close(x1.grad, x2.grad, atol=atol, rtol=rtol)
-    for (name, p1), (_, p2) in zip(fast.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-3, rtol=1e-3, msg=name)
-    for (name, b1), (_, b2) in zip(fast.named_buffers(), ref.named_buffers()):
-        torch.testing.assert_close(b1, b2, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_mish_on_cuda():
@@ -66,7 +53,7 @@ def test_triplet_attention_on_cuda(no_spatial, shape):
     for training in (True, False):
         for m in (fast, ref, cpu):
             m.train(training)
-        _check(fast, ref, x)
+        assert_same_training_step(fast, ref, x, atol=1e-4, rtol=1e-4, param_tol=1e-3, buffer_tol=1e-4)
     cpu.load_state_dict(fast.state_dict())  # the running statistics moved in training
     with torch.inference_mode():  # and the CPU C kernels give the same
         torch.testing.assert_close(fast(x).cpu(), cpu(x.cpu()), atol=1e-4, rtol=1e-4)

@@ -249,16 +249,12 @@ def pytorch_ops_only():
         NativeLibrary.backend = previous
 
 
-# In-place inference Mish for float32 CPU tensors: the same single-exponential formula as a C
-# kernel (a Cephes exponential, about 1 ulp), which spares torch.compile's per-call dispatch.
-_MISH_C_SOURCE = r"""
+# Cephes' single-precision exponential (~1 ulp), as C that compilers vectorize (libm's expf call
+# does not vectorize): shared by the C kernels of Mish, Triplet Attention and CNSN.
+C_VEXPF = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-typedef int64_t i64;
-
-/* mish(v) = v * t / (t + 2), t = e (e + 2), e = exp(min(v, 20)) (0 below -87.3, as float's exp
- * underflows there, so that mish(-inf) is NaN like F.mish's); exp by Cephes' polynomial (~1 ulp) */
 static inline __attribute__((always_inline)) float vexpf(float x) {
     x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
     const float n = floorf(x * 1.44269504088896341f + 0.5f);
@@ -275,7 +271,20 @@ static inline __attribute__((always_inline)) float vexpf(float x) {
     memcpy(&s, &e, sizeof s);
     return y * s;
 }
+"""
 
+
+# In-place inference Mish for float32 CPU tensors: the same single-exponential formula as a C
+# kernel (a Cephes exponential, about 1 ulp), which spares torch.compile's per-call dispatch.
+_MISH_C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+typedef int64_t i64;
+
+/* mish(v) = v * t / (t + 2), t = e (e + 2), e = exp(min(v, 20)) (0 below -87.3, as float's exp
+ * underflows there, so that mish(-inf) is NaN like F.mish's); exp by Cephes' polynomial (~1 ulp) */
+""" + C_VEXPF + r"""
 static void mish_scalar(float* p, i64 m) {
 #pragma omp simd
     for (i64 i = 0; i < m; i++) {

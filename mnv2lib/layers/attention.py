@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .activations import NativeLibrary, PointerCache, _bump_generation
+from .activations import C_VEXPF, NativeLibrary, PointerCache, _bump_generation
 
 BRANCHES = ("channel_width", "height_channel", "spatial")
 
@@ -97,7 +97,8 @@ typedef int64_t i64;
 #define SLACK 32
 #define INLINE static inline __attribute__((always_inline))
 /* per-sample loops are compiled for the common square planes with constant H = W (unrolled,
- * no per-row loop overhead on 4x4 or 8x8 maps), and generically for every other size */
+ * no per-row loop overhead on 4x4 or 8x8 maps), for common narrow rows with constant W, and
+ * generically for every other size */
 #define HW_DISPATCH(CALL) \
     if (H == W) { \
         switch (W) { \
@@ -110,24 +111,17 @@ typedef int64_t i64;
             case 32: CALL(32, 32); break; \
             default: CALL(H, W); \
         } \
-    } else { CALL(H, W); }
+    } else { \
+        switch (W) {  /* NHWC input read as (B, H, W, C): W here is a channel count */ \
+            case 8: CALL(H, 8); break; \
+            case 16: CALL(H, 16); break; \
+            case 24: CALL(H, 24); break; \
+            case 32: CALL(H, 32); break; \
+            default: CALL(H, W); \
+        } \
+    }
 
-INLINE float vexpf(float x) {  /* Cephes expf, vectorizable, ~1 ulp */
-    x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.f;
-    union { int32_t i; float f; } u;
-    u.i = ((int32_t)n + 127) << 23;
-    return y * u.f;
-}
-
+""" + C_VEXPF + r"""
 /* natural (A x N) <-> stored plane with row stride ld, first element at off */
 static void gather(const float* src, i64 off, i64 ld, int tr, i64 A, i64 N, float* dst) {
     if (tr) { for (i64 a = 0; a < A; a++) for (i64 n = 0; n < N; n++) dst[a * N + n] = src[off + n * ld + a]; }
@@ -436,9 +430,10 @@ void ta_combine(const float* x, i64 B, i64 C, i64 H, i64 W, const float* gcw, in
 
 /* ---------------- inference: one sample at a time, while it is in cache ---------------- */
 
-/* bn: per branch (weight, bias, running mean, running var); ws NULL without spatial */
+/* bn: per branch (weight, bias, running mean, running var); ws NULL without spatial; bit br of wt:
+ * branch br's weight is given transposed (the layout trick for channels_last input, see Python) */
 void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw, const float* whc, const float* ws,
-             const float* const* bn, double eps, int tcw, int thc, int ts, float* out, int nthreads) {
+             const float* const* bn, double eps, int tcw, int thc, int ts, int wt, float* out, int nthreads) {
     const int spatial = ws != NULL;
     const int nb = spatial ? 3 : 2;
     const i64 p = k / 2;
@@ -449,7 +444,7 @@ void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw
     i64 mapsize = 0, gatesize = 0;
     for (int br = 0; br < nb; br++) {
         dims(C, H, W, br, tf[br], &A[br], &N[br], &tr[br], &R[br], &Q[br]);
-        local_weight(wsrc[br], k, tf[br], wl[br]);
+        local_weight(wsrc[br], k, tf[br] ^ ((wt >> br) & 1), wl[br]);
         const float* const* q = bn + 4 * br;
         scale[br] = (float)(q[0][0] / sqrt((double)q[3][0] + eps));
         shift[br] = q[1][0] - q[2][0] * scale[br];
@@ -720,7 +715,7 @@ _native = NativeLibrary("triplet_attention", _C_SOURCE, {
     "ta_pool": [_P, _I, _I, _I, _I, _I, _P, _F, _P, _F, _P, _F, _F],
     "ta_conv": [_P, _I, _I, _I, _I, _P, _F, _P, _F],
     "ta_combine": [_P, _I, _I, _I, _I, _P, _F, _P, _F, _P, _F, _P, _F],
-    "ta_eval": [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _D, _F, _F, _F, _P, _F],
+    "ta_eval": [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _D, _F, _F, _F, _F, _P, _F],
     "ta_backward_reduce": [_P, _P, _I, _I, _I, _I, _I, _P, _F, _P, _F, _P, _F, _P, _P, _P, _P, _P, _P, _F],
     "ta_conv_backward": [_P, _P, _I, _I, _I, _I, _P, _F, _P, _P, _F],
     "ta_backward_dx": [_P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _F, _F, _F, _P, _P, _P, _P, _P, _P,
@@ -753,7 +748,6 @@ def _broadcast_gates(gates, flags):
     return views
 
 
-_INFERENCE_CACHE = PointerCache()
 _SLACK = 32  # zero floats after the maps: the C vector tiles read past a row's end
 
 
@@ -766,6 +760,18 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+# The C kernels read a contiguous (B, C, H, W) tensor. A channels_last x is a contiguous (B, H, W, C)
+# tensor y = x.permute(0, 2, 3, 1), and Triplet Attention of y is Triplet Attention of x with its
+# branches rotated: y's channel-width plane (pooled over y's height, x's W) is x's height-channel
+# plane (H, C); y's height-channel plane (pooled over x's C) is x's spatial plane transposed, (W, H);
+# y's spatial plane (pooled over x's H) is x's channel-width plane transposed, (W, C). So the same
+# kernels run on NHWC memory without a copy, given the branches in that order and the transposed
+# branches' weights read transposed. A lane: (branch name of x, its weight is read transposed).
+_NCHW_LANES = (("channel_width", False), ("height_channel", False), ("spatial", False))
+_NHWC_LANES = (("height_channel", False), ("spatial", True), ("channel_width", True))
+_INFERENCE_CACHES = {_NCHW_LANES: PointerCache(), _NHWC_LANES: PointerCache()}
+
+
 class _TripletFunction(torch.autograd.Function):
     """Training (or any autograd) forward of :class:`TripletAttention` with the C kernels.
 
@@ -775,10 +781,11 @@ class _TripletFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, module, *params):
+    def forward(ctx, x, module, lanes, *params):
         lib = _native.get()
         batch, channels, height, width = x.shape
-        branches = module._branches()
+        branches = [module._modules[name] for name, _ in lanes]
+        wts = [int(transposed) for _, transposed in lanes]
         k = module.kernel_size
         pad, threads = k // 2, torch.get_num_threads()
         flags = _stored_transposed(channels, height, width)
@@ -787,10 +794,10 @@ class _TripletFunction(torch.autograd.Function):
         lib.ta_pool(x.data_ptr(), batch, channels, height, width, pad, maps[0].data_ptr(), flags[0],
                     maps[1].data_ptr(), flags[1], _ptr(maps[2]) if len(maps) == 3 else None, flags[2], threads)
         logits = []
-        for branch, m, (r, q), t in zip(branches, maps, shapes, flags):
+        for branch, m, (r, q), t, wt in zip(branches, maps, shapes, flags, wts):
             z = x.new_empty(batch, r, q)
             weight = branch.conv.weight.detach().contiguous()  # held: C reads it
-            lib.ta_conv(m.data_ptr(), batch, r, q, k, weight.data_ptr(), t, z.data_ptr(), threads)
+            lib.ta_conv(m.data_ptr(), batch, r, q, k, weight.data_ptr(), t ^ wt, z.data_ptr(), threads)
             logits.append(z.requires_grad_())
         with torch.enable_grad():
             gates = [branch.sigmoid(branch.bn(z.unsqueeze(1))).squeeze(1) for branch, z in zip(branches, logits)]
@@ -799,10 +806,14 @@ class _TripletFunction(torch.autograd.Function):
         lib.ta_combine(x.data_ptr(), batch, channels, height, width, g[0].data_ptr(), flags[0], g[1].data_ptr(),
                        flags[1], _ptr(g[2]), flags[2], out.data_ptr(), threads)
         if module.record:
-            module.recorded = {name: v.detach() for name, v in zip(BRANCHES, _broadcast_gates(gates, flags))}
+            views = _broadcast_gates(gates, flags)
+            if lanes == _NHWC_LANES:  # views broadcast against (B, H, W, C): back to (B, C, H, W)
+                views = [v.permute(0, 3, 1, 2) for v in views]
+            recorded = {name: v.detach() for (name, _), v in zip(lanes, views)}
+            module.recorded = {name: recorded[name] for name in BRANCHES if name in recorded}
         ctx.save_for_backward(x, *maps)
         ctx.inner = (logits, gates)
-        ctx.module, ctx.flags, ctx.shapes, ctx.lib = module, flags, shapes, lib
+        ctx.module, ctx.lanes, ctx.flags, ctx.shapes, ctx.lib = module, lanes, flags, shapes, lib
         return out
 
     @staticmethod
@@ -812,8 +823,8 @@ class _TripletFunction(torch.autograd.Function):
         x, *maps = ctx.saved_tensors
         logits, gates = ctx.inner
         del ctx.inner
-        module, flags, shapes = ctx.module, ctx.flags, ctx.shapes
-        branches = module._branches()
+        module, lanes, flags, shapes = ctx.module, ctx.lanes, ctx.flags, ctx.shapes
+        branches = [module._modules[name] for name, _ in lanes]
         batch, channels, height, width = x.shape
         k = module.kernel_size
         pad, threads = k // 2, torch.get_num_threads()
@@ -833,14 +844,14 @@ class _TripletFunction(torch.autograd.Function):
         grads = torch.autograd.grad(gates, [*logits, *wanted], d_gates, allow_unused=True)
         d_logits, d_wanted = grads[: len(logits)], dict(zip(map(id, wanted), grads[len(logits):]))
         grad_maps, grad_weights = [], []
-        for branch, mp, dz, (r, q), t in zip(branches, maps, d_logits, shapes, flags):
+        for branch, mp, dz, (r, q), t, (_, wt) in zip(branches, maps, d_logits, shapes, flags, lanes):
             # every tensor C reads or writes is held by a name for the duration of the call
             dz = dz.contiguous()
             weight = branch.conv.weight.detach().contiguous()
             gm = x.new_empty(batch, 2, r, q)
             gw = weight.new_empty(weight.shape)
-            lib.ta_conv_backward(mp.data_ptr(), dz.data_ptr(), batch, r, q, k, weight.data_ptr(), t, gm.data_ptr(),
-                                 gw.data_ptr(), threads)
+            lib.ta_conv_backward(mp.data_ptr(), dz.data_ptr(), batch, r, q, k, weight.data_ptr(), t ^ wt,
+                                 gm.data_ptr(), gw.data_ptr(), threads)
             grad_maps.append(gm)
             grad_weights.append(gw)
         grad_x = None
@@ -856,7 +867,7 @@ class _TripletFunction(torch.autograd.Function):
                                grad_x.data_ptr(), threads)
         conv_grads = {id(b.conv.weight): gw for b, gw in zip(branches, grad_weights)}
         param_grads = [conv_grads.get(id(p), d_wanted.get(id(p))) for p in _function_params(module)]
-        return (grad_x, None, *param_grads)
+        return (grad_x, None, None, *param_grads)
 
 
 def _function_params(module) -> list[torch.Tensor]:
@@ -917,16 +928,23 @@ class TripletAttention(nn.Module):
     def _apply(self, *args, **kwargs):
         _bump_generation()  # tensors may be replaced without registration (buffers in .to(), ...)
         try:
-            return super()._apply(*args, **kwargs)
+            result = super()._apply(*args, **kwargs)
+            # model.to(memory_format=torch.channels_last) converts the (1, 2, k, k) conv weights too;
+            # the C kernels read them contiguous (and gain nothing from NHWC weights): keep them so
+            for gate in self._branches():
+                weight = gate.conv.weight
+                if weight.dim() == 4 and not weight.is_contiguous():
+                    weight.data = weight.data.contiguous()
+            return result
         finally:
             _bump_generation()
 
     @staticmethod
-    def _build_inference_arguments(module):
-        """(tensors read, (weight pointers, BN parameter pointers, eps) or None where the parameters
-        do not suit the fused inference kernel, the attributes that value depends on)."""
-        tensors, eps, attributes = [], set(), []
-        for name in BRANCHES:
+    def _build_inference_arguments(module, lanes):
+        """(tensors read, (weight pointers, BN parameter pointers, eps, weight-transposed mask) or None
+        where the parameters do not suit the fused inference kernel, the attributes that value depends on)."""
+        tensors, eps, attributes, mask = [], set(), [], 0
+        for i, (name, transposed) in enumerate(lanes):
             gate = module._modules.get(name)  # no_spatial: `spatial` is None, not a submodule
             if gate is None:
                 continue
@@ -936,45 +954,58 @@ class TripletAttention(nn.Module):
             tensors += (gate._modules["conv"]._parameters["weight"], params.get("weight"), params.get("bias"),
                         buffers.get("running_mean"), buffers.get("running_var"))
             eps.add(bn.eps)
+            mask |= int(transposed) << i
         arguments = None
         if len(eps) == 1 and all(t is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
                                  for t in tensors):
             weights = [t.data_ptr() for t in tensors[0::5]]
             bn_pointers = [t.data_ptr() for i, t in enumerate(tensors) if i % 5]
             arguments = (weights + [None] * (3 - len(weights)),
-                         (ctypes.c_void_p * 12)(*bn_pointers, *[None] * (12 - len(bn_pointers))), eps.pop())
+                         (ctypes.c_void_p * 12)(*bn_pointers, *[None] * (12 - len(bn_pointers))), eps.pop(), mask)
         return tensors, arguments, attributes
 
-    def _inference_arguments(self):
+    def _inference_arguments(self, lanes):
         """Cached :meth:`_build_inference_arguments` (module lookups cost more than the kernel on
         small maps, the more so in a network run, where they meet cold caches)."""
-        return _INFERENCE_CACHE.get(self, self._build_inference_arguments)
+        cache = _INFERENCE_CACHES[lanes]
+        return cache.get(self, lambda module: self._build_inference_arguments(module, lanes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             check_feature_map(x, "TripletAttention")
         lib = _native.get() if x.is_cpu and x.dtype == torch.float32 and x.numel() else None
-        if lib is None or not x.is_contiguous():
-            if lib is not None and _is_channels_last(x):
-                # the C kernels read NCHW: convert there and back (two copies, far cheaper than the ops path)
-                return self(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        if lib is None:
             return self._forward_torch(x)
+        if x.is_contiguous():
+            return self._forward_native(x, lib, _NCHW_LANES)
+        if _is_channels_last(x):
+            if self.spatial is not None:  # NHWC memory read in place (see _NHWC_LANES)
+                return self._forward_native(x.permute(0, 2, 3, 1), lib, _NHWC_LANES).permute(0, 3, 1, 2)
+            # without the spatial branch the rotation has no slot for x's channel-width branch:
+            # convert to NCHW and back (two copies, still far cheaper than the ops path)
+            return self._forward_native(x.contiguous(), lib, _NCHW_LANES).contiguous(
+                memory_format=torch.channels_last)
+        return self._forward_torch(x)
+
+    def _forward_native(self, x: torch.Tensor, lib, lanes) -> torch.Tensor:
+        """The C kernels on a contiguous x whose branches are ``lanes``."""
         if not (self.training or self.record or torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters()))):
-            arguments = self._inference_arguments()
+            arguments = self._inference_arguments(lanes)
             if arguments is not None:  # inference: one fused kernel
-                weights, pointers, eps = arguments
+                weights, pointers, eps, mask = arguments
                 batch, channels, height, width = x.shape
                 out = torch.empty_like(x)
                 lib.ta_eval(x.data_ptr(), batch, channels, height, width, self.kernel_size, *weights, pointers,
-                            eps, channels > width, height > channels, height > width,  # _stored_transposed
-                            out.data_ptr(),
+                            eps, *_stored_transposed(channels, height, width), mask, out.data_ptr(),
                             torch.get_num_threads())
                 return out
         params = _function_params(self)
         if all(p.dtype == torch.float32 and p.is_cpu for p in params):
-            return _TripletFunction.apply(x, self, *params)
-        return self._forward_torch(x)
+            # without the spatial branch its lane is left out (NHWC lanes always have all three)
+            return _TripletFunction.apply(x, self, lanes if self.spatial is not None else lanes[:2], *params)
+        return self._forward_torch(x) if lanes is _NCHW_LANES else self._forward_torch(
+            x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class TripletAttentionReference(TripletAttention):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .activations import NativeLibrary, PointerCache, _bump_generation
+from .activations import C_VEXPF, NativeLibrary, PointerCache, _bump_generation
 from .attention import _is_channels_last, check_feature_map
 
 CROSSNORM_MODES = ("2-instance", "1-instance")
@@ -55,23 +55,7 @@ _C_SOURCE = r"""
 typedef int64_t i64;
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE float vexpf(float x) {  /* Cephes expf, vectorizable, ~1 ulp */
-    x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.f;
-    const int32_t e = ((int32_t)n + 127) << 23;
-    float s;
-    memcpy(&s, &e, sizeof s);
-    return y * s;
-}
-
+""" + C_VEXPF + r"""
 /* mean and std = sqrt(var + eps) of a plane; var unbiased, 0 for a single value */
 INLINE void plane_stats(const float* restrict p, i64 n, float eps, float* mean, float* std) {
     float s = 0.f;

@@ -11,6 +11,7 @@ from torchvision.models._utils import _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ..layers.attention import check_feature_map
+from .mobilenetv2 import init_mobilenet_weights
 
 # (output channels, stride) of the 13 depthwise-separable layers
 DEPTHWISE_SEPARABLE_SETTING = [
@@ -52,15 +53,7 @@ class MobileNetV1(nn.Module):
         self.features = nn.Sequential(*features)
         self.last_channel = channels
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(channels, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_mobilenet_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, "MobileNetV1")

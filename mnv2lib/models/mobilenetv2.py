@@ -58,6 +58,21 @@ INVERTED_RESIDUAL_SETTING = [
 SHORTCUTS = ("bottleneck", "expansion", "none")
 
 
+
+def init_mobilenet_weights(model: nn.Module) -> None:
+    """torchvision's MobileNet initialization (kaiming-normal convs, unit norms, small linear)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
 class InvertedResidual(nn.Module):
     """Expansion 1x1 -> depthwise 3x3 -> linear projection 1x1, shortcut when shapes allow.
 
@@ -272,17 +287,7 @@ class MobileNetV2(nn.Module):
         self.features = Features(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
 
-        for m in self.modules():  # torchvision's initialization
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_mobilenet_weights(self)
 
     @property
     def blocks(self) -> list[InvertedResidual]:

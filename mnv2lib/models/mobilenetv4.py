@@ -63,6 +63,7 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 from ..layers.attention import check_feature_map
 from .config import STEMS
 from .factory import _activation_factory, _reject, register_arch
+from .mobilenetv2 import init_mobilenet_weights
 
 ModuleFactory = Callable[..., nn.Module]
 KINDS = ("conv_bn", "fused_ib", "uib", "mqa")
@@ -488,17 +489,7 @@ def _make_block(b: Block, inp: int, oup: int, activation_layer: ModuleFactory, n
 def _init_weights(model: nn.Module) -> None:
     """torchvision's MobileNet initialization; xavier-uniform attention projections (timm's choice
     for stability of the hybrids); layer scales keep their init value."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
+    init_mobilenet_weights(model)
     for m in model.modules():
         if isinstance(m, MobileMQA):
             for conv in (m.query, m.key, m.value, m.out):

@@ -1,0 +1,23 @@
+"""The speed benchmark's report: every ratio it promises, computed from its own timings (not timed here)."""
+import json
+import math
+
+from mnv2lib import bench
+
+
+def test_bench_reports_ratios_of_its_medians(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--threads", "1", "--repeats", "1", "--variants", "baseline", "triplet", "torchvision",
+                       "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    medians = result["median_seconds"]
+    for key, numerator, denominator, mode in bench.RATIOS:
+        if numerator in medians[mode] and denominator in medians[mode]:
+            assert math.isclose(result[key], medians[mode][numerator] / medians[mode][denominator]), key
+    for key in ("triplet_train_ratio", "triplet_eval_ratio", "baseline_vs_torchvision_train_ratio",
+                "data_per_train_step_ratio"):
+        assert result[key] > 0, key
+    assert "mish_train_ratio" not in result  # not measured, so not reported
+    assert result["machine"]["threads"] == 1 and result["kernels"]["triplet_attention"] in ("C", "PyTorch ops")
+    markdown = out.with_suffix(".md").read_text()
+    assert "| data_per_train_step_ratio |" in markdown and bench.DATA in markdown
