@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from . import paths
-from .data import DatasetNotFoundError, balanced_order, torch_threads
+from .data import DatasetNotFoundError, balanced_order, save_atomic, torch_threads
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -675,14 +675,7 @@ def load_corrupted_test_set(dataset, corruption: str, severity: int, size: int |
         except Exception as error:  # a partial or foreign file: make it again
             warnings.warn(f"corruption cache {path} unreadable ({error}); generating it again")
     corrupted = corrupt(images, corruption, severity, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(corrupted, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_atomic(corrupted, path)
     return corrupted, labels
 
 

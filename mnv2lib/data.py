@@ -516,11 +516,12 @@ def _load_split_cached(split_dir: Path, progress: bool) -> dict:
             warnings.warn(f"image cache {cache} unreadable ({error}); decoding again")
     record = _decode_split(split_dir, classes, files, progress)
     record["hist"] = _histograms(record["images"])
-    _save_atomic(record, cache)
+    save_atomic(record, cache)
     return record
 
 
-def _save_atomic(obj, path: Path) -> None:
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through a temporary file and a rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

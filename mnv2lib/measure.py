@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .summary import summary, training_mode
+
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -26,7 +28,6 @@ def _eval_copy_input(model: nn.Module, input_size) -> torch.Tensor:
 def multiply_adds(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
     """Multiply-adds of one forward pass in eval mode (torchinfo: convolutions and linear layers)."""
     from .layers.activations import pytorch_ops_only
-    from .summary import summary
 
     with pytorch_ops_only():  # the C kernels bypass the conv modules whose hooks torchinfo counts
         return int(summary(model, input_size, verbose=0).total_mult_adds)
@@ -36,14 +37,9 @@ def flops(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
     """FLOPs of one forward pass in eval mode, from ``torch.utils.flop_counter`` (2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(_eval_copy_input(model, input_size))
-        return int(counter.get_total_flops())
-    finally:
-        model.train(was_training)
+    with training_mode(model, False), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(_eval_copy_input(model, input_size))
+    return int(counter.get_total_flops())
 
 
 def saved_activation_bytes(model: nn.Module, input_size, loss_fn: Callable | None = None) -> int:
@@ -59,15 +55,9 @@ def saved_activation_bytes(model: nn.Module, input_size, loss_fn: Callable | Non
         seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
         return t
 
-    was_training = model.training
-    model.train()
     x = _eval_copy_input(model, input_size)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(x)
-        del out
-    finally:
-        model.train(was_training)
+    with training_mode(model, True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)  # the output is dropped at once; the hooks saw what backward would keep
     # parameters are saved by reference by every layer; they are not activation memory
     params = {(p.untyped_storage().data_ptr(), p.dtype) for p in model.parameters()}
     return sum(v for k, v in seen.items() if k not in params and k[0] != x.untyped_storage().data_ptr())

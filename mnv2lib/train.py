@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .data import save_atomic
 from .progress import progress
 
 SCHEDULES = ("onecycle", "cosine")
@@ -164,13 +164,6 @@ def _set_rng_state(model, state: dict) -> None:
         schedule.generator.set_state(state["crossnorm"])
 
 
-def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), seed: int = 0,
                 checkpoint_path: str | Path | None = None, show_progress: bool = True,
                 on_epoch: Callable[[dict], None] | None = None, stop_after_epoch: int | None = None) -> TrainResult:
@@ -244,7 +237,7 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
         if on_epoch:
             on_epoch(record)
         if checkpoint_path:
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                           "rng": _rng_state(model), "config": config.to_dict(), "history": history, "epoch": epoch + 1,
                           "seconds": elapsed_before + time.perf_counter() - t_start}, checkpoint_path)

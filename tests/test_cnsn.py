@@ -266,10 +266,14 @@ def test_native_kernels_available_on_cpu():
 @pytest.mark.parametrize("two_gates", [False, True])
 @pytest.mark.parametrize("shape", [(4, 16, 5, 5), (3, 8, 1, 1), (1, 6, 4, 4), (2, 12, 32, 32), (5, 3, 1, 7),
                                    (6, 160, 4, 4)])
-def test_selfnorm_kernels_match_pytorch(two_gates, shape, eager):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_selfnorm_kernels_match_pytorch(two_gates, shape, channels_last, eager):
     """The kernels against the PyTorch formulation run in float64 (BatchNorm1d over a few samples
-    amplifies float32 rounding, of the PyTorch float32 path as much as of the kernels)."""
+    amplifies float32 rounding, of the PyTorch float32 path as much as of the kernels); the fast
+    module also on channels_last input (the NHWC kernels)."""
     import copy
+
+    layout = torch.channels_last if channels_last else torch.contiguous_format
 
     fast = _randomized(SelfNorm(shape[1], two_gates=two_gates))
     ref = copy.deepcopy(fast).double()
@@ -277,8 +281,9 @@ def test_selfnorm_kernels_match_pytorch(two_gates, shape, eager):
     for training in (True, False):
         fast.train(training)
         ref.train(training)
-        x1, x2 = x.clone().requires_grad_(), x.double().requires_grad_()
+        x1, x2 = x.clone(memory_format=layout).requires_grad_(), x.double().requires_grad_()
         y1 = fast(x1)
+        assert y1.is_contiguous(memory_format=layout)
         with eager:
             y2 = ref(x2)
         torch.testing.assert_close(y1, y2.float(), atol=1e-5, rtol=1e-5)
@@ -295,14 +300,17 @@ def test_selfnorm_kernels_match_pytorch(two_gates, shape, eager):
     with torch.inference_mode():  # the one-kernel inference path
         fast.eval()
         ref.eval()
-        y1 = fast(x)
+        y1 = fast(x.contiguous(memory_format=layout))
+        assert y1.is_contiguous(memory_format=layout)
         with eager:
             y2 = ref(x.double())
         torch.testing.assert_close(y1, y2.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_channel_stats_gradient_matches_float64():
-    x = (torch.randn(3, 5, 6, 7) * 2 + 1).requires_grad_()
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_stats_gradient_matches_float64(channels_last):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(3, 5, 6, 7) * 2 + 1).contiguous(memory_format=layout).requires_grad_()
     mean, std = channel_stats(x, 1e-5)
     d_mean, d_std = torch.randn_like(mean), torch.randn_like(std)
     (gx,) = torch.autograd.grad((mean * d_mean).sum() + (std * d_std).sum(), x)
@@ -331,13 +339,15 @@ def test_selfnorm_layouts_and_recording(eager):
     assert gates["gate_g"].shape == (4, 8) and gates["gate_f"].shape == (4, 8)
 
 
-def test_crossnorm_with_kernels_matches_pytorch(eager):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crossnorm_with_kernels_matches_pytorch(channels_last, eager):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     for mode in ("2-instance", "1-instance"):
         for crop in ("neither", "style", "content", "both"):
             a = CrossNorm(mode, crop, generator=torch.Generator().manual_seed(3))
             b = CrossNorm(mode, crop, generator=torch.Generator().manual_seed(3))
-            x1 = torch.randn(6, 5, 9, 9, requires_grad=True)
-            x2 = x1.detach().clone().requires_grad_()
+            x1 = torch.randn(6, 5, 9, 9).contiguous(memory_format=layout).requires_grad_()
+            x2 = x1.detach().contiguous().requires_grad_()
             y1 = active(a)(x1)
             with eager:
                 y2 = active(b)(x2)

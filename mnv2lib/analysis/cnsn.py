@@ -26,6 +26,7 @@ from torch import nn
 
 from ..layers.cnsn import CNSN, CrossNorm, record_cnsn
 from ..progress import progress
+from ..summary import training_mode
 
 # CrossNorm variants applied to training feature maps: label -> (mode, crop); "off" = no exchange.
 CROSSNORM_VARIANTS: dict[str, tuple[str, str] | None] = {
@@ -81,15 +82,12 @@ def _record_forward(model: nn.Module, x: torch.Tensor, capture: bool):
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: captured.__setitem__(name, args[0].clone()))
                for name, m in modules.items()] if capture else []
     names = {id(m): name for name, m in modules.items()}
-    was_training = model.training
-    model.eval()
     try:
-        with record_cnsn(model) as recorded:
+        with training_mode(model, False), record_cnsn(model) as recorded:
             model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     by_module = dict(model.named_modules())
     return captured, {names[id(by_module[full])]: _response(r) for full, r in recorded.items()}
 
@@ -104,13 +102,8 @@ def cnsn_response(module: CNSN, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run one CNSN module in eval mode (CrossNorm is then the identity) on ``x`` and return, each (B, C):
     ``mean``/``std`` of ``x``, the SelfNorm ``gate`` (NaN without SelfNorm) and ``selfnorm_mean``/``selfnorm_std``
     of the module's output."""
-    was_training = module.training
-    module.eval()
-    try:
-        with record_cnsn(module) as recorded:
-            module(x)
-    finally:
-        module.train(was_training)
+    with training_mode(module, False), record_cnsn(module) as recorded:
+        module(x)
     return _response(recorded[""])
 
 

@@ -47,8 +47,14 @@ def make_memory_figure(memory: pd.DataFrame, context: FigureContext | None = Non
     x = np.arange(len(table.index))
     for i, name in enumerate(table.columns):
         ax.bar(x + i * width - 0.4 + width / 2, table[name], width, label=name, color=_family_colour(name))
-    ax.set_xticks(x, [f"{r}x{r}" for r in table.index])
     ax.set_yscale("log")
+    ax.set_xlim(-0.5, len(x) - 0.5)  # bars of missing values do not widen the limits by themselves
+    bottom = ax.get_ylim()[0]
+    for i, name in enumerate(table.columns):  # a model with no tensor at that resolution: say so
+        for j in np.flatnonzero(table[name].isna().to_numpy()):
+            ax.text(x[j] + i * width - 0.4 + width / 2, bottom * 1.15, "none", rotation=90, ha="center",
+                    va="bottom", fontsize=7, color=_family_colour(name))
+    ax.set_xticks(x, [f"{r}x{r}" for r in table.index])
     ax.set_xlabel("spatial resolution of the tensor")
     ax.set_ylabel("largest materialized tensor (KB, fp16)")
     ax.legend(fontsize=8)

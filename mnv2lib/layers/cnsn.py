@@ -45,8 +45,10 @@ CROSSNORM_CROPS = ("neither", "style", "content", "both")
 # ---------------------------------------------------------------------------------------------
 
 _C_SOURCE = r"""
-/* CNSN kernels, float32, contiguous (B, C, H, W): per-(sample, channel) plane statistics and
- * the SelfNorm gating. A plane (n = H * W values) is read twice while it is in cache. */
+/* CNSN kernels, float32: per-(sample, channel) plane statistics and the SelfNorm gating, for
+ * contiguous (B, C, H, W) tensors (nhwc = 0: a plane of n = H * W values is read twice while it
+ * is in cache) and channels_last ones (nhwc = 1: memory (B, H, W, C); a sample's n rows of C
+ * values are read twice, vectorized over the channels). Per-plane arrays are (B, C) in both. */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -69,13 +71,56 @@ INLINE void plane_stats(const float* restrict p, i64 n, float eps, float* mean, 
     *std = sqrtf((n > 1 ? q / (float)(n - 1) : 0.f) + eps);
 }
 
-void cn_stats(const float* x, i64 planes, i64 n, double eps, float* mean, float* std, int nthreads) {
+/* NHWC: mean and std of the C channels of one sample (n rows of C) */
+static void sample_stats_nhwc(const float* restrict xb, i64 C, i64 n, float eps, float* restrict mean,
+                              float* restrict std) {
+    for (i64 c = 0; c < C; c++) { mean[c] = 0.f; std[c] = 0.f; }
+    for (i64 i = 0; i < n; i++) {
+        const float* row = xb + i * C;
+#pragma omp simd
+        for (i64 c = 0; c < C; c++) mean[c] += row[c];
+    }
+    for (i64 c = 0; c < C; c++) mean[c] /= (float)n;
+    for (i64 i = 0; i < n; i++) {
+        const float* row = xb + i * C;
+#pragma omp simd
+        for (i64 c = 0; c < C; c++) { const float d = row[c] - mean[c]; std[c] += d * d; }
+    }
+    for (i64 c = 0; c < C; c++) std[c] = sqrtf((n > 1 ? std[c] / (float)(n - 1) : 0.f) + eps);
+}
+
+void cn_stats(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps, float* mean, float* std, int nthreads) {
+    if (nhwc) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (i64 k = 0; k < planes; k++) plane_stats(x + k * n, n, (float)eps, mean + k, std + k);
+        for (i64 b = 0; b < B; b++) sample_stats_nhwc(x + b * n * C, C, n, (float)eps, mean + b * C, std + b * C);
+        return;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (i64 k = 0; k < B * C; k++) plane_stats(x + k * n, n, (float)eps, mean + k, std + k);
 }
 
 /* out = x * g + h, per plane (h may be NULL) */
-void sn_apply(const float* x, i64 planes, i64 n, const float* g, const float* h, float* out, int nthreads) {
+void sn_apply(const float* x, i64 B, i64 C, i64 n, int nhwc, const float* g, const float* h, float* out,
+              int nthreads) {
+    if (nhwc) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            const float *gb = g + b * C, *hb = h ? h + b * C : NULL;
+            for (i64 i = 0; i < n; i++) {
+                const float* xr = x + (b * n + i) * C;
+                float* orow = out + (b * n + i) * C;
+                if (hb) {
+#pragma omp simd
+                    for (i64 c = 0; c < C; c++) orow[c] = xr[c] * gb[c] + hb[c];
+                } else {
+#pragma omp simd
+                    for (i64 c = 0; c < C; c++) orow[c] = xr[c] * gb[c];
+                }
+            }
+        }
+        return;
+    }
+    const i64 planes = B * C;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (i64 k = 0; k < planes; k++) {
         const float gk = g[k], hk = h ? h[k] : 0.f;
@@ -87,7 +132,28 @@ void sn_apply(const float* x, i64 planes, i64 n, const float* g, const float* h,
 }
 
 /* per plane: sgx = sum(grad * x), sg = sum(grad) (sg may be NULL) */
-void sn_backward_reduce(const float* x, const float* go, i64 planes, i64 n, float* sgx, float* sg, int nthreads) {
+void sn_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 n, int nhwc, float* sgx, float* sg,
+                        int nthreads) {
+    if (nhwc) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            float *a = sgx + b * C, *s = sg ? sg + b * C : NULL;
+            for (i64 c = 0; c < C; c++) a[c] = 0.f;
+            if (s) for (i64 c = 0; c < C; c++) s[c] = 0.f;
+            for (i64 i = 0; i < n; i++) {
+                const float* xr = x + (b * n + i) * C;
+                const float* gr = go + (b * n + i) * C;
+#pragma omp simd
+                for (i64 c = 0; c < C; c++) a[c] += gr[c] * xr[c];
+                if (s) {
+#pragma omp simd
+                    for (i64 c = 0; c < C; c++) s[c] += gr[c];
+                }
+            }
+        }
+        return;
+    }
+    const i64 planes = B * C;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (i64 k = 0; k < planes; k++) {
         const float* xp = x + k * n;
@@ -102,8 +168,28 @@ void sn_backward_reduce(const float* x, const float* go, i64 planes, i64 n, floa
 
 /* dx = grad * g + alpha + beta * (x - mean), per plane (grad and g may be NULL). The deviation is
  * taken first: alpha + beta * x - beta * mean would cancel catastrophically when |mean| >> std. */
-void sn_backward_dx(const float* x, const float* go, i64 planes, i64 n, const float* g, const float* alpha,
-                    const float* beta, const float* mean, float* dx, int nthreads) {
+void sn_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 n, int nhwc, const float* g,
+                    const float* alpha, const float* beta, const float* mean, float* dx, int nthreads) {
+    if (nhwc) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            const float *ab = alpha + b * C, *bb = beta + b * C, *mb = mean + b * C, *gk = go ? g + b * C : NULL;
+            for (i64 i = 0; i < n; i++) {
+                const float* xr = x + (b * n + i) * C;
+                float* dr = dx + (b * n + i) * C;
+                if (go) {
+                    const float* gr = go + (b * n + i) * C;
+#pragma omp simd
+                    for (i64 c = 0; c < C; c++) dr[c] = gr[c] * gk[c] + ab[c] + bb[c] * (xr[c] - mb[c]);
+                } else {
+#pragma omp simd
+                    for (i64 c = 0; c < C; c++) dr[c] = ab[c] + bb[c] * (xr[c] - mb[c]);
+                }
+            }
+        }
+        return;
+    }
+    const i64 planes = B * C;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (i64 k = 0; k < planes; k++) {
         const float* xp = x + k * n;
@@ -121,6 +207,24 @@ void sn_backward_dx(const float* x, const float* go, i64 planes, i64 n, const fl
     }
 }
 
+/* gates of channels c0 .. c0+m-1 from their statistics (mean, std indexed from 0): out = x * g + shift */
+INLINE void gate_values(const float* restrict q, i64 C, i64 c0, i64 m, int two, const float* restrict mean,
+                        const float* restrict std, float* restrict g, float* restrict shift) {
+    const float *q0 = q + c0, *q1 = q + C + c0, *q2 = q + 2 * C + c0;
+    const float *q3 = q + 3 * C + c0, *q4 = q + 4 * C + c0, *q5 = q + 5 * C + c0;
+#pragma omp simd
+    for (i64 c = 0; c < m; c++) {
+        const float gv = 1.f / (1.f + vexpf(-(q0[c] * mean[c] + q1[c] * std[c] + q2[c])));
+        float sh = 0.f;
+        if (two) {
+            const float fv = 1.f / (1.f + vexpf(-(q3[c] * mean[c] + q4[c] * std[c] + q5[c])));
+            sh = (fv - gv) * mean[c];
+        }
+        g[c] = gv;
+        shift[c] = sh;
+    }
+}
+
 INLINE void sn_sample(const float* restrict xb, i64 C, const i64 n, float eps, const float* restrict q, int two,
                       float* restrict st, float* restrict ob) {
     const i64 chunk = n >= 4096 ? 1 : 4096 / n;
@@ -131,19 +235,7 @@ INLINE void sn_sample(const float* restrict xb, i64 C, const i64 n, float eps, c
         float* g = st + 2 * chunk;
         float* shift = st + 3 * chunk;
         for (i64 c = 0; c < m; c++) plane_stats(xb + (c0 + c) * n, n, eps, mean + c, std + c);
-        const float *q0 = q + c0, *q1 = q + C + c0, *q2 = q + 2 * C + c0;
-        const float *q3 = q + 3 * C + c0, *q4 = q + 4 * C + c0, *q5 = q + 5 * C + c0;
-#pragma omp simd
-        for (i64 c = 0; c < m; c++) {
-            const float gv = 1.f / (1.f + vexpf(-(q0[c] * mean[c] + q1[c] * std[c] + q2[c])));
-            float sh = 0.f;
-            if (two) {
-                const float fv = 1.f / (1.f + vexpf(-(q3[c] * mean[c] + q4[c] * std[c] + q5[c])));
-                sh = (fv - gv) * mean[c];
-            }
-            g[c] = gv;
-            shift[c] = sh;
-        }
+        gate_values(q, C, c0, m, two, mean, std, g, shift);
         for (i64 c = 0; c < m; c++) {
             const float* xp = xb + (c0 + c) * n;
             float* op = ob + (c0 + c) * n;
@@ -157,7 +249,7 @@ INLINE void sn_sample(const float* restrict xb, i64 C, const i64 n, float eps, c
 /* SelfNorm inference. Per channel c, gate(mean, std) = sigmoid(fc0 * mean + fc1 * std) through the BN
  * affine with running statistics; fc: (C, 2); bn: weight, bias, running mean, running var (C each).
  * One gate: out = x * g; two gates: out = g * (x - mean) + f * mean. f* may be NULL. */
-void sn_eval(const float* x, i64 B, i64 C, i64 n, double eps,
+void sn_eval(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps,
              const float* gfc, const float* gw, const float* gb, const float* grm, const float* grv, double geps,
              const float* ffc, const float* fw, const float* fb, const float* frm, const float* frv, double feps,
              float* out, int nthreads) {
@@ -175,6 +267,27 @@ void sn_eval(const float* x, i64 B, i64 C, i64 n, double eps,
             q[4 * C + c] = (float)(ffc[2 * c + 1] * fa);
             q[5 * C + c] = (float)(fb[c] - frm[c] * fa);
         }
+    }
+    if (nhwc) {
+#pragma omp parallel num_threads(nthreads)
+        {
+            float* st = malloc(sizeof(float) * 4 * C);
+            float *mean = st, *std = st + C, *g = st + 2 * C, *shift = st + 3 * C;
+#pragma omp for schedule(static)
+            for (i64 b = 0; b < B; b++) {
+                sample_stats_nhwc(x + b * n * C, C, n, (float)eps, mean, std);
+                gate_values(q, C, 0, C, two, mean, std, g, shift);
+                for (i64 i = 0; i < n; i++) {
+                    const float* xr = x + (b * n + i) * C;
+                    float* orow = out + (b * n + i) * C;
+#pragma omp simd
+                    for (i64 c = 0; c < C; c++) orow[c] = xr[c] * g[c] + shift[c];
+                }
+            }
+            free(st);
+        }
+        free(q);
+        return;
     }
 #pragma omp parallel num_threads(nthreads)
     {
@@ -199,11 +312,11 @@ void sn_eval(const float* x, i64 B, i64 C, i64 n, double eps,
 
 _P, _I, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _native = NativeLibrary("cnsn", _C_SOURCE, {
-    "cn_stats": [_P, _I, _I, _D, _P, _P, _F],
-    "sn_apply": [_P, _I, _I, _P, _P, _P, _F],
-    "sn_backward_reduce": [_P, _P, _I, _I, _P, _P, _F],
-    "sn_backward_dx": [_P, _P, _I, _I, _P, _P, _P, _P, _P, _F],
-    "sn_eval": [_P, _I, _I, _I, _D, _P, _P, _P, _P, _P, _D, _P, _P, _P, _P, _P, _D, _P, _F],
+    "cn_stats": [_P, _I, _I, _I, _F, _D, _P, _P, _F],
+    "sn_apply": [_P, _I, _I, _I, _F, _P, _P, _P, _F],
+    "sn_backward_reduce": [_P, _P, _I, _I, _I, _F, _P, _P, _F],
+    "sn_backward_dx": [_P, _P, _I, _I, _I, _F, _P, _P, _P, _P, _P, _F],
+    "sn_eval": [_P, _I, _I, _I, _F, _D, _P, _P, _P, _P, _P, _D, _P, _P, _P, _P, _P, _D, _P, _F],
 })
 
 
@@ -212,10 +325,16 @@ def _ptr(t: torch.Tensor | None):
 
 
 def _use_native(x: torch.Tensor):
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or not x.is_contiguous() \
-            or x.numel() == 0:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0 \
+            or not (x.is_contiguous() or _is_channels_last(x)):
         return None
     return _native.get()
+
+
+def _layout(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(B, C, n = H * W, nhwc) of a contiguous or channels_last tensor, as the C kernels take them."""
+    batch, channels, height, width = x.shape
+    return batch, channels, height * width, int(not x.is_contiguous())
 
 
 class _ChannelStats(torch.autograd.Function):
@@ -224,10 +343,9 @@ class _ChannelStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, eps):
         lib = _native.get()
-        batch, channels, height, width = x.shape
-        n = height * width
+        batch, channels, n, nhwc = _layout(x)
         mean, std = x.new_empty(batch, channels), x.new_empty(batch, channels)
-        lib.cn_stats(x.data_ptr(), batch * channels, n, eps, mean.data_ptr(), std.data_ptr(),
+        lib.cn_stats(x.data_ptr(), batch, channels, n, nhwc, eps, mean.data_ptr(), std.data_ptr(),
                      torch.get_num_threads())
         ctx.save_for_backward(x, mean, std)
         ctx.lib = lib
@@ -242,12 +360,12 @@ class _ChannelStats(torch.autograd.Function):
 
 def _stats_backward(lib, x, mean, std, d_mean, d_std, grad=None, gate=None):
     """dx = grad * gate + d_mean / n + d_std * (x - mean) / ((n - 1) std), one pass (C kernel)."""
-    n = x.shape[2] * x.shape[3]
+    batch, channels, n, nhwc = _layout(x)
     alpha = torch.zeros_like(mean) if d_mean is None else (d_mean / n).contiguous()
     beta = torch.zeros_like(std) if d_std is None or n == 1 else (d_std / ((n - 1) * std)).contiguous()
     dx = torch.empty_like(x)
-    lib.sn_backward_dx(x.data_ptr(), _ptr(grad), mean.numel(), n, _ptr(gate), alpha.data_ptr(), beta.data_ptr(),
-                       mean.data_ptr(), dx.data_ptr(), torch.get_num_threads())
+    lib.sn_backward_dx(x.data_ptr(), _ptr(grad), batch, channels, n, nhwc, _ptr(gate), alpha.data_ptr(),
+                       beta.data_ptr(), mean.data_ptr(), dx.data_ptr(), torch.get_num_threads())
     return dx
 
 
@@ -428,19 +546,16 @@ class SelfNorm(nn.Module):
             raise ValueError(f"SelfNorm input channels: got {x.shape[1]}; allowed: {self.channels}")
         # (few Python operations on the way to the kernel: see PointerCache)
         lib = _native.get() if x.is_cpu and x.dtype == torch.float32 and x.numel() else None
-        if lib is not None and not x.is_contiguous():
-            if _is_channels_last(x):
-                # the C kernels read NCHW: convert there and back (two copies, cheaper than the ops path)
-                return self(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        if lib is not None and not (x.is_contiguous() or _is_channels_last(x)):
             lib = None
         if lib is not None:
             if not (self.training or self.record or torch.is_grad_enabled() and (
                     x.requires_grad or any(p.requires_grad for p in self.parameters()))):
                 arguments = self._inference_arguments()
                 if arguments is not None:  # inference: one kernel
-                    batch, channels, height, width = x.shape
+                    batch, channels, n, nhwc = _layout(x)
                     out = torch.empty_like(x)
-                    lib.sn_eval(x.data_ptr(), batch, channels, height * width, self.eps, *arguments,
+                    lib.sn_eval(x.data_ptr(), batch, channels, n, nhwc, self.eps, *arguments,
                                 out.data_ptr(), torch.get_num_threads())
                     return out
             if all(p.dtype == torch.float32 for p in self.parameters()):
@@ -468,10 +583,10 @@ class _SelfNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, *params):
         lib = _native.get()
-        batch, channels, height, width = x.shape
-        n, planes, threads = height * width, batch * channels, torch.get_num_threads()
+        batch, channels, n, nhwc = _layout(x)
+        threads = torch.get_num_threads()
         mean, std = x.new_empty(batch, channels), x.new_empty(batch, channels)
-        lib.cn_stats(x.data_ptr(), planes, n, module.eps, mean.data_ptr(), std.data_ptr(), threads)
+        lib.cn_stats(x.data_ptr(), batch, channels, n, nhwc, module.eps, mean.data_ptr(), std.data_ptr(), threads)
         leaves = (mean.detach().requires_grad_(), std.detach().requires_grad_())
         with torch.enable_grad():
             stats = torch.stack(leaves, dim=-1)  # (B, C, 2)
@@ -479,7 +594,7 @@ class _SelfNormFunction(torch.autograd.Function):
         g = gates[0].detach()
         shift = (gates[1].detach() - g) * mean if module.two_gates else None
         out = torch.empty_like(x)
-        lib.sn_apply(x.data_ptr(), planes, n, g.data_ptr(), _ptr(shift), out.data_ptr(), threads)
+        lib.sn_apply(x.data_ptr(), batch, channels, n, nhwc, g.data_ptr(), _ptr(shift), out.data_ptr(), threads)
         if module.record:
             module.recorded = {name: t.detach().clone() for name, t in zip("gf", gates)}
         ctx.save_for_backward(x, mean, std)
@@ -495,12 +610,13 @@ class _SelfNormFunction(torch.autograd.Function):
         leaves, gates = ctx.inner
         del ctx.inner
         module = ctx.module
-        grad = grad.contiguous()
-        batch, channels, height, width = x.shape
-        n, planes, threads = height * width, batch * channels, torch.get_num_threads()
+        batch, channels, n, nhwc = _layout(x)
+        grad = grad.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        threads = torch.get_num_threads()
         sgx = x.new_empty(batch, channels)
         sg = x.new_empty(batch, channels) if module.two_gates else None
-        lib.sn_backward_reduce(x.data_ptr(), grad.data_ptr(), planes, n, sgx.data_ptr(), _ptr(sg), threads)
+        lib.sn_backward_reduce(x.data_ptr(), grad.data_ptr(), batch, channels, n, nhwc, sgx.data_ptr(), _ptr(sg),
+                               threads)
         g = gates[0].detach()
         if module.two_gates:  # out = g * x + (f - g) * mean
             d_gates, d_mean_direct = [sgx - mean * sg, mean * sg], (gates[1].detach() - g) * sg
