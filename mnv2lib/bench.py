@@ -228,6 +228,9 @@ def main(argv=None) -> int:
                         f"(inference: {EVAL_REPEATS_FACTOR}x as many)")
     parser.add_argument("--steady-allocator", action="store_true",
                         help="keep freed memory in the process (glibc mallopt): no page-fault noise in training steps")
+    parser.add_argument("--train-batch", type=int, default=128)
+    parser.add_argument("--eval-batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (kernels compile here)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--variants", nargs="*")
@@ -237,8 +240,8 @@ def main(argv=None) -> int:
     allocator = "system"
     if args.steady_allocator:
         allocator = "steady (mallopt: no mmap, no trim)" if steady_allocator() else "system (mallopt unavailable)"
-    result = run(repeats=args.repeats, device=args.device, variants=args.variants, channels_last=args.channels_last,
-                 allocator=allocator)
+    result = run(train_batch=args.train_batch, eval_batch=args.eval_batch, repeats=args.repeats, warmup=args.warmup,
+                 variants=args.variants, device=args.device, channels_last=args.channels_last, allocator=allocator)
     out = paths.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
