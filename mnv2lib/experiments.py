@@ -259,6 +259,13 @@ def load_trained_model(record: dict, store: ResultsStore | None = None, device: 
     return model.to(device).eval()
 
 
+def _wall_seconds(record: dict) -> float | None:
+    """Start to finish of a run as recorded (training, corruption evaluation, cost measurement)."""
+    if not (record.get("started") and record.get("finished")):
+        return None
+    return (_dt.datetime.fromisoformat(record["finished"]) - _dt.datetime.fromisoformat(record["started"])).total_seconds()
+
+
 def records_to_frame(records: Iterable[dict]):
     """A tidy DataFrame: one row per run, the headline numbers as columns."""
     import pandas as pd
@@ -278,6 +285,7 @@ def records_to_frame(records: Iterable[dict]):
             "train_memory_MiB": (costs.get("train_memory_bytes") or 0) / 2**20 or None,
             "train_images_per_s": costs.get("train_images_per_s"),
             "latency_ms_batch1": costs.get("latency_ms_batch1"), "latency_ms_batch64": costs.get("latency_ms_batch64"),
+            "wall_seconds": _wall_seconds(r),
         })
     return pd.DataFrame(rows)
 

@@ -26,7 +26,8 @@ def _runs(seeds=(0, 1, 2)):
                          "clean_accuracy": 0.6 + sum(effect[p] for p in parts) + seed_shift + rng.normal(0, 0.002),
                          "mean_corruption_accuracy": 0.4 + seed_shift + rng.normal(0, 0.002),
                          "parameters": 1000 + 10 * len(parts), "multiply_adds": 1e6, "train_seconds": 10.0,
-                         "train_images_per_s": 100.0 - len(parts), "latency_ms_batch1": 1.0 + len(parts)})
+                         "train_images_per_s": 100.0 - len(parts), "latency_ms_batch1": 1.0 + len(parts),
+                         "wall_seconds": 60.0 + len(parts)})
     return pd.DataFrame(rows)
 
 
@@ -82,6 +83,8 @@ def test_description_is_built_from_the_numbers():
     assert f"{100 * base['clean_accuracy_mean']:.1f}%" in text
     best = diffs["clean_accuracy"].set_index("label")["mean_difference"].idxmax()
     assert f"**{best}**" in text and "synthetic" in text
+    # 8 variants x 3 seeds; parts per variant 0, 1, 1, 1, 2, 2, 2, 3 -> 24 * 60 s + 3 * 12 s
+    assert f"The 24 runs took {(24 * 60 + 36) / 60:.1f} min of wall time" in text
     effects = A.main_effects(runs).merge(A.main_effects(runs, "mean_corruption_accuracy"), on="factor",
                                          suffixes=("_clean", "_corruption"))
     assert "**triplet**" in A.describe_main_effects(effects)

@@ -1,6 +1,7 @@
 """Training and the experiment store: determinism, exact resume, the NaN guard, no recomputation."""
 import dataclasses
 import json
+from datetime import datetime
 
 import pytest
 import torch
@@ -108,6 +109,8 @@ def test_run_experiment_records_once_and_reads_back(dataset, tmp_path, monkeypat
     assert again == json.loads(json.dumps(record, default=str))
     frame = E.load_results(store)
     assert list(frame["key"]) == [record["key"]] and frame["activation"].iloc[0] == "relu"
+    wall = (datetime.fromisoformat(record["finished"]) - datetime.fromisoformat(record["started"])).total_seconds()
+    assert frame["wall_seconds"].iloc[0] == wall >= 0
     model = E.load_trained_model(record, store)
     assert not model.training
 

@@ -46,6 +46,8 @@ def summarize(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
         for cost in COSTS:
             if cost in group:
                 row[cost] = float(group[cost].mean())
+        if "wall_seconds" in group:  # the whole variant, every seed: what the ablation cost to run
+            row["wall_seconds_total"] = float(group["wall_seconds"].sum(min_count=1))
         rows.append(row)
     out = pd.DataFrame(rows)
     order = variant_order(out["label"])
@@ -114,6 +116,10 @@ def describe(summary: pd.DataFrame, diffs: dict[str, pd.DataFrame], dataset: str
         lines.append(f"- Training throughput ranges from {costly['train_images_per_s'].min():.0f} img/s "
                      f"({slowest}) to {costly['train_images_per_s'].max():.0f} img/s "
                      f"({costly['train_images_per_s'].idxmax()}) on the measuring machine.")
+    if "wall_seconds_total" in costly and costly["wall_seconds_total"].notna().all():
+        lines.append(f"- The {int(costly['seeds'].sum())} runs took {costly['wall_seconds_total'].sum() / 60:.1f} min "
+                     "of wall time in all, each from start to finish as recorded when it ran (training, corruption "
+                     "evaluation, cost measurement).")
     if "parameters" in costly and costly["parameters"].notna().all():
         lines.append(f"- Parameters: baseline {costly.loc['baseline', 'parameters'] / 1e6:.3f}M; the largest "
                      f"variant ({costly['parameters'].idxmax()}) adds "

@@ -58,7 +58,6 @@ INVERTED_RESIDUAL_SETTING = [
 SHORTCUTS = ("bottleneck", "expansion", "none")
 
 
-
 def init_mobilenet_weights(model: nn.Module) -> None:
     """torchvision's MobileNet initialization (kaiming-normal convs, unit norms, small linear)."""
     for m in model.modules():
@@ -72,6 +71,7 @@ def init_mobilenet_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
+
 
 class InvertedResidual(nn.Module):
     """Expansion 1x1 -> depthwise 3x3 -> linear projection 1x1, shortcut when shapes allow.
