@@ -8,11 +8,11 @@ DATASET ?= auto
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .DEFAULT_GOAL := help
-.PHONY: help install test reports bench lab clean-reports
+.PHONY: help install test reports ladder bench lab clean-reports
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=smoke|quick|full (default quick), DATASET=auto|cifar10|cifar100|synthetic|<path>"
+	@echo "  variables: PROFILE=smoke|quick|gpu|full (default quick), DATASET=auto|cifar10|cifar100|synthetic|<path>"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(STAMP) ## run the test suite
 
 reports: $(STAMP) ## execute every notebook with papermill and regenerate reports/ (PROFILE, DATASET)
 	$(BIN)/python -m mnv2lib.reports --profile $(PROFILE) --dataset $(DATASET)
+
+ladder: $(STAMP) ## train the budget ladder (quick, 2x, 4x budgets; ~30 min on 2 cores); notebook 04 plots it
+	$(BIN)/python -m mnv2lib.experiments ladder --dataset $(DATASET)
 
 bench: $(STAMP) ## speed benchmark of Mish, Triplet Attention and CNSN -> reports/bench.json
 	$(BIN)/python -m mnv2lib.bench

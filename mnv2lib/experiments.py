@@ -45,6 +45,9 @@ class Profile:
     seeds: tuple = (0, 1)
     train: TrainConfig = field(default_factory=TrainConfig)
     cost_input_size: int = 32         # input side for latency and memory measurements
+    cost_train_batch: int | None = None  # batch of the CPU training-step cost measurement (None: the training batch)
+    cost_repeats: int = 3             # timed repeats per cost measurement (1: seconds, for tests)
+    dropout: float | None = None      # classifier dropout of every model (None: the model's default, 0.2)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -52,22 +55,55 @@ class Profile:
         return d
 
 
+QUICK_TRAIN_SIZE = 20000
+QUICK_TRAIN = dict(epochs=1, batch_size=64, lr=0.1, eval_batch_size=500, channels_last=True,
+                   zero_init_residual=True, augment=False)
+
 PROFILES: dict[str, Profile] = {
     # seconds: for tests and for checking that every notebook runs end to end
     "smoke": Profile("smoke", train_size=256, test_size=128, corruption_test_size=64, severities=(3,),
                      corruptions=("gaussian_noise", "defocus_blur", "contrast"), width_mult=0.25, stem="cifar_lite",
-                     seeds=(0, 1), train=TrainConfig(epochs=1, batch_size=64, lr=0.05, eval_batch_size=256)),
+                     seeds=(0, 1), cost_repeats=1,
+                     train=TrainConfig(epochs=1, batch_size=64, lr=0.05, eval_batch_size=256)),
     # the whole 2^3 ablation, 2 seeds, on a 2-core CPU in at most half an hour (README: "Profiles").
-    # Measured here: width 0.5 with stride 1 in the stem only trains at ~290 img/s in channels_last
-    # (~210 img/s contiguous), the full variant at ~165 img/s; so 5,000 images x 4 epochs per run.
-    "quick": Profile("quick", train_size=5000, test_size=2000, corruption_test_size=200, width_mult=0.5,
+    # The recipe was chosen by validation accuracy per CPU-second (python -m mnv2lib.recipes, README:
+    # "Choosing the quick recipe"): distinct images rather than repeated epochs, zero-initialized residual
+    # BN scales, no augmentation at a budget where no image is seen twice.
+    "quick": Profile("quick", train_size=QUICK_TRAIN_SIZE, test_size=2000, corruption_test_size=200, width_mult=0.5,
                      stem="cifar_lite", seeds=(0, 1),
-                     train=TrainConfig(epochs=4, batch_size=128, lr=0.1, eval_batch_size=500, channels_last=True)),
+                     train=TrainConfig(**QUICK_TRAIN)),
+    # the papers' regime on one H100/H200-class GPU: the 8 ablation variants x 1 seed in about twelve
+    # minutes (README: "GPU profile"). Data lives on the GPU as uint8 and is augmented there; bf16
+    # autocast, channels_last, batch 512 with a warm-up, no per-step host syncs.
+    "gpu": Profile("gpu", train_size=None, test_size=None, corruption_test_size=1000, width_mult=1.0,
+                   stem="cifar", seeds=(0,), cost_train_batch=64,
+                   train=TrainConfig(epochs=15, batch_size=512, lr=0.4, warmup_fraction=0.15, eval_batch_size=1000,
+                                     channels_last=True, zero_init_residual=True, amp_dtype="bfloat16")),
     # paper-like CIFAR-10 training, for a GPU
     "full": Profile("full", train_size=None, test_size=None, corruption_test_size=10000, width_mult=1.0,
                     stem="cifar", seeds=(0, 1, 2),
                     train=TrainConfig(epochs=200, batch_size=128, lr=0.1, eval_batch_size=1000, channels_last=True)),
 }
+
+
+def budget_rung(profile: Profile, factor: int, max_train_size: int = 50_000) -> Profile:
+    """``profile`` with ``factor`` times its training budget, named ``<name>_x<factor>``: more distinct
+    images while the training set (``max_train_size``) allows, then more epochs; one seed."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor: got {factor!r}; allowed values are integers >= 1")
+    size, epochs = (profile.train_size or max_train_size) * factor, profile.train.epochs
+    while size > max_train_size and size % 2 == 0:
+        size, epochs = size // 2, epochs * 2
+    return dataclasses.replace(profile, name=f"{profile.name}_x{factor}", train_size=size, seeds=(0,),
+                               train=dataclasses.replace(profile.train, epochs=epochs))
+
+
+# The budget ladder (notebook 04): the quick budget, and 2x and 4x it for the baseline and each single
+# improvement; `make ladder` trains the upper rungs (outside `make reports`' budget).
+LADDER_FACTORS = (2, 4)
+for _factor in LADDER_FACTORS:
+    _rung = budget_rung(PROFILES["quick"], _factor)
+    PROFILES[_rung.name] = _rung
 
 
 def get_profile(profile: str | Profile) -> Profile:
@@ -98,6 +134,8 @@ def ablation_configs(base: dict | None = None) -> list[dict]:
 def model_config_for(overrides: dict, profile: Profile, num_classes: int) -> ModelConfig:
     """Profile defaults (width, stem) < the overrides; num_classes from the dataset."""
     fields = {"width_mult": profile.width_mult, "stem": profile.stem, **overrides, "num_classes": num_classes}
+    if profile.dropout is not None:
+        fields.setdefault("dropout", profile.dropout)
     return ModelConfig(**fields)
 
 
@@ -184,7 +222,8 @@ def measure_config_costs(model_config: ModelConfig, profile: Profile, store: Res
 
     key = hashlib.sha256(_canonical({"model": model_config.to_dict(), "input": profile.cost_input_size,
                                      "threads": torch.get_num_threads(), "version": COSTS_VERSION,
-                                     "batch": profile.train.batch_size, "smoke": profile.name == "smoke"}
+                                     "batch": profile.cost_train_batch or profile.train.batch_size,
+                                     "repeats": profile.cost_repeats}
                                     ).encode()).hexdigest()[:16]
     path = store.results_dir / "costs" / f"{key}.json"
     if path.exists():
@@ -192,8 +231,8 @@ def measure_config_costs(model_config: ModelConfig, profile: Profile, store: Res
     size = profile.cost_input_size
     report = measure_costs(lambda: build_model(model_config), input_size=(model_config.in_channels, size, size),
                            num_classes=model_config.num_classes, device="cpu",
-                           train_batch=profile.train.batch_size,
-                           repeats=1 if profile.name == "smoke" else 3).to_dict()  # smoke: seconds, for tests
+                           train_batch=profile.cost_train_batch or profile.train.batch_size,
+                           repeats=profile.cost_repeats).to_dict()
     report["measured"] = _dt.datetime.now().isoformat(timespec="seconds")
     write_json_atomic(path, report)
     return report
@@ -343,3 +382,76 @@ def finished(records: list[dict]) -> list[dict]:
         print(f"[experiments] run {r['key']} ({r.get('label')}, seed {r['seed']}) is {r['status']}: "
               f"{r.get('error', '')}; left out of the tables")
     return [r for r in records if r["status"] == "finished"]
+
+
+LADDER_CONFIGS = [{}] + list(IMPROVEMENTS.values())  # the baseline and each improvement alone
+
+
+def train_ladder(dataset: str = "auto", factors=LADDER_FACTORS, store: ResultsStore | None = None,
+                 show_progress: bool = True) -> list[dict]:
+    """The budget ladder's runs: the quick rung (its seeds) and each ``quick_x<factor>`` rung (one seed),
+    for the baseline and each single improvement; only what the store lacks is trained."""
+    records = ensure_runs(LADDER_CONFIGS, "quick", dataset, store=store, show_progress=show_progress)
+    for factor in factors:
+        records += ensure_runs(LADDER_CONFIGS, budget_rung(PROFILES["quick"], factor), dataset, store=store,
+                               show_progress=show_progress)
+    return records
+
+
+def ladder_records(records: Iterable[dict], dataset_name: str | None = None) -> list[dict]:
+    """The finished runs that belong on the budget ladder: the baseline or one improvement alone, with the
+    default settings of their profile (so that a design study's runs never pose as a rung), from any known
+    profile (the GPU profile's runs are the top rung)."""
+    out = []
+    for r in records:
+        profile = PROFILES.get(r.get("profile_name"))
+        if r.get("status") != "finished" or profile is None or r.get("model_config") is None:
+            continue
+        if dataset_name is not None and r["dataset"]["name"] != dataset_name:
+            continue
+        classes = r["model_config"].get("num_classes")
+        if any(model_config_for(o, profile, classes).to_dict() == r["model_config"] for o in LADDER_CONFIGS):
+            out.append(r)
+    return out
+
+
+def _print_runs(records: list[dict]) -> None:
+    for r in finished(records):
+        print(f"{r['profile_name']:10s} {r['label']:18s} seed {r['seed']}  clean {100 * r['clean_accuracy']:5.1f}%  "
+              f"corruption {100 * (r.get('mean_corruption_accuracy') or float('nan')):5.1f}%  "
+              f"train {r.get('train_seconds', float('nan')):7.1f} s  wall {_wall_seconds(r) or float('nan'):7.1f} s  "
+              f"on {r.get('device')}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mnv2lib.experiments",
+                                     description="Train experiment runs into the results store.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ablation = sub.add_parser("ablation", help="the 2^3 ablation of a profile (e.g. --profile gpu on a GPU machine)")
+    ablation.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    ablation.add_argument("--dataset", default="auto")
+    ablation.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
+    ladder = sub.add_parser("ladder", help="the budget ladder: quick, 2x and 4x for the baseline and each "
+                                           "improvement alone (notebook 04 reads them)")
+    ladder.add_argument("--dataset", default="auto")
+    ladder.add_argument("--factors", default=",".join(map(str, LADDER_FACTORS)),
+                        help="budget multiples of the quick profile (comma-separated integers)")
+    args = parser.parse_args(argv)
+
+    def integers(field: str, text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(f) for f in text.split(",") if f)
+        except ValueError:
+            parser.error(f"{field}: got {text!r}; allowed: comma-separated integers such as 0,1")
+
+    if args.command == "ablation":
+        seeds = integers("--seeds", args.seeds) if args.seeds else None
+        _print_runs(ensure_runs(ablation_configs(), args.profile, args.dataset, seeds))
+    else:
+        _print_runs(train_ladder(args.dataset, integers("--factors", args.factors)))
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ NOTEBOOK_SEQUENCE = (
     "05_mobilenet_families",
     "06_mobilenetv2_design",
 )
-PROFILES = ("smoke", "quick", "full")
+PROFILES = ("smoke", "quick", "gpu", "full")
 KERNEL_NAME = "mnv2lib"
 
 

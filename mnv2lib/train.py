@@ -22,6 +22,7 @@ from .data import save_atomic
 from .progress import progress
 
 SCHEDULES = ("onecycle", "cosine")
+AMP_DTYPES = ("bfloat16", "float16")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,8 +44,16 @@ class TrainConfig:
     eval_batch_size: int = 500
     device: str = "auto"                  # auto | cpu | cuda | mps | cuda:N
     amp: bool = True                      # mixed precision, CUDA only
+    amp_dtype: str = "bfloat16"           # bfloat16 (no loss scaling; float16 where bf16 is unsupported) | float16
     channels_last: bool = False
     new_module_lr_mult: float = 1.0       # learning-rate factor for parameters not in the base model
+    # Short-budget recipe options (training-time choices: the model's default initialization stays
+    # torchvision's). zero_init_residual: zero the scale of the last BN of every residual branch, so
+    # each block starts as the identity. ema_decay: evaluate and keep an exponential moving average
+    # of the weights (0 = off), its decay warmed up as min(decay, (1 + t) / (10 + t)).
+    zero_init_residual: bool = False
+    ema_decay: float = 0.0
+    compile: bool = False                 # torch.compile the training step's model (pays off on GPUs)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -57,6 +66,10 @@ class TrainConfig:
             raise ValueError(f"lr: got {self.lr!r}; allowed values are numbers > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: got {self.label_smoothing!r}; allowed values are 0 <= x < 1")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"amp_dtype: got {self.amp_dtype!r}; allowed values are {AMP_DTYPES}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay: got {self.ema_decay!r}; allowed values are 0 (off) <= x < 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,13 +85,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _train_loader(dataset, batch_size: int, augment: bool, seed: int, device, channels_last: bool):
+def _train_loader(images, labels, dataset, config: "TrainConfig", seed: int, device):
     from .data import BatchLoader
 
     # always shuffled; `augment` only switches the random crop + flip
-    return BatchLoader(dataset.train_images, dataset.train_labels, batch_size=batch_size, train=True,
-                       augment=augment, mean=dataset.mean, std=dataset.std, seed=seed, device=device,
-                       channels_last=channels_last, drop_last=True)
+    return BatchLoader(images, labels, batch_size=config.batch_size, train=True, augment=config.augment,
+                       mean=dataset.mean, std=dataset.std, seed=seed, device=device,
+                       channels_last=config.channels_last, drop_last=True)
 
 
 @torch.no_grad()
@@ -90,17 +103,26 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean,
     device = resolve_device(device) if isinstance(device, str) else device
     was_training = model.training
     model.eval()
-    correct, loss_sum, count = 0, 0.0, 0
+    # sums stay on the device: one host sync per evaluation, not two per batch
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     loader = BatchLoader(images, labels, batch_size=batch_size, train=False, mean=mean, std=std, seed=0,
                          device=device, channels_last=channels_last, drop_last=False)
-    with torch.autocast(device.type, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=_amp_dtype("bfloat16", device), enabled=device.type == "cuda"):
         for x, y in loader:
             logits = model(x).float()
-            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
             count += y.numel()
     model.train(was_training)
-    return {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1), "count": count}
+    return {"accuracy": correct.item() / max(count, 1), "loss": loss_sum.item() / max(count, 1), "count": count}
+
+
+def _amp_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return getattr(torch, name)
 
 
 def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
@@ -164,6 +186,46 @@ def _set_rng_state(model, state: dict) -> None:
         schedule.generator.set_state(state["crossnorm"])
 
 
+def zero_init_residual_(model: nn.Module) -> int:
+    """Zero the scale of the last BatchNorm of every residual branch (blocks with ``use_res_connect``
+    whose ``conv`` ends in a BatchNorm), so that each such block starts as the identity (Goyal et al.,
+    2017). Returns how many were zeroed."""
+    count = 0
+    for module in model.modules():
+        conv = getattr(module, "conv", None)
+        if getattr(module, "use_res_connect", False) and isinstance(conv, nn.Sequential) \
+                and isinstance(conv[-1], nn.modules.batchnorm._BatchNorm):
+            nn.init.zeros_(conv[-1].weight)
+            count += 1
+    return count
+
+
+class _WeightAverage:
+    """An exponential moving average of the weights and BN buffers (torch.optim.swa_utils), with the
+    decay warmed up as min(decay, (1 + t) / (10 + t)) so that a short run's average is not dominated
+    by its first, random weights."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        from torch.optim.swa_utils import AveragedModel
+
+        self.decay, self.steps = decay, 0
+        self.model = AveragedModel(model, use_buffers=True)
+
+    def update(self, model: nn.Module) -> None:
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        self.model.multi_avg_fn = get_ema_multi_avg_fn(min(self.decay, (1 + self.steps) / (10 + self.steps)))
+        self.model.update_parameters(model)
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.steps = state["steps"]
+
+
 def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), seed: int = 0,
                 checkpoint_path: str | Path | None = None, show_progress: bool = True,
                 on_epoch: Callable[[dict], None] | None = None, stop_after_epoch: int | None = None) -> TrainResult:
@@ -171,12 +233,19 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
 
     With ``checkpoint_path`` a checkpoint is written after every epoch and an existing one
     is resumed. ``stop_after_epoch`` ends the call early (to test resume), as a kill would.
+    With ``config.ema_decay`` the model ends holding the averaged weights.
+
+    On a GPU the uint8 images are copied to it once and augmented there in batches, and the loop
+    makes no host sync per step (losses and accuracies are summed on the device and read once per
+    epoch), so the GPU is never left waiting for Python.
     """
     device = resolve_device(config.device)
     torch.manual_seed(seed)
     schedule = getattr(model, "crossnorm_schedule", None)
     if schedule is not None:
         schedule.seed(seed)
+    if config.zero_init_residual:
+        zero_init_residual_(model)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -185,7 +254,10 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
         raise ValueError(f"batch_size: got {config.batch_size}, larger than the {len(dataset.train_labels)} "
                          "training images; allowed: at most the training-set size")
     optimizer, scheduler = _make_optimizer(model, config, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = _amp_dtype(config.amp_dtype, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    average = _WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history: list[dict] = []
     start_epoch, elapsed_before = 0, 0.0
@@ -199,49 +271,63 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if average is not None:
+            average.load_state_dict(state["average"])
         _set_rng_state(model, state["rng"])
         history, start_epoch, elapsed_before = state["history"], state["epoch"], state["seconds"]
     resumed_from = start_epoch
+    step_model = torch.compile(model) if config.compile else model
+    eval_model = average.model.module if average is not None else model
+    # the uint8 training images live on the training device (once per call, not per batch)
+    train_images, train_labels = dataset.train_images.to(device), dataset.train_labels.to(device)
     t_start = time.perf_counter()
     epochs = progress(range(start_epoch, config.epochs), enabled=show_progress, desc="epochs", unit="epoch",
                       initial=start_epoch, total=config.epochs)
     for epoch in epochs:
         model.train()
         t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        loader = _train_loader(dataset, config.batch_size, config.augment, seed * 100_003 + epoch, device,
-                               config.channels_last)
-        for step, (x, y) in enumerate(progress(loader, enabled=show_progress, desc=f"epoch {epoch + 1}",
-                                               leave=False, unit="batch")):
-            with torch.autocast(device.type, enabled=scaler.is_enabled()):
-                logits = model(x)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        loader = _train_loader(train_images, train_labels, dataset, config, seed * 100_003 + epoch, device)
+        for x, y in progress(loader, enabled=show_progress, desc=f"epoch {epoch + 1}", leave=False, unit="batch"):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = step_model(x)
                 loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                         "the run is stopped (try a lower lr)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += loss.item() * y.numel()
-            correct += (logits.argmax(1) == y).sum().item()
+            if average is not None:
+                average.update(model)
+            loss_sum += loss.detach() * y.numel()
+            correct += (logits.argmax(1) == y).sum()
             seen += y.numel()
+        train_loss = loss_sum.item() / seen  # the epoch's one host sync
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(f"loss became {train_loss} in epoch {epoch + 1}; "
+                                     "the run is stopped (try a lower lr)")
         train_seconds = time.perf_counter() - t0
-        test = evaluate(model, dataset.test_images, dataset.test_labels, dataset.mean, dataset.std,
+        test = evaluate(eval_model, dataset.test_images, dataset.test_labels, dataset.mean, dataset.std,
                         config.eval_batch_size, device, config.channels_last)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": correct.item() / seen,
                   "test_accuracy": test["accuracy"], "test_loss": test["loss"], "epoch_seconds": train_seconds,
                   "lr": scheduler.get_last_lr()[0]}
         history.append(record)
         if on_epoch:
             on_epoch(record)
         if checkpoint_path:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                          "rng": _rng_state(model), "config": config.to_dict(), "history": history, "epoch": epoch + 1,
-                          "seconds": elapsed_before + time.perf_counter() - t_start}, checkpoint_path)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "rng": _rng_state(model), "config": config.to_dict(), "history": history, "epoch": epoch + 1,
+                     "seconds": elapsed_before + time.perf_counter() - t_start}
+            if average is not None:
+                state["average"] = average.state_dict()
+            save_atomic(state, checkpoint_path)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
             break
+    if average is not None and len(history) == config.epochs:
+        model.load_state_dict(average.model.module.state_dict())
     return TrainResult(history=history, seconds=elapsed_before + time.perf_counter() - t_start,
                        device=str(device), resumed_from_epoch=resumed_from)

@@ -31,10 +31,12 @@ class Session:
             self._dataset = load_profile_dataset(self.profile, self.dataset_name, seed=0)
         return self._dataset
 
-    def context(self, seeds: tuple | None = None, dataset: str | None = None) -> FigureContext:
-        """Provenance for a figure: ``dataset`` overrides the session's (e.g. "none: analytic")."""
+    def context(self, seeds: tuple | None = None, dataset: str | None = None,
+                profile: str | None = None) -> FigureContext:
+        """Provenance for a figure: ``dataset`` / ``profile`` override the session's (e.g. "none: analytic",
+        or the several profiles of the budget ladder)."""
         described = dataset if dataset is not None else self.dataset.description
-        return FigureContext(dataset=described, profile=self.profile.name,
+        return FigureContext(dataset=described, profile=profile or self.profile.name,
                              seeds=tuple(seeds if seeds is not None else (self.seed,)))
 
     def save(self, fig, name: str, caption: str, context: FigureContext | None = None):

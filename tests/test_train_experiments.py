@@ -77,9 +77,10 @@ def test_non_finite_loss_stops_the_run(dataset):
 
 
 def test_training_data_is_shuffled_also_without_augmentation(dataset):
-    plain = _train_loader(dataset, 32, augment=False, seed=0, device="cpu", channels_last=False)
+    config = dataclasses.replace(CONFIG, batch_size=32, augment=False, channels_last=False)
+    plain = _train_loader(dataset.train_images, dataset.train_labels, dataset, config, seed=0, device="cpu")
     (_, labels_a), (_, labels_b) = next(iter(plain)), next(iter(
-        _train_loader(dataset, 32, augment=False, seed=1, device="cpu", channels_last=False)))
+        _train_loader(dataset.train_images, dataset.train_labels, dataset, config, seed=1, device="cpu")))
     assert not torch.equal(labels_a, dataset.train_labels[:32]) or not torch.equal(labels_b, dataset.train_labels[:32])
     assert not torch.equal(labels_a, labels_b)
     x, _ = next(iter(plain))

@@ -163,3 +163,95 @@ def describe_main_effects(effects: pd.DataFrame) -> str:
                      f"{_pp(row['effect_corruption'])} on mean corruption accuracy "
                      f"({int(row['runs_with_clean'])} runs with, {int(row['runs_without_clean'])} without).")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the budget ladder: does each improvement's effect survive more training?
+
+def images_seen(record: dict) -> int:
+    """Training images a run saw: full batches per epoch (the loader drops the last partial one) x epochs."""
+    train = record["profile"]["train"]
+    return record["dataset"]["train_size"] // train["batch_size"] * train["batch_size"] * train["epochs"]
+
+
+def _rung_key(record: dict) -> tuple:
+    """Runs of one rung share the profile, the dataset and every model setting but the three factors."""
+    config = {k: v for k, v in record["model_config"].items() if k not in {c for c, _ in FACTORS.values()}}
+    return record.get("profile_name"), record["dataset"]["name"], repr(sorted(config.items()))
+
+
+def _single_factor(record: dict) -> str | None:
+    """'baseline', the one improvement a run has alone, or None (pairs, triples, other settings)."""
+    config = record["model_config"]
+    on = [f for f, (column, value) in FACTORS.items() if config.get(column) == value]
+    off = all(config.get(column) in (None, "relu6") for f, (column, _) in FACTORS.items() if f not in on)
+    if not off or len(on) > 1:
+        return None
+    return on[0] if on else "baseline"
+
+
+def budget_ladder(records: list[dict], confidence: float = 0.95) -> pd.DataFrame:
+    """Per improvement, rung (profile) and metric: the seed-paired effect ``improvement alone - baseline``
+    with a t-interval over seeds (NaN bounds with one seed), and the rung's training budget in images.
+    Rungs are the profiles present among the finished records; a rung without a baseline is skipped."""
+    groups: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for r in records:
+        if r.get("status") != "finished" or r.get("profile") is None:
+            continue
+        factor = _single_factor(r)
+        if factor is not None:
+            groups.setdefault(_rung_key(r), {}).setdefault(factor, {})[r["seed"]] = r
+    rows = []
+    for (profile, dataset, _), by_factor in groups.items():
+        base = by_factor.get("baseline")
+        if not base:
+            continue
+        budget = images_seen(next(iter(base.values())))
+        for factor in FACTORS:
+            runs = by_factor.get(factor, {})
+            seeds = sorted(set(runs) & set(base))
+            for metric in METRICS:
+                diffs = np.array([runs[s][metric] - base[s][metric] for s in seeds
+                                  if runs[s].get(metric) is not None and base[s].get(metric) is not None])
+                if len(diffs) == 0:
+                    continue
+                mean, low, high = _t_interval(diffs, confidence)
+                rows.append({"improvement": factor, "profile": profile, "dataset": dataset, "metric": metric,
+                             "images_seen": budget, "seeds": len(diffs), "effect": mean, "ci_low": low,
+                             "ci_high": high, "baseline": float(np.mean([base[s][metric] for s in seeds]))})
+    columns = ["improvement", "profile", "dataset", "metric", "images_seen", "seeds", "effect", "ci_low", "ci_high",
+               "baseline"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["metric", "improvement", "images_seen"],
+                                                           ignore_index=True)
+
+
+def describe_ladder(ladder: pd.DataFrame) -> str:
+    """Markdown: per improvement and metric, the effect at each rung, and whether it changes sign or size."""
+    if ladder.empty:
+        return ("No rung of the budget ladder has both a baseline and a single-improvement run yet "
+                "(`make ladder` trains them).")
+    rungs = ladder.drop_duplicates("profile").sort_values("images_seen")
+    lines = ["**Rungs present:** " + ", ".join(
+        f"`{p}` ({n:,} images seen, baseline {100 * b:.1f}% clean)" for p, n, b in zip(
+            rungs["profile"], rungs["images_seen"],
+            [ladder[(ladder["profile"] == p) & (ladder["metric"] == "clean_accuracy")]["baseline"].mean()
+             for p in rungs["profile"]])) + ".", ""]
+    for (factor, metric), group in ladder.groupby(["improvement", "metric"], sort=False):
+        group = group.sort_values("images_seen")
+        steps = ", ".join(f"{_pp(e)} at {n:,}" + (f" ({s} seeds)" if s > 1 else " (1 seed)")
+                          for e, n, s in zip(group["effect"], group["images_seen"], group["seeds"]))
+        first, last = group.iloc[0], group.iloc[-1]
+        if len(group) < 2:
+            verdict = "only one rung: nothing to compare yet"
+        elif np.sign(first["effect"]) != np.sign(last["effect"]) and abs(first["effect"]) > 0.005 \
+                and abs(last["effect"]) > 0.005:
+            verdict = (f"**changes sign** from the smallest to the largest budget ({_pp(first['effect'])} -> "
+                       f"{_pp(last['effect'])})")
+        elif abs(last["effect"]) > 1.5 * abs(first["effect"]) + 0.005:
+            verdict = f"**grows** with the budget ({_pp(first['effect'])} -> {_pp(last['effect'])})"
+        elif abs(last["effect"]) < abs(first["effect"]) / 1.5 - 0.005:
+            verdict = f"**shrinks** with the budget ({_pp(first['effect'])} -> {_pp(last['effect'])})"
+        else:
+            verdict = f"keeps its sign and size ({_pp(first['effect'])} -> {_pp(last['effect'])})"
+        lines.append(f"- **{factor}**, {METRICS[metric]}: {steps} images seen; {verdict}.")
+    return "\n".join(lines)

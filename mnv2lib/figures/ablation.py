@@ -129,3 +129,31 @@ def make_training_curves_figure(histories: pd.DataFrame, context: FigureContext 
     ax.legend(ncol=2, fontsize=8)
     ax.set_title("learning curves (band: range over seeds)", loc="left")
     return source_note(fig, context)
+
+
+def make_budget_ladder_figure(ladder: pd.DataFrame, context: FigureContext | None = None) -> Figure:
+    """Per metric, each improvement's seed-paired effect (improvement alone - baseline, pp) against the
+    training budget (images seen, log scale); whiskers are 95% t-intervals over seeds where there are two
+    or more seeds."""
+    metrics = [m for m in METRICS if m in set(ladder["metric"])] or list(METRICS)
+    fig = new_figure(4.4 * len(metrics), 3.9)
+    axes = fig.subplots(1, len(metrics), squeeze=False, sharey=True)[0]
+    for ax, metric in zip(axes, metrics):
+        frame = ladder[ladder["metric"] == metric]
+        for i, (factor, group) in enumerate(frame.groupby("improvement", sort=False)):
+            group = group.sort_values("images_seen")
+            x = group["images_seen"].to_numpy() * (1 + 0.03 * (i - 1))  # small dodge: whiskers stay apart
+            y = 100 * group["effect"].to_numpy()
+            ax.plot(x, y, "o-", color=_colour(factor), mec="black", label=factor)
+            has_ci = group["ci_low"].notna().to_numpy()
+            if has_ci.any():
+                ax.errorbar(x[has_ci], y[has_ci], yerr=[y[has_ci] - 100 * group["ci_low"].to_numpy()[has_ci],
+                                                        100 * group["ci_high"].to_numpy()[has_ci] - y[has_ci]],
+                            fmt="none", ecolor=_colour(factor), capsize=3, lw=1)
+        ax.axhline(0, color="black", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("training budget (images seen, log scale)")
+        ax.set_title(METRICS[metric], loc="left")
+    axes[0].set_ylabel("improvement alone - baseline (pp)")
+    axes[-1].legend(loc="best", fontsize=8)
+    return source_note(fig, context)
