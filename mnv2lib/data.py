@@ -14,7 +14,8 @@ description for figure captions. Sources:
 - a path to any ImageFolder tree with ``train/`` and ``test/``.
 
 Images of an ImageFolder tree are decoded once (torchvision's libjpeg-turbo decoder, in threads)
-and cached under ``paths.CACHE_DIR / "images"``; later loads read the cached tensors.
+and cached under ``paths.CACHE_DIR / "images"``, keyed on every file's name, size and mtime; later
+loads read the cached tensors (a cache that cannot be written or read is worked around, with a warning).
 
 Split order: every split is returned in *class-interleaved* order (the k-th image of each class,
 in a seeded random order within the class, then the (k+1)-th...), so any prefix of a split is as
@@ -52,7 +53,8 @@ DATASETS = ("auto", "cifar10", "cifar100", "synthetic")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SYNTHETIC_CLASSES = ("disk", "ring", "square", "frame", "triangle", "plus", "stripes", "checker", "pair", "crescent")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp", ".tif", ".tiff")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed on every file's size and mtime (1: folder mtimes only; a replaced JPEG kept its pixels)
+_CACHE_FIELDS = ("images", "labels", "classes", "hist", "jpeg_quality", "kinds")
 
 _TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _PRETTY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
@@ -65,6 +67,11 @@ _IJG_LUMINANCE = np.array([
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is neither on disk nor downloadable; the message says where to put it."""
+
+
+class DatasetIntegrityError(ValueError):
+    """A CIFAR file in torchvision's (pickle) format is not the published one: it is never unpickled,
+    since unpickling runs whatever code the file names."""
 
 
 @dataclass(eq=False, repr=False)
@@ -344,18 +351,9 @@ def load_dataset(name: str | os.PathLike = "auto", *, train_size: int | None = N
     """
     search = [Path(root).expanduser().resolve()] if root is not None else paths.data_search_dirs()
     target = search[0] if root is not None else paths.DATA_DIR
-    if isinstance(name, os.PathLike) or (isinstance(name, str) and name.lower() not in DATASETS
-                                          and (os.sep in name or "/" in name or Path(name).expanduser().exists())):
-        folder = Path(name).expanduser().resolve()
-        missing = [s for s in ("train", "test") if not (folder / s).is_dir()]
-        if missing:
-            raise DatasetNotFoundError(f"dataset: {str(folder)!r} is not an ImageFolder tree: it has no "
-                                       f"{' or '.join(s + '/' for s in missing)} folder (expected "
-                                       f"{folder}/train/<class>/*.jpg|png and {folder}/test/<class>/*.jpg|png)")
+    folder = check_dataset_name(name)
+    if folder is not None:
         return _from_imagefolder(folder, folder.name.lower(), train_size, test_size, seed, progress)
-    if not isinstance(name, str) or name.lower() not in DATASETS:
-        raise ValueError(f"dataset: got {name!r}; allowed values are {DATASETS} or the path of an ImageFolder "
-                         "tree with train/ and test/")
     name = name.lower()
     if name == "synthetic":
         return _synthetic(train_size, test_size, seed)
@@ -385,6 +383,24 @@ def load_dataset(name: str | os.PathLike = "auto", *, train_size: int | None = N
     if kind == "imagefolder":
         return _from_imagefolder(folder, name, train_size, test_size, seed, progress)
     return _from_torchvision(name, folder, train_size, test_size, seed)
+
+
+def check_dataset_name(name) -> Path | None:
+    """The ImageFolder tree ``name`` names (None for a built-in name); an error, without loading
+    anything, when ``name`` is neither (the report runner checks before starting any kernel)."""
+    if isinstance(name, os.PathLike) or (isinstance(name, str) and name.lower() not in DATASETS
+                                          and (os.sep in name or "/" in name or Path(name).expanduser().exists())):
+        folder = Path(name).expanduser().resolve()
+        missing = [s for s in ("train", "test") if not (folder / s).is_dir()]
+        if missing:
+            raise DatasetNotFoundError(f"dataset: {str(folder)!r} is not an ImageFolder tree: it has no "
+                                       f"{' or '.join(s + '/' for s in missing)} folder (expected "
+                                       f"{folder}/train/<class>/*.jpg|png and {folder}/test/<class>/*.jpg|png)")
+        return folder
+    if not isinstance(name, str) or name.lower() not in DATASETS:
+        raise ValueError(f"dataset: got {name!r}; allowed values are {DATASETS} or the path of an ImageFolder "
+                         "tree with train/ and test/")
+    return None
 
 
 def _missing_message(name: str, search: list[Path], reason: str) -> str:
@@ -463,8 +479,39 @@ def _assemble(name, description, classes, splits: dict, train_size, test_size, s
                    test_indices=out["test"][2])
 
 
+def _published_md5(name: str) -> dict[str, str]:
+    """File name -> MD5 of the files of torchvision's CIFAR release (torchvision keeps the list)."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    return {**dict(cls.train_list), **dict(cls.test_list), cls.meta["filename"]: cls.meta["md5"]}
+
+
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns) already checked in this process
+
+
+def _verify_cifar_file(name: str, path: Path) -> None:
+    """A DatasetIntegrityError unless ``path`` has the published MD5 (before anything unpickles it)."""
+    from torchvision.datasets.utils import calculate_md5
+
+    expected = _published_md5(name)[path.name]
+    st = path.stat()
+    stamp = (str(path), st.st_size, st.st_mtime_ns)
+    if stamp in _VERIFIED:
+        return
+    actual = calculate_md5(str(path))
+    if actual != expected:
+        raise DatasetIntegrityError(
+            f"dataset: {path} is not {_PRETTY[name]}'s published {path.name} (MD5 {actual}, expected {expected}); "
+            "it was not loaded, because unpickling a file can run any code in it. Allowed: the original files of "
+            f"the python-version tarball (delete {path.parent} and load_dataset({name!r}) downloads them), or "
+            "an ImageFolder copy")
+    _VERIFIED.add(stamp)
+
+
 def _from_torchvision(name: str, folder: Path, train_size, test_size, seed) -> Dataset:
     def unpickle(file):
+        _verify_cifar_file(name, folder / file)
         with open(folder / file, "rb") as f:
             return pickle.load(f, encoding="latin1")
 
@@ -512,12 +559,31 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[list[str]], list]:
         classes = list(CIFAR10_CLASSES)  # already alphabetical; kept explicit
     files, fingerprint = [], []
     for c in classes:
-        names = sorted(e.name for e in os.scandir(split_dir / c)
-                       if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith("."))
-        files.append(names)
-        st = os.stat(split_dir / c)
-        fingerprint.append([c, len(names), names[0] if names else "", names[-1] if names else "", st.st_mtime_ns])
+        entries = sorted((e for e in os.scandir(split_dir / c)
+                          if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")),
+                         key=lambda e: e.name)
+        if not entries:
+            message = (f"dataset: class folder {split_dir / c} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            if split_dir.name == "train":
+                raise ValueError(f"{message}; allowed: at least one training image per class "
+                                 "(remove the folder or add its images)")
+            warnings.warn(f"{message}: that class is not tested", UserWarning, stacklevel=3)
+        files.append([e.name for e in entries])
+        # every file's size and mtime (one stat each, cheap next to decoding): a replaced image changes the key
+        stats = [e.stat() for e in entries]
+        fingerprint.append([c, [(e.name, st.st_size, st.st_mtime_ns) for e, st in zip(entries, stats)]])
     return classes, files, fingerprint
+
+
+def _cache_problem(record) -> str | None:
+    """Why a loaded decode cache cannot be used (None: it can)."""
+    if not isinstance(record, dict) or any(k not in record for k in _CACHE_FIELDS):
+        return "not a decode cache of this version"
+    images, labels = record["images"], record["labels"]
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
+            and isinstance(labels, torch.Tensor) and len(labels) == len(images)):
+        return "its images or labels have the wrong type or shape"
+    return None
 
 
 def _load_split_cached(split_dir: Path, progress: bool) -> dict:
@@ -526,12 +592,20 @@ def _load_split_cached(split_dir: Path, progress: bool) -> dict:
     cache = paths.CACHE_DIR / "images" / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
     if cache.exists():
         try:
-            return torch.load(cache, weights_only=True)
+            cached = torch.load(cache, weights_only=True)
+            problem = _cache_problem(cached)
         except Exception as error:  # truncated or from another torch: decode again
-            warnings.warn(f"image cache {cache} unreadable ({error}); decoding again")
+            problem = f"unreadable ({type(error).__name__}: {error})"
+        if problem is None:
+            return cached
+        warnings.warn(f"image cache {cache}: {problem}; decoding again")
     record = _decode_split(split_dir, classes, files, progress)
     record["hist"] = _histograms(record["images"])
-    save_atomic(record, cache)
+    try:
+        save_atomic(record, cache)
+    except (OSError, RuntimeError) as error:  # a read-only or full disk: the decoded images are still good
+        warnings.warn(f"image cache: cannot write {cache} ({type(error).__name__}: {error}); the images are "
+                      "decoded again next time")
     return record
 
 
@@ -558,8 +632,12 @@ def _decoder():
     def with_pil(path: str) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        try:
+            with Image.open(path) as im:
+                return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        except Exception as error:  # truncated, not an image: PIL's message names no file
+            raise ValueError(f"dataset: cannot decode {path} ({type(error).__name__}: {error}); allowed: "
+                             "complete image files (replace or delete this one)") from None
 
     if decode_image is None:
         return with_pil

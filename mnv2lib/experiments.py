@@ -13,9 +13,11 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import math
 import platform
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -23,11 +25,22 @@ from typing import Iterable
 import torch
 
 from . import paths
+from .checks import is_number
+from .data import save_atomic
 from .models import ModelConfig, build_model
 from .progress import progress
-from .train import NonFiniteLossError, TrainConfig, evaluate, resolve_device, train_model
+from .train import CheckpointError, NonFiniteLossError, TrainConfig, evaluate, resolve_device, train_model
 
 RECORD_VERSION = 1
+STATUSES = ("running", "finished", "failed")
+
+
+class BadRecordWarning(UserWarning):
+    """A file in the results store is not a valid run record; it is skipped (and the run redone when needed)."""
+
+
+class CorruptRunError(ValueError):
+    """A finished run's weights file cannot be loaded; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -181,14 +194,79 @@ class ResultsStore:
         return self.runs_dir / key
 
     def get(self, key: str) -> dict | None:
+        """The record of run ``key``; None when missing or not a valid record (warned: then it is run again)."""
         path = self.record_path(key)
-        return json.loads(path.read_text()) if path.exists() else None
+        return _read_record(path, key) if path.exists() else None
 
     def put(self, record: dict) -> None:
         write_json_atomic(self.record_path(record["key"]), record)
 
     def records(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.results_dir.glob("*.json"))]
+        """Every valid record; a file that is not one is skipped with a warning naming it."""
+        records = (_read_record(p, p.stem) for p in sorted(self.results_dir.glob("*.json")))
+        return [r for r in records if r is not None]
+
+
+def record_problem(record) -> str | None:
+    """What makes ``record`` unfit for a table (None: nothing). Finished runs must carry their numbers."""
+    if not isinstance(record, dict):
+        return f"got {type(record).__name__}; allowed: a JSON object"
+    missing = [k for k in ("key", "status", "seed", "model_config", "dataset") if k not in record]
+    if missing:
+        return f"missing field(s) {missing}"
+    if record["status"] not in STATUSES:
+        return f"status: got {record['status']!r}; allowed values are {STATUSES}"
+    if not isinstance(record["dataset"], dict) or "name" not in record["dataset"]:
+        return f"dataset: got {record['dataset']!r}; allowed: an object with a name"
+    try:
+        ModelConfig.from_dict(record["model_config"])
+    except (TypeError, ValueError) as error:
+        return f"model_config: {error}"
+    if record["status"] != "finished":
+        return None
+    if not isinstance(record.get("history"), list) or not record["history"]:
+        return "history: a finished run needs its per-epoch records"
+    for name in ("clean_accuracy", "mean_corruption_accuracy"):
+        value = record.get(name)
+        if not (value is None and name == "mean_corruption_accuracy") and not (
+                is_number(value) and 0.0 <= value <= 1.0):
+            return f"{name}: got {value!r}; allowed: a number in [0, 1]"
+    value = record.get("train_seconds")
+    if value is not None and not (is_number(value) and math.isfinite(value) and value >= 0):
+        return f"train_seconds: got {value!r}; allowed: a number >= 0"
+    if not isinstance(record.get("costs") or {}, dict):
+        return f"costs: got {record['costs']!r}; allowed: an object"
+    return None
+
+
+def _read_record(path: Path, key: str) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"unreadable ({type(error).__name__}: {error})"
+    else:
+        problem = record_problem(record)
+        if problem is None and record["key"] != key:
+            problem = f"key: got {record['key']!r} in the file of run {key!r}"
+    if problem is None:
+        return record
+    warnings.warn(f"results store: skipping {path}: {problem}. It enters no table; a notebook that needs this "
+                  "run trains it again (delete the file to silence this warning)", BadRecordWarning, stacklevel=3)
+    return None
+
+
+def valid_records(records: Iterable[dict]) -> list[dict]:
+    """``records`` without those unfit for a table, each left out with a warning naming it."""
+    kept = []
+    for r in records:
+        problem = record_problem(r)
+        if problem is None:
+            kept.append(r)
+        else:
+            name = r.get("key") if isinstance(r, dict) else None
+            warnings.warn(f"run record {name or r!r} left out of the tables: {problem}", BadRecordWarning,
+                          stacklevel=3)
+    return kept
 
 
 def load_profile_dataset(profile: Profile, dataset: str = "auto", seed: int = 0):
@@ -241,19 +319,49 @@ def measure_config_costs(model_config: ModelConfig, profile: Profile, store: Res
 def run_experiment(model_config: ModelConfig, profile: str | Profile, dataset, seed: int,
                    store: ResultsStore | None = None, show_progress: bool = True,
                    stop_after_epoch: int | None = None) -> dict:
-    """Train, evaluate (clean and corrupted) and record one run; a finished run is read back, not redone."""
+    """Train, evaluate (clean and corrupted) and record one run; a finished run is read back, not redone.
+
+    A per-run file lock makes a second process that asks for the same run wait and read the
+    first one's record instead of training it again."""
+    from filelock import FileLock, Timeout
+
     profile = get_profile(profile)
     store = store or ResultsStore()
     identity = dataset_identity(dataset)
     key = run_key(model_config, profile, identity, seed)
+    done = _stored_run(store, key, model_config, profile)
+    if done is not None:  # read without the lock: a read-only store keeps working
+        return done
+    store.runs_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(store.runs_dir / f".{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[experiments] run {key} ({model_config.label}, seed {seed}) is being trained by another process; "
+              "waiting for its result", flush=True)
+        lock.acquire()
+    try:
+        done = _stored_run(store, key, model_config, profile)  # the other process may have finished it
+        if done is not None:
+            return done
+        return _run_locked(model_config, profile, dataset, seed, store, key, identity, show_progress,
+                           stop_after_epoch)
+    finally:
+        lock.release()
+
+
+def _stored_run(store: ResultsStore, key: str, model_config: ModelConfig, profile: Profile) -> dict | None:
     existing = store.get(key)
-    if existing is not None and existing["status"] in ("finished", "failed"):
-        if existing["status"] == "finished":  # costs belong to the config and machine: the current ones
-            existing["costs"] = measure_config_costs(model_config, profile, store)
-        return existing
+    if existing is None or existing["status"] not in ("finished", "failed"):
+        return None
+    if existing["status"] == "finished":  # costs belong to the config and machine: the current ones
+        existing["costs"] = measure_config_costs(model_config, profile, store)
+    return existing
+
+
+def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int, store: ResultsStore, key: str,
+                identity: dict, show_progress: bool, stop_after_epoch: int | None) -> dict:
     run_dir = store.run_dir(key)
-    torch.manual_seed(seed)  # the initial weights belong to the run, not to whatever ran before it
-    model = build_model(model_config)
     record = {
         "key": key, "version": RECORD_VERSION, "status": "running", "model_config": model_config.to_dict(),
         "label": model_config.label, "profile": profile.to_dict(), "profile_name": profile.name,
@@ -261,17 +369,29 @@ def run_experiment(model_config: ModelConfig, profile: str | Profile, dataset, s
         "started": _dt.datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
     }
-    try:
-        result = train_model(model, dataset, profile.train, seed=seed, checkpoint_path=run_dir / "checkpoint.pt",
-                             show_progress=show_progress, stop_after_epoch=stop_after_epoch)
-    except NonFiniteLossError as error:
-        record.update(status="failed", error=str(error), finished=_dt.datetime.now().isoformat(timespec="seconds"))
-        store.put(record)
-        return record
+    checkpoint = run_dir / "checkpoint.pt"
+    for attempt in range(2):
+        torch.manual_seed(seed)  # the initial weights belong to the run, not to whatever ran before it
+        model = build_model(model_config)
+        try:
+            result = train_model(model, dataset, profile.train, seed=seed, checkpoint_path=checkpoint,
+                                 show_progress=show_progress, stop_after_epoch=stop_after_epoch)
+            break
+        except CheckpointError as error:  # resuming it would fail the same way forever: start again
+            if attempt:
+                raise
+            aside = checkpoint.with_name(checkpoint.name + ".corrupt")
+            os.replace(checkpoint, aside)
+            warnings.warn(f"{error}. Moved it to {aside}; training run {key} from the start", stacklevel=2)
+        except NonFiniteLossError as error:  # NaN/Inf or a diverged loss: recorded, never in a table
+            record.update(status="failed", error=str(error),
+                          finished=_dt.datetime.now().isoformat(timespec="seconds"))
+            store.put(record)
+            return record
     if len(result.history) < profile.train.epochs:  # stopped early on purpose: resumable, not finished
         return {**record, "history": result.history}
     device = resolve_device(profile.train.device)
-    torch.save(model.state_dict(), run_dir / "model.pt")
+    save_atomic(model.state_dict(), run_dir / "model.pt")
     t0 = time.perf_counter()
     corruption = evaluate_corruptions(model, dataset, profile, device)
     flat = [acc for per in corruption.values() for acc in per.values()]
@@ -293,8 +413,14 @@ def load_trained_model(record: dict, store: ResultsStore | None = None, device: 
     """The trained model of a finished run, in eval mode."""
     store = store or ResultsStore()
     model = build_model(ModelConfig.from_dict(record["model_config"]))
-    state = torch.load(store.run_dir(record["key"]) / "model.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state)
+    path = store.run_dir(record["key"]) / "model.pt"
+    try:
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except Exception as error:  # missing, truncated, not a state dict, another architecture's
+        raise CorruptRunError(
+            f"model weights {path} of run {record['key']} ({record.get('label')}) cannot be loaded "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); delete {store.record_path(record['key'])} "
+            "to train the run again (trained_model() does so itself)") from None
     return model.to(device).eval()
 
 
@@ -310,7 +436,7 @@ def records_to_frame(records: Iterable[dict]):
     import pandas as pd
 
     rows = []
-    for r in records:
+    for r in valid_records(records):
         costs = r.get("costs") or {}
         rows.append({
             "key": r["key"], "label": r.get("label"), "status": r["status"], "seed": r["seed"],
@@ -372,11 +498,21 @@ def trained_model(overrides: dict, profile: str | Profile = "quick", dataset="au
     record = run_experiment(config, profile, dataset, seed, store, show_progress=show_progress)
     if record["status"] != "finished":
         raise RuntimeError(f"run {record['key']} ({config.label}) did not finish: {record.get('error')}")
-    return load_trained_model(record, store), record
+    try:
+        return load_trained_model(record, store), record
+    except CorruptRunError as error:  # the weights are gone or damaged: the run is trained again
+        weights = store.run_dir(record["key"]) / "model.pt"
+        if weights.exists():
+            os.replace(weights, weights.with_name(weights.name + ".corrupt"))
+        store.record_path(record["key"]).unlink(missing_ok=True)
+        warnings.warn(f"{error}; training it again", stacklevel=2)
+        record = run_experiment(config, profile, dataset, seed, store, show_progress=show_progress)
+        return load_trained_model(record, store), record
 
 
 def finished(records: list[dict]) -> list[dict]:
     """Only the finished runs; a failed run (non-finite loss) never enters a results table."""
+    records = valid_records(records)
     dropped = [r for r in records if r["status"] != "finished"]
     for r in dropped:
         print(f"[experiments] run {r['key']} ({r.get('label')}, seed {r['seed']}) is {r['status']}: "

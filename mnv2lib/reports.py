@@ -2,14 +2,17 @@
 
 Executes the numbered notebooks in order with papermill's Python API, writes the
 executed copies to ``reports/notebooks/`` and an index of every figure to
-``reports/README.md``. A failing notebook stops the run with a non-zero exit that
-names the notebook and the cell; its partially executed copy is kept.
+``reports/README.md``. The arguments are checked before any kernel starts. A failing
+notebook stops the run with a non-zero exit that names the notebook and the cell; the
+last good executed copy stays in place, the failed one is kept beside it as
+``<name>.failed.ipynb`` and the index marks the failure.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,18 +51,33 @@ def _kernel_name() -> str | None:
 
 
 def execute_notebook(name: str, parameters: dict, output_dir: Path | None = None) -> Path:
-    """Execute ``notebooks/<name>.ipynb`` with papermill; returns the executed copy's path."""
+    """Execute ``notebooks/<name>.ipynb`` with papermill; returns the executed copy's path.
+
+    The copy is written under a temporary name and replaces ``<name>.ipynb`` only when every cell
+    ran: a failed run leaves the last good copy and goes to ``<name>.failed.ipynb`` (then raises)."""
     import papermill
 
     output_dir = output_dir or paths.EXECUTED_NOTEBOOKS_DIR
     output_dir.mkdir(parents=True, exist_ok=True)
     source = paths.NOTEBOOKS_DIR / f"{name}.ipynb"
-    target = output_dir / f"{name}.ipynb"
-    papermill.execute_notebook(
-        str(source), str(target), parameters=parameters, kernel_name=_kernel_name(),
-        cwd=str(paths.NOTEBOOKS_DIR), progress_bar=False, log_output=False,
-    )
+    target, partial = output_dir / f"{name}.ipynb", output_dir / f".{name}.partial.ipynb"
+    try:
+        papermill.execute_notebook(
+            str(source), str(partial), parameters=parameters, kernel_name=_kernel_name(),
+            cwd=str(paths.NOTEBOOKS_DIR), progress_bar=False, log_output=False,
+        )
+    except BaseException:
+        if partial.exists():
+            os.replace(partial, failed_copy(name, output_dir))
+        raise
+    os.replace(partial, target)
+    failed_copy(name, output_dir).unlink(missing_ok=True)
     return target
+
+
+def failed_copy(name: str, output_dir: Path | None = None) -> Path:
+    """Where the executed copy of a failed run of ``name`` is kept."""
+    return (output_dir or paths.EXECUTED_NOTEBOOKS_DIR) / f"{name}.failed.ipynb"
 
 
 def figure_records() -> list[dict]:
@@ -82,10 +100,15 @@ def read_timings() -> dict[str, dict]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def record_timing(name: str, seconds: float, profile: str, dataset: str) -> None:
+def record_timing(name: str, seconds: float, profile: str, dataset: str, error: str | None = None) -> None:
+    """Record a finished run of ``name``; with ``error``, a failed one (kept beside the last good run's)."""
     timings = read_timings()
-    timings[name] = {"seconds": round(seconds, 1), "profile": profile, "dataset": dataset,
-                     "finished": _dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit()}
+    now = {"seconds": round(seconds, 1), "profile": profile, "dataset": dataset,
+           "finished": _dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit()}
+    if error is None:
+        timings[name] = now
+    else:
+        timings.setdefault(name, {})["failed"] = {**now, "error": error}
     _timings_path().parent.mkdir(parents=True, exist_ok=True)
     _timings_path().write_text(json.dumps(timings, indent=2))
 
@@ -106,14 +129,23 @@ def write_index(executed: list[str], missing: list[str], profile: str, dataset: 
         "|---|---|---|---|---|---|",
     ]
     timings = read_timings()
+    failures = []
     for name in NOTEBOOK_SEQUENCE:
+        t = timings.get(name, {})
+        if "failed" in t and failed_copy(name).exists():
+            f = t["failed"]
+            failures.append(f"- **{name} FAILED** on {f['finished']} (profile `{f['profile']}`, dataset "
+                            f"`{f['dataset']}`, commit `{f['commit']}`): {f['error']}. The failed copy is "
+                            f"[notebooks/{name}.failed.ipynb](notebooks/{name}.failed.ipynb)"
+                            + ("; the table lists the last good run." if "seconds" in t else "."))
         if not (paths.EXECUTED_NOTEBOOKS_DIR / f"{name}.ipynb").exists():
             lines.append(f"| {name} | not executed | | | | |")
             continue
-        t = timings.get(name, {})
         run_time = f"{t['seconds'] / 60:.1f} min" if "seconds" in t else "?"
         lines.append(f"| [{name}](notebooks/{name}.ipynb) | {t.get('profile', '?')} | {t.get('dataset', '?')} | "
                      f"{run_time} | {t.get('finished', '?')} | {t.get('commit', '?')} |")
+    if failures:
+        lines += ["", "Failed runs:", "", *failures]
     lines += [f"- {name}: not in this version of the workbook" for name in missing]
     lines += ["", "## Figures", ""]
     for record in figure_records():
@@ -138,14 +170,7 @@ def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
     from papermill.exceptions import PapermillExecutionError
     from tqdm.auto import tqdm
 
-    if profile not in PROFILES:
-        raise ValueError(f"profile: got {profile!r}; allowed values are {PROFILES}")
-    wanted = list(notebooks or NOTEBOOK_SEQUENCE)
-    unknown = [n for n in wanted if n not in NOTEBOOK_SEQUENCE]
-    if unknown:
-        raise ValueError(f"notebooks: got {unknown}; allowed values are {NOTEBOOK_SEQUENCE}")
-    present = [n for n in wanted if (paths.NOTEBOOKS_DIR / f"{n}.ipynb").exists()]
-    missing = [n for n in wanted if n not in present]
+    present, missing = check_arguments(profile, dataset, seed, notebooks)
     for name in missing:
         print(f"[reports] {name}.ipynb does not exist yet: skipped", file=sys.stderr)
     parameters = {"profile": profile, "dataset": dataset, "seed": seed, "interactive": False}
@@ -156,8 +181,11 @@ def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
         try:
             execute_notebook(name, parameters)
         except PapermillExecutionError as error:
-            print(f"\n[reports] FAILED: {name}.ipynb, cell {error.exec_count} ({error.ename}: {error.evalue}).\n"
-                  f"[reports] The partially executed notebook is kept at "
+            reason = f"cell {error.exec_count} ({error.ename}: {error.evalue})"
+            record_timing(name, time.time() - t0, profile, dataset, error=reason)
+            write_index(executed, missing, profile, dataset, time.time() - start)
+            print(f"\n[reports] FAILED: {name}.ipynb, {reason}.\n[reports] The partially executed notebook is "
+                  f"kept at {failed_copy(name)}; the last good one (if any) stays at "
                   f"{paths.EXECUTED_NOTEBOOKS_DIR / (name + '.ipynb')}", file=sys.stderr)
             return 1
         executed.append(name)
@@ -169,6 +197,28 @@ def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
     return 0
 
 
+def check_arguments(profile: str, dataset: str, seed: int, notebooks: list[str] | None) -> tuple[list, list]:
+    """(notebooks to run, notebooks of the sequence not written yet); a ValueError or FileNotFoundError
+    naming the argument when one is wrong. Cheap: runs before any kernel starts (that takes ~25 s)."""
+    from .checks import check_int
+    from .data import check_dataset_name
+
+    if profile not in PROFILES:
+        raise ValueError(f"profile: got {profile!r}; allowed values are {PROFILES}")
+    check_dataset_name(dataset)
+    check_int("seed", seed, 0)
+    wanted = list(notebooks or NOTEBOOK_SEQUENCE)
+    unknown = [n for n in wanted if n not in NOTEBOOK_SEQUENCE]
+    if unknown:
+        raise ValueError(f"notebooks: got {unknown}; allowed values are {NOTEBOOK_SEQUENCE}")
+    present = [n for n in wanted if (paths.NOTEBOOKS_DIR / f"{n}.ipynb").exists()]
+    missing = [n for n in wanted if n not in present]
+    if notebooks and missing:  # asked for by name: not a silent skip
+        raise FileNotFoundError(f"notebooks: {', '.join(str(paths.NOTEBOOKS_DIR / (n + '.ipynb')) for n in missing)} "
+                                f"does not exist; allowed: notebooks present in {paths.NOTEBOOKS_DIR}")
+    return present, missing
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="quick", choices=PROFILES)
@@ -176,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--notebooks", nargs="*", help="a subset of the sequence, by name")
     args = parser.parse_args(argv)
+    try:
+        check_arguments(args.profile, args.dataset, args.seed, args.notebooks)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))  # exit status 2, with the usage line
     return run_reports(args.profile, args.dataset, args.seed, args.notebooks)
 
 

@@ -9,6 +9,8 @@ run resumed from its checkpoint ends with the same metrics as an uninterrupted o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .checks import check_bool, check_int, check_number
 from .data import save_atomic
 from .progress import progress
 
@@ -27,6 +30,19 @@ AMP_DTYPES = ("bfloat16", "float16")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run is stopped and marked failed."""
+
+
+class TrainingDivergedError(NonFiniteLossError):
+    """The loss is finite but the run has diverged (see :func:`check_divergence`); marked failed too."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed: unreadable, truncated, or of another model. The message names
+    the file; ``run_experiment`` moves such a file aside and trains the run from the start."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -59,25 +75,63 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: got {self.schedule!r}; allowed values are {SCHEDULES}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: got {value!r}; allowed values are integers >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr: got {self.lr!r}; allowed values are numbers > 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing: got {self.label_smoothing!r}; allowed values are 0 <= x < 1")
+            check_int(name, getattr(self, name), 1)
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("momentum", self.momentum, 0, 1, high_open=True)
+        for name in ("nesterov", "augment", "amp", "channels_last"):
+            check_bool(name, getattr(self, name))
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("momentum: got 0 with nesterov=True; allowed: momentum > 0, or nesterov=False")
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_number("warmup_fraction", self.warmup_fraction, 0, 1, high_open=True)
+        check_number("new_module_lr_mult", self.new_module_lr_mult, 0, low_open=True)
+        check_device_name(self.device)
         if self.amp_dtype not in AMP_DTYPES:
             raise ValueError(f"amp_dtype: got {self.amp_dtype!r}; allowed values are {AMP_DTYPES}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay: got {self.ema_decay!r}; allowed values are 0 (off) <= x < 1")
+        for name in ("zero_init_residual", "compile"):
+            check_bool(name, getattr(self, name))
+        check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device_name(device) -> None:
+    """The form of a device name: auto | cpu | cuda | cuda:N | mps (whether it exists: resolve_device)."""
+    allowed = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise ValueError(f"device: got {device!r}; allowed values are {allowed}")
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise ValueError(f"device: got {device!r}; allowed values are {allowed}")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
+    """``device`` as a torch.device; "auto": CUDA, else MPS, else CPU. A device this machine lacks
+    is a ValueError here, before any work."""
+    check_device_name(device)
     if device != "auto":
-        return torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0 or (device.index or 0) >= count:
+                raise ValueError(f"device: got {str(device)!r}, but this machine has {count} CUDA device(s); "
+                                 "allowed: 'auto' or 'cpu'" + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+        elif device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                           and torch.backends.mps.is_available()):
+            raise ValueError("device: got 'mps', but MPS is not available on this machine; allowed: 'auto' or 'cpu'")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -112,6 +166,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean,
     with torch.autocast(device.type, dtype=_amp_dtype("bfloat16", device), enabled=device.type == "cuda"):
         for x, y in loader:
             logits = model(x).float()
+            if count == 0:  # once: labels beyond the model's outputs fail deep inside cross-entropy
+                check_labels(labels, logits.shape[1])
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
             count += y.numel()
@@ -165,6 +221,86 @@ class TrainResult:
     seconds: float
     device: str
     resumed_from_epoch: int
+
+
+DIVERGENCE_FACTOR = 10.0  # a mean loss this many times ln(num_classes) (chance) is a diverged run
+
+
+def warmup_epochs(config: TrainConfig) -> int:
+    """Epochs the one-cycle warm-up reaches into (the loss may spike while the lr climbs)."""
+    return math.ceil(config.warmup_fraction * config.epochs) if config.schedule == "onecycle" else 0
+
+
+def check_divergence(history: list[dict], num_classes: int, warmup: int = 0, final: bool = False) -> str | None:
+    """Why the run whose per-epoch records are ``history`` (the last one just finished) has
+    diverged, or None. Diverged: a non-finite loss; after the warm-up epochs (or at the last
+    epoch) a mean training loss above DIVERGENCE_FACTOR x ln(num_classes), or training accuracy
+    at chance with a rising loss above twice chance's. Runs at lr 50..1e6 ended "finished" with
+    losses of 1e4..5e12 before this check; a healthy run starts at ln(num_classes) and goes down."""
+    record = history[-1]
+    epoch, loss = record["epoch"], record["train_loss"]
+    for name in ("train_loss", "test_loss"):
+        if not math.isfinite(record[name]):
+            return (f"{name.replace('_', ' ')} became {record[name]} at epoch {epoch}; "
+                    "the run is stopped (try a lower lr)")
+    if epoch <= warmup and not final:
+        return None
+    chance_loss = math.log(max(num_classes, 2))
+    if loss > DIVERGENCE_FACTOR * chance_loss:
+        return (f"train loss {loss:.4g} at epoch {epoch} is above {DIVERGENCE_FACTOR:g} x ln({num_classes}) = "
+                f"{DIVERGENCE_FACTOR * chance_loss:.3g}: the run diverged and is stopped (try a lower lr)")
+    if len(history) >= 2 and record["train_accuracy"] <= 1.2 / num_classes and loss > 2 * chance_loss \
+            and loss > history[-2]["train_loss"]:
+        return (f"train accuracy {record['train_accuracy']:.3f} at epoch {epoch} is at chance (1/{num_classes}) and "
+                f"the train loss rose to {loss:.4g}: the run diverged and is stopped (try a lower lr)")
+    return None
+
+
+def model_signature(model: nn.Module) -> str:
+    """What a checkpoint must match besides its tensor shapes: the model's ModelConfig when it has
+    one (a Mish checkpoint has a ReLU6 model's shapes), else its module types by name."""
+    config = getattr(model, "config", None)
+    described = (config.to_dict() if hasattr(config, "to_dict")
+                 else [(name, type(m).__name__) for name, m in model.named_modules()])
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_checkpoint(model, optimizer, scheduler, scaler, config: TrainConfig, path: Path, device) -> dict:
+    """Restore every state from ``path``; a CheckpointError naming the file when it cannot be resumed."""
+    def refuse(problem: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint_path: {path} {problem}; allowed: a checkpoint of this model and "
+                               "TrainConfig (delete or move the file to train from the start)", path)
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # truncated, not a torch file, unpickling refused: all unusable
+        raise refuse(f"is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    needed = ("model", "optimizer", "scheduler", "scaler", "rng", "history", "epoch", "seconds")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise refuse("is not a training checkpoint (missing " + (", ".join(
+            k for k in needed if k not in state) if isinstance(state, dict) else "everything") + ")")
+    if state.get("config") not in (None, config.to_dict()):
+        raise ValueError(f"checkpoint_path: {path} belongs to a run with another TrainConfig "
+                         f"({state['config']}); allowed: a checkpoint of this config, or a new path")
+    if state.get("model_signature") not in (None, model_signature(model)):
+        raise refuse("belongs to another model (its model config differs from this model's)")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(model, state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        raise refuse(f"does not fit this model ({str(error).splitlines()[0][:200]} ...)") from None
+    return state
+
+
+def check_labels(labels: torch.Tensor, num_outputs: int, field: str = "labels") -> None:
+    """Class indices must lie in 0..num_outputs-1 (cross-entropy otherwise fails deep in torch)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_outputs):
+        raise ValueError(f"{field}: got class indices {int(labels.min())}..{int(labels.max())} for a model with "
+                         f"{num_outputs} outputs; allowed: 0..{num_outputs - 1} (build the model with num_classes >= "
+                         f"{int(labels.max()) + 1})")
 
 
 def _rng_state(model) -> dict:
@@ -240,6 +376,13 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
     epoch), so the GPU is never left waiting for Python.
     """
     device = resolve_device(config.device)
+    num_outputs = getattr(getattr(model, "config", None), "num_classes", None)
+    if num_outputs is not None:
+        if num_outputs < dataset.num_classes:
+            raise ValueError(f"num_classes: the model has {num_outputs} outputs but dataset {dataset.name!r} has "
+                             f"{dataset.num_classes} classes; allowed: num_classes >= {dataset.num_classes}")
+        check_labels(dataset.train_labels, num_outputs, "dataset.train_labels")
+        check_labels(dataset.test_labels, num_outputs, "dataset.test_labels")
     torch.manual_seed(seed)
     schedule = getattr(model, "crossnorm_schedule", None)
     if schedule is not None:
@@ -263,17 +406,9 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
     start_epoch, elapsed_before = 0, 0.0
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     if checkpoint_path and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state.get("config") not in (None, config.to_dict()):
-            raise ValueError(f"checkpoint_path: {checkpoint_path} belongs to a run with another TrainConfig "
-                             f"({state['config']}); allowed: a checkpoint of this config, or a new path")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        state = _load_checkpoint(model, optimizer, scheduler, scaler, config, checkpoint_path, device)
         if average is not None:
             average.load_state_dict(state["average"])
-        _set_rng_state(model, state["rng"])
         history, start_epoch, elapsed_before = state["history"], state["epoch"], state["seconds"]
     resumed_from = start_epoch
     step_model = torch.compile(model) if config.compile else model
@@ -315,12 +450,17 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
                   "test_accuracy": test["accuracy"], "test_loss": test["loss"], "epoch_seconds": train_seconds,
                   "lr": scheduler.get_last_lr()[0]}
         history.append(record)
+        diverged = check_divergence(history, dataset.num_classes, warmup_epochs(config),
+                                    final=epoch + 1 == config.epochs)
+        if diverged:
+            raise TrainingDivergedError(diverged)
         if on_epoch:
             on_epoch(record)
         if checkpoint_path:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "rng": _rng_state(model), "config": config.to_dict(), "history": history, "epoch": epoch + 1,
+                     "rng": _rng_state(model), "config": config.to_dict(), "history": history,
+                     "model_signature": model_signature(model), "epoch": epoch + 1,
                      "seconds": elapsed_before + time.perf_counter() - t_start}
             if average is not None:
                 state["average"] = average.state_dict()

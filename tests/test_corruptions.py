@@ -372,7 +372,7 @@ def _write_official(folder: Path, test_images: np.ndarray, test_labels: np.ndarr
     np.save(folder / "labels.npy", np.tile(test_labels, 5).astype(np.uint8))
 
 
-def test_official_files_map_to_the_same_test_images(cache_dir, tmp_path):
+def test_official_files_map_to_the_same_test_images(cache_dir, tmp_path, publish_cifar_files):
     """A dataset read from torchvision's files gets exactly its own test images, corrupted."""
     rng = np.random.default_rng(0)
     tv = tmp_path / "ext" / "cifar-10-batches-py"
@@ -386,6 +386,7 @@ def test_official_files_map_to_the_same_test_images(cache_dir, tmp_path):
             pickle.dump(batch, f)
     with open(tv / "batches.meta", "wb") as f:
         pickle.dump({"label_names": list(D.CIFAR10_CLASSES)}, f)
+    publish_cifar_files(tv)
     nhwc = test.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     _write_official(tmp_path / "ext" / "CIFAR-10-C", nhwc, test_labels)
     ds = D.load_dataset("cifar10", test_size=20, progress=False)

@@ -226,8 +226,10 @@ def _write_torchvision_cifar10(folder: Path, per_batch=6, test=20) -> dict:
     return batches
 
 
-def test_torchvision_format_is_found_first_and_read_exactly(isolated):
-    batches = _write_torchvision_cifar10(isolated / "ext" / "cifar-10-batches-py")
+def test_torchvision_format_is_found_first_and_read_exactly(isolated, publish_cifar_files):
+    folder = isolated / "ext" / "cifar-10-batches-py"
+    batches = _write_torchvision_cifar10(folder)
+    publish_cifar_files(folder)
     ds = D.load_dataset("cifar10", progress=False)
     assert ds.description == "CIFAR-10" and ds.source == str(isolated / "ext" / "cifar-10-batches-py")
     train = np.concatenate([batches[f"data_batch_{i}"]["data"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)

@@ -137,8 +137,9 @@ def run_label(model_config: dict, profile_width: float) -> str:
 def design_frame(records: list[dict], profile_width: float) -> pd.DataFrame:
     """One row per finished run (``records_to_frame``), labelled relative to the profile's width,
     with the design options as columns."""
-    from ..experiments import records_to_frame
+    from ..experiments import records_to_frame, valid_records
 
+    records = valid_records(records)  # a bad record is left out of the frame and of the columns below
     frame = records_to_frame(records)
     if frame.empty:
         return frame

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checks import check_bool, check_int, check_number
 from ..layers.activations import activation_names
 from ..layers.attention import attention_names, check_kernel_size
 from .mobilenetv2 import SHORTCUTS
@@ -17,6 +18,9 @@ CNSN_POSITIONS = ("post", "pre", "residual", "identity")
 CROSSNORM_MODES = ("2-instance", "1-instance")
 CROSSNORM_CROPS = ("neither", "style", "content", "both")
 PRETRAINED = (None, "imagenet", "imagenet1k_v1", "imagenet1k_v2")
+# Upper bounds that keep a typo from allocating terabytes (width 1e6 did); the studies use <= 1.4 and t <= 10.
+MAX_WIDTH_MULT = 4.0
+MAX_EXPAND_RATIO = 16.0
 # Fields added after run records were first stored: ``to_dict`` leaves them out while they
 # hold their defaults, so the run keys (hashes of that dict) of earlier configs do not change.
 _OMITTED_AT_DEFAULT = ("bottleneck_activation", "shortcut", "expand_ratio", "pretrained")
@@ -59,35 +63,34 @@ class ModelConfig:
         from .factory import arch_names  # late import: the registry lives with the builders
 
         _allowed("arch", self.arch, arch_names())
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes: got {self.num_classes!r}; allowed values are integers >= 1")
-        if not isinstance(self.width_mult, (int, float)) or not self.width_mult > 0:
-            raise ValueError(f"width_mult: got {self.width_mult!r}; allowed values are numbers > 0")
+        check_int("num_classes", self.num_classes, 1)
+        check_number("width_mult", self.width_mult, 0, MAX_WIDTH_MULT, low_open=True)
         _allowed("activation", self.activation, activation_names())
         _allowed("attention", self.attention, (None,) + attention_names())
+        if isinstance(self.attention_kernel, bool):
+            raise ValueError(f"attention_kernel: got {self.attention_kernel!r}; allowed values are odd integers >= 1")
         check_kernel_size(self.attention_kernel, "attention_kernel")
         _allowed("attention_position", self.attention_position, ATTENTION_POSITIONS)
         _allowed("stem", self.stem, STEMS)
-        if not isinstance(self.in_channels, int) or self.in_channels < 1:
-            raise ValueError(f"in_channels: got {self.in_channels!r}; allowed values are integers >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: got {self.dropout!r}; allowed values are 0 <= dropout < 1")
+        check_int("in_channels", self.in_channels, 1)
+        check_number("dropout", self.dropout, 0.0, 1.0, high_open=True)
         _allowed("cnsn", self.cnsn, CNSN_KINDS)
         _allowed("cnsn_position", self.cnsn_position, CNSN_POSITIONS)
         _allowed("crossnorm_mode", self.crossnorm_mode, CROSSNORM_MODES)
         _allowed("crossnorm_crop", self.crossnorm_crop, CROSSNORM_CROPS)
-        if not 0.0 <= self.cn_prob <= 1.0:
-            raise ValueError(f"cn_prob: got {self.cn_prob!r}; allowed values are 0 <= cn_prob <= 1")
-        if not isinstance(self.active_num, int) or self.active_num < 1:
-            raise ValueError(f"active_num: got {self.active_num!r}; allowed values are integers >= 1")
+        check_number("cn_prob", self.cn_prob, 0.0, 1.0)
+        check_int("active_num", self.active_num, 1)
+        check_bool("selfnorm_two_gates", self.selfnorm_two_gates)
         _allowed("bottleneck_activation", self.bottleneck_activation, (None,) + activation_names())
         _allowed("shortcut", self.shortcut, SHORTCUTS)
         if self.expand_ratio is not None:
-            if isinstance(self.expand_ratio, bool) or not isinstance(self.expand_ratio, (int, float)) \
-                    or not self.expand_ratio > 0:
-                raise ValueError(f"expand_ratio: got {self.expand_ratio!r}; allowed values are None "
-                                 "(the table's values) or numbers > 0")
+            try:
+                check_number("expand_ratio", self.expand_ratio, 0, MAX_EXPAND_RATIO, low_open=True)
+            except ValueError as error:
+                raise ValueError(f"{error} (or None: the table's values)") from None
             object.__setattr__(self, "expand_ratio", float(self.expand_ratio))  # 4 and 4.0: one config
+        if not isinstance(self.extra, dict) or not all(isinstance(k, str) for k in self.extra):
+            raise ValueError(f"extra: got {self.extra!r}; allowed: a dict of option name -> value")
         _allowed("pretrained", self.pretrained, PRETRAINED)
         if self.cnsn is not None and self.cnsn_position == "identity" and self.shortcut == "none":
             raise ValueError(f"cnsn_position: got 'identity' with shortcut='none' (no shortcut to put CNSN "

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models._utils import _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ..layers.attention import check_feature_map
+from .inputs import check_model_input, output_stride
 from .mobilenetv2 import init_mobilenet_weights
 
 # (output channels, stride) of the 13 depthwise-separable layers
@@ -53,12 +53,10 @@ class MobileNetV1(nn.Module):
         self.features = nn.Sequential(*features)
         self.last_channel = channels
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(channels, num_classes))
+        self.output_stride = output_stride(self.features)
         init_mobilenet_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature_map(x, "MobileNetV1")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"MobileNetV1 input channels: got {x.shape[1]} (input shape {tuple(x.shape)}); "
-                             f"allowed: {self.in_channels}, the model's in_channels")
+        check_model_input(self, x, "MobileNetV1", self.classifier[-1].weight.dtype, self.output_stride)
         x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
         return self.classifier(torch.flatten(x, 1))

@@ -39,7 +39,7 @@ from torch import nn
 from torchvision.models._utils import _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ..layers.attention import check_feature_map
+from .inputs import check_model_input, output_stride
 
 ModuleFactory = Callable[..., nn.Module]
 
@@ -286,6 +286,7 @@ class MobileNetV2(nn.Module):
                                              norm_layer=norm_layer, activation_layer=activation_layer))
         self.features = Features(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
+        self.output_stride = output_stride(self.features)
 
         init_mobilenet_weights(self)
 
@@ -303,10 +304,7 @@ class MobileNetV2(nn.Module):
         return sorted(out)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature_map(x, "MobileNetV2")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"MobileNetV2 input channels: got {x.shape[1]} (input shape {tuple(x.shape)}); "
-                             f"allowed: {self.in_channels}, the model's in_channels")
+        check_model_input(self, x, "MobileNetV2", self.classifier[-1].weight.dtype, self.output_stride)
         return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

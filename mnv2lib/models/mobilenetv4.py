@@ -60,9 +60,10 @@ from torch.nn import functional as F
 from torchvision.models._utils import _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
-from ..layers.attention import check_feature_map
+from ..checks import check_int, check_number
 from .config import STEMS
 from .factory import _activation_factory, _reject, register_arch
+from .inputs import check_model_input
 from .mobilenetv2 import init_mobilenet_weights
 
 ModuleFactory = Callable[..., nn.Module]
@@ -377,13 +378,11 @@ class MobileMQABlock(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: got {value!r}; allowed values are integers >= {minimum}")
+    check_int(name, value, minimum)
 
 
 def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: got {value!r}; allowed values are numbers > 0")
+    check_number(name, value, 0, low_open=True)
 
 
 def _resolve_activation(activation) -> ModuleFactory:
@@ -456,10 +455,8 @@ class MobileNetV4(nn.Module):
         _init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature_map(x, "MobileNetV4")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"MobileNetV4 input channels: got {x.shape[1]} (input shape {tuple(x.shape)}); "
-                             f"allowed: {self.in_channels}, the model's in_channels")
+        # None: the head's BatchNorm runs on the pooled features, one value per image and channel
+        check_model_input(self, x, "MobileNetV4", self.classifier[-1].weight.dtype, None)
         return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,12 @@ def weights_path(weights: str = "imagenet", download: bool | None = None) -> Pat
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's message suggests weights_only=False, which would run the file's code
+        raise ValueError(f"pretrained file {path}: not a PyTorch state_dict file ({type(error).__name__}); "
+                         "allowed: a state_dict saved with torch.save, as torchvision's mobilenet_v2 weights "
+                         "(delete the file to download it again)") from None
     for key in ("state_dict", "model"):  # a checkpoint wrapping the state_dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
