@@ -5,6 +5,7 @@ trained network's activation outputs, with the sentences that report them.
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Iterable
 
 import numpy as np
@@ -263,10 +264,13 @@ WORK_SIZES = {
     "full": {"gradient_batch": 128, "gradient_seeds": 8, "distribution_images": 1000,
              "samples_per_layer": 50000, "manifold_draws": 50},
 }
+WORK_SIZES["gpu"] = WORK_SIZES["full"]  # a GPU does the full sizes in seconds
 
 
 def work_sizes(profile) -> dict:
     name = getattr(profile, "name", profile)
+    if isinstance(name, str) and re.fullmatch(r"\w+_x\d+", name):  # a budget-ladder rung: its base profile's sizes
+        name = name.rsplit("_x", 1)[0]
     if name not in WORK_SIZES:
         raise ValueError(f"profile: got {name!r}; allowed values are {tuple(WORK_SIZES)}")
     return dict(WORK_SIZES[name])
