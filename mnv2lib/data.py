@@ -742,6 +742,8 @@ class BatchLoader:
 
     train=True: a seeded shuffle and augmentation (random crop with ``padding`` zero pixels, and
     horizontal flip); train=False: data order, no augmentation (``shuffle`` / ``augment`` override).
+    ``shard=(rank, world_size)`` (distributed data parallel): every rank draws the same global
+    batches and keeps its contiguous ``batch_size / world_size`` share of each.
     Each batch is gathered on the images' device, moved to ``device``, augmented and normalized
     there. The random draws come from a CPU ``torch.Generator`` seeded with ``seed`` at the start of
     every iteration, so iterating twice gives the same batches on any device.
@@ -750,7 +752,8 @@ class BatchLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128, *, train: bool = False,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None, seed: int = 0,
                  device: str | torch.device | None = None, channels_last: bool = False, drop_last: bool = False,
-                 shuffle: bool | None = None, augment: bool | None = None, padding: int = 4) -> None:
+                 shuffle: bool | None = None, augment: bool | None = None, padding: int = 4,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images: got {images.dtype} {tuple(images.shape)}; allowed: uint8 (N, C, H, W)")
         if len(labels) != len(images):
@@ -759,6 +762,13 @@ class BatchLoader:
             raise ValueError(f"batch_size: got {batch_size!r}; allowed values are integers >= 1")
         if mean is None or std is None:
             mean, std = channel_stats(images)
+        rank, world = shard
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1 or not 0 <= rank < world:
+            raise ValueError(f"shard: got {shard!r}; allowed: (rank, world_size) with 0 <= rank < world_size")
+        if world > 1 and (batch_size % world or not drop_last):
+            raise ValueError(f"batch_size: got {batch_size} for {world} ranks; allowed: a multiple of the world size "
+                             "(with drop_last=True), so that every rank gets an equal share of each batch")
+        self.shard = (rank, world)
         self.images, self.labels = images, torch.as_tensor(labels).to(torch.int64)
         self.batch_size, self.seed = batch_size, int(seed)
         self.shuffle = train if shuffle is None else shuffle
@@ -795,6 +805,10 @@ class BatchLoader:
 
     def _batch(self, b: int, order: torch.Tensor | None, crops, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = b * self.batch_size, min(len(self.labels), (b + 1) * self.batch_size)
+        rank, world = self.shard
+        if world > 1:  # this rank's contiguous share of the global batch (every rank draws the same order)
+            share = (hi - lo) // world
+            lo, hi = lo + rank * share, lo + (rank + 1) * share
         idx = order[lo:hi] if order is not None else slice(lo, hi)
         x, y = self.images[idx], labels[idx]
         x = x.to(self.device, non_blocking=True)

@@ -29,7 +29,8 @@ from .checks import is_number
 from .data import save_atomic
 from .models import ModelConfig, build_model
 from .progress import progress
-from .train import CheckpointError, NonFiniteLossError, TrainConfig, evaluate, resolve_device, train_model
+from .train import (CheckpointError, NonFiniteLossError, TrainConfig, distributed_context, evaluate, resolve_device,
+                    train_model)
 
 RECORD_VERSION = 1
 STATUSES = ("running", "finished", "failed")
@@ -150,6 +151,45 @@ def model_config_for(overrides: dict, profile: Profile, num_classes: int) -> Mod
     if profile.dropout is not None:
         fields.setdefault("dropout", profile.dropout)
     return ModelConfig(**fields)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a notebook asks the store for: build_model overrides, trained with each of ``seeds``."""
+
+    overrides: dict
+    seeds: tuple
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a plan: its store key, model config and seed, and the notebooks that read it."""
+
+    key: str
+    model_config: ModelConfig
+    seed: int
+    notebooks: tuple = ()
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "label": self.model_config.label, "seed": self.seed,
+                "notebooks": list(self.notebooks), "model_config": self.model_config.to_dict()}
+
+
+def plan_runs(requests: Iterable, profile: str | Profile, dataset) -> list[PlannedRun]:
+    """The distinct runs of ``requests`` ((notebook, RunRequest) pairs, or bare RunRequests) for a
+    profile and a loaded dataset, in request order; a run several notebooks share appears once."""
+    profile = get_profile(profile)
+    identity, classes = dataset_identity(dataset), len(dataset.classes)
+    runs: dict[str, PlannedRun] = {}
+    for item in requests:
+        notebook, request = item if isinstance(item, tuple) else (None, item)
+        config = model_config_for(request.overrides, profile, classes)
+        for seed in request.seeds:
+            key = run_key(config, profile, identity, seed)
+            known = runs.get(key)
+            notebooks = (known.notebooks if known else ()) + ((notebook,) if notebook else ())
+            runs[key] = PlannedRun(key, config, seed, tuple(dict.fromkeys(notebooks)))
+    return list(runs.values())
 
 
 def _canonical(obj) -> str:
@@ -322,24 +362,19 @@ def run_experiment(model_config: ModelConfig, profile: str | Profile, dataset, s
     """Train, evaluate (clean and corrupted) and record one run; a finished run is read back, not redone.
 
     A per-run file lock makes a second process that asks for the same run wait and read the
-    first one's record instead of training it again."""
-    from filelock import FileLock, Timeout
-
+    first one's record instead of training it again. Inside a torch.distributed process group
+    (torchrun) every rank trains its share and rank 0 alone holds the lock and writes."""
     profile = get_profile(profile)
     store = store or ResultsStore()
     identity = dataset_identity(dataset)
     key = run_key(model_config, profile, identity, seed)
+    if distributed_context()[1] > 1:
+        return _run_distributed(model_config, profile, dataset, seed, store, key, identity, show_progress,
+                                stop_after_epoch)
     done = _stored_run(store, key, model_config, profile)
     if done is not None:  # read without the lock: a read-only store keeps working
         return done
-    store.runs_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(store.runs_dir / f".{key}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"[experiments] run {key} ({model_config.label}, seed {seed}) is being trained by another process; "
-              "waiting for its result", flush=True)
-        lock.acquire()
+    lock = _acquire_run_lock(store, key, model_config, seed)
     try:
         done = _stored_run(store, key, model_config, profile)  # the other process may have finished it
         if done is not None:
@@ -348,6 +383,50 @@ def run_experiment(model_config: ModelConfig, profile: str | Profile, dataset, s
                            stop_after_epoch)
     finally:
         lock.release()
+
+
+def _acquire_run_lock(store: ResultsStore, key: str, model_config: ModelConfig, seed: int):
+    """The run's file lock, held (an OS lock: released when its process dies, even by SIGKILL)."""
+    from filelock import FileLock, Timeout
+
+    store.runs_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(store.runs_dir / f".{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[experiments] run {key} ({model_config.label}, seed {seed}) is being trained by another process; "
+              "waiting for its result", flush=True)
+        lock.acquire()
+    return lock
+
+
+def _run_distributed(model_config: ModelConfig, profile: Profile, dataset, seed: int, store: ResultsStore, key: str,
+                     identity: dict, show_progress: bool, stop_after_epoch: int | None) -> dict:
+    """One run trained by every rank of the process group; rank 0 holds the lock, evaluates the
+    corruptions and writes the record and weights; every rank returns rank 0's record."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    lock, decided = None, [None]
+    if rank == 0:
+        decided[0] = _stored_run(store, key, model_config, profile)
+        if decided[0] is None:
+            lock = _acquire_run_lock(store, key, model_config, seed)
+            decided[0] = _stored_run(store, key, model_config, profile)
+    dist.broadcast_object_list(decided, src=0)
+    if decided[0] is not None:
+        if lock is not None:
+            lock.release()
+        return decided[0]
+    try:
+        record = _run_locked(model_config, profile, dataset, seed, store, key, identity, show_progress and rank == 0,
+                             stop_after_epoch, writer=rank == 0)
+    finally:
+        if lock is not None:
+            lock.release()
+    result = [record]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def _stored_run(store: ResultsStore, key: str, model_config: ModelConfig, profile: Profile) -> dict | None:
@@ -360,8 +439,13 @@ def _stored_run(store: ResultsStore, key: str, model_config: ModelConfig, profil
 
 
 def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int, store: ResultsStore, key: str,
-                identity: dict, show_progress: bool, stop_after_epoch: int | None) -> dict:
+                identity: dict, show_progress: bool, stop_after_epoch: int | None, writer: bool = True) -> dict:
+    """Train and record run ``key`` while holding its lock (``writer``: this process writes; False for
+    the ranks > 0 of a distributed run, which only train)."""
     run_dir = store.run_dir(key)
+    if writer and run_dir.is_dir():  # temporary files of a writer killed mid-write (we hold the lock)
+        for stale in run_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     record = {
         "key": key, "version": RECORD_VERSION, "status": "running", "model_config": model_config.to_dict(),
         "label": model_config.label, "profile": profile.to_dict(), "profile_name": profile.name,
@@ -369,6 +453,8 @@ def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int,
         "started": _dt.datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
     }
+    if distributed_context()[1] > 1:
+        record["world_size"] = distributed_context()[1]
     checkpoint = run_dir / "checkpoint.pt"
     for attempt in range(2):
         torch.manual_seed(seed)  # the initial weights belong to the run, not to whatever ran before it
@@ -378,7 +464,7 @@ def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int,
                                  show_progress=show_progress, stop_after_epoch=stop_after_epoch)
             break
         except CheckpointError as error:  # resuming it would fail the same way forever: start again
-            if attempt:
+            if attempt or not writer:
                 raise
             aside = checkpoint.with_name(checkpoint.name + ".corrupt")
             os.replace(checkpoint, aside)
@@ -386,9 +472,12 @@ def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int,
         except NonFiniteLossError as error:  # NaN/Inf or a diverged loss: recorded, never in a table
             record.update(status="failed", error=str(error),
                           finished=_dt.datetime.now().isoformat(timespec="seconds"))
-            store.put(record)
+            if writer:
+                store.put(record)
             return record
     if len(result.history) < profile.train.epochs:  # stopped early on purpose: resumable, not finished
+        return {**record, "history": result.history}
+    if not writer:  # a rank > 0 of a distributed run: rank 0 evaluates and records
         return {**record, "history": result.history}
     device = resolve_device(profile.train.device)
     save_atomic(model.state_dict(), run_dir / "model.pt")
@@ -559,12 +648,59 @@ def _print_runs(records: list[dict]) -> None:
               f"on {r.get('device')}", flush=True)
 
 
+def _grid_options(parser) -> None:
+    parser.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    parser.add_argument("--dataset", default="auto", help="auto | cifar10 | cifar100 | synthetic | <ImageFolder path>")
+    parser.add_argument("--seed", type=int, default=0, help="the notebooks' seed parameter (notebooks 01-03)")
+    parser.add_argument("--notebooks", nargs="*", help="only the runs of these notebooks (default: all)")
+
+
+def _run_options(parser) -> None:
+    parser.add_argument("--executor", default=None, help="local (default; or $MNV2_EXECUTOR) | ray")
+    parser.add_argument("--address", default=None, help="Ray cluster to connect to (default: $RAY_ADDRESS, else "
+                                                        "a local cluster of workers x threads CPUs)")
+    parser.add_argument("--workers", type=int, default=None, help="runs side by side (ray; default: cores / threads)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's "
+                                                                  "here, 1 per Ray task)")
+    parser.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs each Ray task requests (e.g. 1)")
+
+
+def plan_notebook_runs(profile: str, dataset: str = "auto", seed: int = 0, notebooks=None):
+    """(loaded dataset, planned runs) of the notebooks' requests (``mnv2lib.notebook_plan``)."""
+    from .notebook_plan import requests_for  # the notebooks' layer: imported by the command line only
+
+    requests = requests_for(profile, seed, notebooks)
+    loaded = load_profile_dataset(get_profile(profile), dataset, seed=0)  # as workbook.Session loads it
+    return loaded, plan_runs(requests, profile, loaded)
+
+
+def train_plan(profile: str, dataset: str = "auto", seed: int = 0, notebooks=None, store: ResultsStore | None = None,
+               show_progress: bool = True, **executor_options) -> list[dict]:
+    """Train every run the notebooks will ask for that the store lacks (``mnv2lib.executors``)."""
+    from .executors import train_runs
+
+    loaded, runs = plan_notebook_runs(profile, dataset, seed, notebooks)
+    return train_runs(runs, profile, loaded, store, show_progress=show_progress, **executor_options)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mnv2lib.experiments",
                                      description="Train experiment runs into the results store.")
     sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="print the runs the notebooks need (key, status, config), training nothing")
+    _grid_options(plan)
+    plan.add_argument("--json", action="store_true", help="one JSON object per run")
+    run = sub.add_parser("run", help="train the runs of the plan that the store lacks (--executor local|ray)")
+    _grid_options(run)
+    _run_options(run)
+    train = sub.add_parser("train", help="train one run; under `torchrun --nproc_per_node=N` with "
+                                         "DistributedDataParallel")
+    train.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    train.add_argument("--dataset", default="auto")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--config", default="{}", help='build_model overrides as JSON, e.g. \'{"activation": "mish"}\'')
     ablation = sub.add_parser("ablation", help="the 2^3 ablation of a profile (e.g. --profile gpu on a GPU machine)")
     ablation.add_argument("--profile", default="quick", choices=sorted(PROFILES))
     ablation.add_argument("--dataset", default="auto")
@@ -582,11 +718,63 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             parser.error(f"{field}: got {text!r}; allowed: comma-separated integers such as 0,1")
 
-    if args.command == "ablation":
-        seeds = integers("--seeds", args.seeds) if args.seeds else None
-        _print_runs(ensure_runs(ablation_configs(), args.profile, args.dataset, seeds))
-    else:
-        _print_runs(train_ladder(args.dataset, integers("--factors", args.factors)))
+    try:
+        if args.command == "plan":
+            _print_plan(*plan_notebook_runs(args.profile, args.dataset, args.seed, args.notebooks), args.json)
+        elif args.command == "run":
+            _print_runs(train_plan(args.profile, args.dataset, args.seed, args.notebooks, executor=args.executor,
+                                   address=args.address, workers=args.workers, threads=args.threads,
+                                   gpus_per_run=args.gpus_per_run))
+        elif args.command == "train":
+            _train_one(args.profile, args.dataset, args.seed, args.config)
+        elif args.command == "ablation":
+            seeds = integers("--seeds", args.seeds) if args.seeds else None
+            _print_runs(ensure_runs(ablation_configs(), args.profile, args.dataset, seeds))
+        else:
+            _print_runs(train_ladder(args.dataset, integers("--factors", args.factors)))
+    except ValueError as error:
+        parser.error(str(error))  # exit status 2, naming the field
+
+
+def _print_plan(dataset, runs: list[PlannedRun], as_json: bool) -> None:
+    store = ResultsStore()
+    for run in runs:
+        record = store.get(run.key)
+        status = record["status"] if record else "missing"
+        if as_json:
+            print(json.dumps({**run.to_dict(), "status": status}), flush=True)
+        else:
+            print(f"{run.key}  {status:8s}  {run.model_config.label:24s} seed {run.seed}  "
+                  f"{','.join(n[:2] for n in run.notebooks):9s} {_canonical(run.model_config.to_dict())}", flush=True)
+    if not as_json:
+        missing = sum(1 for r in runs if (store.get(r.key) or {}).get("status") not in ("finished", "failed"))
+        print(f"{len(runs)} runs on {dataset.description}; {missing} to train", flush=True)
+
+
+def _train_one(profile: str, dataset: str, seed: int, config_json: str) -> None:
+    """One run; under torchrun every rank trains its share (DistributedDataParallel) and rank 0 records."""
+    from .train import init_distributed
+
+    try:
+        overrides = json.loads(config_json)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--config: got {config_json!r} ({error}); allowed: a JSON object of build_model "
+                         "overrides") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--config: got {config_json!r}; allowed: a JSON object of build_model overrides")
+    rank, world = init_distributed()
+    profile_ = get_profile(profile)
+    loaded = load_profile_dataset(profile_, dataset, seed=0)
+    record = run_experiment(model_config_for(overrides, profile_, len(loaded.classes)), profile_, loaded, seed,
+                            show_progress=rank == 0)
+    if rank == 0:
+        _print_runs([record])
+        if world > 1:
+            print(f"[experiments] trained on {world} processes (DistributedDataParallel)", flush=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The report runner: ``python -m mnv2lib.reports --profile quick --dataset auto``.
 
-Executes the numbered notebooks in order with papermill's Python API, writes the
+First trains every run the notebooks will ask for that the results store lacks
+(``mnv2lib.experiments.train_plan``: ``--executor local|ray``, ``--workers``, ``--threads``,
+``--address``), then executes the numbered notebooks in order with papermill's Python API, writes the
 executed copies to ``reports/notebooks/`` and an index of every figure to
 ``reports/README.md``. The arguments are checked before any kernel starts. A failing
 notebook stops the run with a non-zero exit that names the notebook and the cell; the
@@ -166,7 +168,9 @@ def write_index(executed: list[str], missing: list[str], profile: str, dataset: 
 
 
 def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
-                notebooks: list[str] | None = None) -> int:
+                notebooks: list[str] | None = None, train_first: bool = True, **executor_options) -> int:
+    """Train the notebooks' runs (``train_first``; ``executor_options`` go to ``mnv2lib.executors.train_runs``),
+    then execute the notebooks. Returns the exit status."""
     from papermill.exceptions import PapermillExecutionError
     from tqdm.auto import tqdm
 
@@ -175,6 +179,15 @@ def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
         print(f"[reports] {name}.ipynb does not exist yet: skipped", file=sys.stderr)
     parameters = {"profile": profile, "dataset": dataset, "seed": seed, "interactive": False}
     start = time.time()
+    if train_first and present:
+        from .executors import GridError
+        from .experiments import train_plan
+
+        try:
+            train_plan(profile, dataset, seed, present, **executor_options)
+        except GridError as error:  # the notebooks still run: they leave failed runs out of their tables
+            print(f"[reports] {error}", file=sys.stderr)
+        print(f"[reports] runs of the plan trained in {(time.time() - start) / 60:.1f} min", flush=True)
     executed = []
     for name in tqdm(present, desc="notebooks", unit="nb"):
         t0 = time.time()
@@ -225,12 +238,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="auto", help="auto | cifar10 | cifar100 | synthetic | <ImageFolder path>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--notebooks", nargs="*", help="a subset of the sequence, by name")
+    parser.add_argument("--executor", default=None, help="trains the plan's runs: local (default; or "
+                                                          "$MNV2_EXECUTOR) | ray")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local one)")
+    parser.add_argument("--workers", type=int, default=None, help="runs side by side (ray)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     args = parser.parse_args(argv)
+    options = dict(executor=args.executor, address=args.address, workers=args.workers, threads=args.threads)
     try:
         check_arguments(args.profile, args.dataset, args.seed, args.notebooks)
+        from .executors import check_options
+
+        check_options(**options)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))  # exit status 2, with the usage line
-    return run_reports(args.profile, args.dataset, args.seed, args.notebooks)
+    return run_reports(args.profile, args.dataset, args.seed, args.notebooks, **options)
 
 
 if __name__ == "__main__":

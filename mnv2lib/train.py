@@ -139,13 +139,40 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _train_loader(images, labels, dataset, config: "TrainConfig", seed: int, device):
+def _train_loader(images, labels, dataset, config: "TrainConfig", seed: int, device, shard=(0, 1)):
     from .data import BatchLoader
 
     # always shuffled; `augment` only switches the random crop + flip
     return BatchLoader(images, labels, batch_size=config.batch_size, train=True, augment=config.augment,
                        mean=dataset.mean, std=dataset.std, seed=seed, device=device,
-                       channels_last=config.channels_last, drop_last=True)
+                       channels_last=config.channels_last, drop_last=True, shard=shard)
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT): NCCL with one GPU per process where CUDA is available, gloo on
+    the CPU. Without torchrun's variables: nothing, (0, 1). Returns (rank, world size)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return distributed_context()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is then this rank's GPU
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return distributed_context()
 
 
 @torch.no_grad()
@@ -374,6 +401,15 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
     On a GPU the uint8 images are copied to it once and augmented there in batches, and the loop
     makes no host sync per step (losses and accuracies are summed on the device and read once per
     epoch), so the GPU is never left waiting for Python.
+
+    Inside a torch.distributed process group (``torchrun``, see :func:`init_distributed`) the model
+    is wrapped in DistributedDataParallel and each rank trains on its share of every global batch
+    of ``config.batch_size`` (which must divide by the world size); the gradients are averaged, so
+    the step is the single-process step except for BatchNorm: on CUDA the BatchNorms become
+    SyncBatchNorm (statistics over the global batch, as in one process); on the CPU (gloo, where
+    torch has no SyncBatchNorm) each rank normalizes with its own share's statistics. Running BN
+    statistics are taken from rank 0 after every epoch, so every rank evaluates the same model;
+    only rank 0 writes the checkpoint.
     """
     device = resolve_device(config.device)
     num_outputs = getattr(getattr(model, "config", None), "num_classes", None)
@@ -392,6 +428,12 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    rank, world = distributed_context()
+    if world > 1 and config.batch_size % world:
+        raise ValueError(f"batch_size: got {config.batch_size} for {world} ranks; allowed: a multiple of the "
+                         "world size (each rank trains on an equal share of every global batch)")
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place for a model's BatchNorm children
     steps_per_epoch = len(dataset.train_labels) // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size: got {config.batch_size}, larger than the {len(dataset.train_labels)} "
@@ -411,7 +453,13 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
             average.load_state_dict(state["average"])
         history, start_epoch, elapsed_before = state["history"], state["epoch"], state["seconds"]
     resumed_from = start_epoch
-    step_model = torch.compile(model) if config.compile else model
+    step_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[device.index or torch.cuda.current_device()]
+                                             if device.type == "cuda" else None)
+    step_model = torch.compile(step_model) if config.compile else step_model
     eval_model = average.model.module if average is not None else model
     # the uint8 training images live on the training device (once per call, not per batch)
     train_images, train_labels = dataset.train_images.to(device), dataset.train_labels.to(device)
@@ -424,7 +472,8 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
-        loader = _train_loader(train_images, train_labels, dataset, config, seed * 100_003 + epoch, device)
+        loader = _train_loader(train_images, train_labels, dataset, config, seed * 100_003 + epoch, device,
+                               shard=(rank, world))
         for x, y in progress(loader, enabled=show_progress, desc=f"epoch {epoch + 1}", leave=False, unit="batch"):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 logits = step_model(x)
@@ -439,6 +488,15 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
             loss_sum += loss.detach() * y.numel()
             correct += (logits.argmax(1) == y).sum()
             seen += y.numel()
+        if world > 1:  # the epoch's numbers over the global batches; BN running statistics: rank 0's
+            import torch.distributed as dist
+
+            totals = torch.stack([loss_sum, correct.to(torch.float64),
+                                  torch.tensor(float(seen), dtype=torch.float64, device=device)])
+            dist.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
         train_loss = loss_sum.item() / seen  # the epoch's one host sync
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(f"loss became {train_loss} in epoch {epoch + 1}; "
@@ -446,7 +504,7 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
         train_seconds = time.perf_counter() - t0
         test = evaluate(eval_model, dataset.test_images, dataset.test_labels, dataset.mean, dataset.std,
                         config.eval_batch_size, device, config.channels_last)
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": correct.item() / seen,
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": float(correct.item()) / seen,
                   "test_accuracy": test["accuracy"], "test_loss": test["loss"], "epoch_seconds": train_seconds,
                   "lr": scheduler.get_last_lr()[0]}
         history.append(record)
@@ -456,7 +514,7 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
             raise TrainingDivergedError(diverged)
         if on_epoch:
             on_epoch(record)
-        if checkpoint_path:
+        if checkpoint_path and rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "rng": _rng_state(model), "config": config.to_dict(), "history": history,

@@ -358,16 +358,16 @@ def test_a_failed_report_rerun_keeps_the_last_good_notebook(tmp_path, monkeypatc
 
     monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
     monkeypatch.setattr(reports, "_kernel_name", lambda: None)
-    assert reports.run_reports("smoke", "synthetic", notebooks=["04_ablations"]) == 0
+    assert reports.run_reports("smoke", "synthetic", notebooks=["04_ablations"], train_first=False) == 0
     outcome["fail"] = True
-    assert reports.run_reports("smoke", "synthetic", notebooks=["04_ablations"]) == 1
+    assert reports.run_reports("smoke", "synthetic", notebooks=["04_ablations"], train_first=False) == 1
     executed = tmp_path / "executed"
     assert json.loads((executed / "04_ablations.ipynb").read_text()) == {"run": "good"}
     assert json.loads((executed / "04_ablations.failed.ipynb").read_text()) == {"run": "failed"}
     index = (tmp_path / "README.md").read_text()
     assert "04_ablations FAILED" in index and "ZeroDivisionError" in index and "04_ablations.failed.ipynb" in index
     outcome["fail"] = False  # a good rerun clears the failure
-    assert reports.run_reports("smoke", "synthetic", notebooks=["04_ablations"]) == 0
+    assert reports.run_reports("smoke", "synthetic", notebooks=["04_ablations"], train_first=False) == 0
     assert not (executed / "04_ablations.failed.ipynb").exists()
 
 

@@ -16,6 +16,10 @@ from torch import nn
 from ..layers.activations import activation_names, get_activation_class, mish_reference
 from ..progress import progress
 
+# The trained models notebook 01 compares (build_model overrides); the run plan
+# (mnv2lib.notebook_plan) trains the same ones before the notebook runs.
+TRAINED_MODELS = {"relu6": {}, "mish": {"activation": "mish"}}
+
 # ---------------------------------------------------------------------------------------------
 # 1. The functions and their derivatives
 # ---------------------------------------------------------------------------------------------

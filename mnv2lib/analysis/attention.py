@@ -6,6 +6,10 @@ from torch import nn
 
 from ..layers.attention import BRANCHES, TripletAttention, record_attention
 
+# The trained models notebook 02 compares (build_model overrides); the run plan
+# (mnv2lib.notebook_plan) trains the same ones before the notebook runs.
+TRAINED_MODELS = {"baseline": {}, "triplet": {"attention": "triplet"}}
+
 
 @torch.no_grad()
 def attention_maps(model: nn.Module, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:

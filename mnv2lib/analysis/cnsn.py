@@ -37,6 +37,11 @@ CROSSNORM_VARIANTS: dict[str, tuple[str, str] | None] = {
     "2-instance, content crop": ("2-instance", "content"),
     "2-instance, both crops": ("2-instance", "both"),
 }
+
+# The trained model notebook 03 studies (build_model overrides); the run plan
+# (mnv2lib.notebook_plan) trains it before the notebook runs.
+TRAINED_MODEL = {"cnsn": "cnsn"}
+
 STAT_COLUMNS = ("mean", "std", "gate", "selfnorm_mean", "selfnorm_std")
 ID_COLUMNS = ("layer", "block", "source", "severity", "crossnorm", "sample", "channel")
 # Images per source, per profile: the per-image statistics of every layer are kept, so this sets the memory.

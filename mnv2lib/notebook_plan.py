@@ -1,0 +1,46 @@
+"""The runs every notebook asks the results store for, without executing a notebook.
+
+Each notebook's requests are built here from the same functions and constants the notebook
+passes to ``trained_model`` / ``ensure_runs`` (``ablation_configs``, ``design_plan``,
+``trainable_members``, ``TRAINED_MODELS`` ...), so ``python -m mnv2lib.experiments run`` and
+``make reports`` can train the whole grid first, in parallel, and the notebooks then find every
+run in the store. ``tests/test_notebooks.py`` executes the notebooks after the plan has been
+trained and checks that they train nothing more: the plan cannot drift from the notebooks.
+
+This module sits at the notebooks' layer (it reads the analysis modules); the engine's
+``mnv2lib.executors`` trains what it lists.
+"""
+from __future__ import annotations
+
+from .experiments import Profile, RunRequest, ablation_configs, get_profile
+from .reports import NOTEBOOK_SEQUENCE as NOTEBOOKS
+
+
+def notebook_requests(profile: str | Profile, seed: int = 0) -> dict[str, list[RunRequest]]:
+    """Per notebook (in the report sequence), the runs it asks for: ``seed`` is the notebook's
+    ``seed`` parameter (notebooks 01-03 train that seed; 04-06 the profile's or the design plan's)."""
+    from .analysis import activations, attention, cnsn, design, families
+
+    profile = get_profile(profile)
+    one_seed = (seed,)
+    plan = design.design_plan(profile)
+    members = families.trainable_members(families.family_entries())
+    return {
+        "01_activation_study": [RunRequest(o, one_seed) for o in activations.TRAINED_MODELS.values()],
+        "02_triplet_attention": [RunRequest(o, one_seed) for o in attention.TRAINED_MODELS.values()],
+        "03_cnsn_distributions": [RunRequest(cnsn.TRAINED_MODEL, one_seed)],
+        "04_ablations": [RunRequest(o, tuple(profile.seeds)) for o in ablation_configs()],
+        "05_mobilenet_families": [RunRequest(o, tuple(profile.seeds)) for o in members.values()],
+        "06_mobilenetv2_design": ([RunRequest(o, tuple(plan.figure6_seeds)) for o in design.figure6_configs()]
+                                  + [RunRequest(o, tuple(plan.sweep_seeds)) for o in design.sweep_configs(plan)]),
+    }
+
+
+def requests_for(profile: str | Profile, seed: int = 0, notebooks=None) -> list[tuple[str, RunRequest]]:
+    """(notebook, request) pairs of ``notebooks`` (default: all), in the report sequence."""
+    wanted = list(notebooks or NOTEBOOKS)
+    unknown = [n for n in wanted if n not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"notebooks: got {unknown}; allowed values are {NOTEBOOKS}")
+    per_notebook = notebook_requests(profile, seed)
+    return [(name, request) for name in NOTEBOOKS if name in wanted for request in per_notebook[name]]
