@@ -30,6 +30,27 @@ def test_every_notebook_in_the_sequence_is_tested():
     assert list(EXPECTED_FIGURES) == list(NOTEBOOK_SEQUENCE)
 
 
+# The run plan (python -m mnv2lib.experiments plan/run) is trained first, as `make reports` does; the
+# notebooks executed after it must find every run they ask for: none may train (no record written).
+_PLAN_SNAPSHOT: dict = {}
+
+
+def _store_state(reports_dir):
+    records = {p.name: p.stat().st_mtime_ns for p in (reports_dir / "results").glob("*.json")}
+    return records, sorted(p.name for p in (reports_dir / "runs").glob("*") if p.is_dir())
+
+
+@pytest.mark.slow
+def test_the_run_plan_trains_what_the_notebooks_need(smoke_reports_dir):
+    from mnv2lib.experiments import ResultsStore, train_plan
+
+    store = ResultsStore(smoke_reports_dir / "results", smoke_reports_dir / "runs")
+    records = train_plan("smoke", "synthetic", 0, store=store, show_progress=False, executor="local")
+    assert records and {r["status"] for r in records} == {"finished"}
+    _PLAN_SNAPSHOT["state"] = _store_state(smoke_reports_dir)
+    assert len(_PLAN_SNAPSHOT["state"][0]) == len(records)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPECTED_FIGURES))
 def test_notebook_runs_in_the_smoke_profile(name, smoke_reports_dir, monkeypatch):
@@ -53,3 +74,14 @@ def test_notebook_runs_in_the_smoke_profile(name, smoke_reports_dir, monkeypatch
     assert "<Figure size" not in texts
     images = sum("image/png" in o.get("data", {}) for o in outputs)
     assert images >= len(EXPECTED_FIGURES[name])
+
+
+@pytest.mark.slow
+def test_the_notebooks_trained_nothing_beyond_the_run_plan(smoke_reports_dir):
+    if "state" not in _PLAN_SNAPSHOT:
+        pytest.skip("runs only after test_the_run_plan_trains_what_the_notebooks_need and the notebooks")
+    records, run_dirs = _store_state(smoke_reports_dir)
+    planned_records, planned_dirs = _PLAN_SNAPSHOT["state"]
+    new = sorted(set(records) - set(planned_records)) + [n for n in run_dirs if n not in planned_dirs]
+    assert not new, f"the notebooks trained runs the plan (mnv2lib.notebook_plan) does not list: {new}"
+    assert records == planned_records  # and rewrote none
