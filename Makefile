@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROFILE ?= quick
 DATASET ?= auto
+EXECUTOR ?=
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .DEFAULT_GOAL := help
@@ -12,7 +13,8 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=smoke|quick|gpu|full (default quick), DATASET=auto|cifar10|cifar100|synthetic|<path>"
+	@echo "  variables: PROFILE=smoke|quick|gpu|full (default quick), DATASET=auto|cifar10|cifar100|synthetic|<path>,"
+	@echo "             EXECUTOR=local|ray (default local, or \$$MNV2_EXECUTOR): how make reports trains the runs"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +27,8 @@ install: $(STAMP) ## create .venv and install the project with its dev extras
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-reports: $(STAMP) ## execute every notebook with papermill and regenerate reports/ (PROFILE, DATASET)
-	$(BIN)/python -m mnv2lib.reports --profile $(PROFILE) --dataset $(DATASET)
+reports: $(STAMP) ## train the notebooks' runs, execute every notebook with papermill, regenerate reports/ (PROFILE, DATASET, EXECUTOR)
+	$(BIN)/python -m mnv2lib.reports --profile $(PROFILE) --dataset $(DATASET) $(if $(EXECUTOR),--executor $(EXECUTOR))
 
 ladder: $(STAMP) ## train the budget ladder (quick, 2x, 4x budgets; ~30 min on 2 cores); notebook 04 plots it
 	$(BIN)/python -m mnv2lib.experiments ladder --dataset $(DATASET)

@@ -179,6 +179,11 @@ for name, make in (("mobilenet_v2", lambda: build_model(E.model_config_for({}, p
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.state_dict().values())).hexdigest()
     results[name] = {"history": history, "digest": digest,
                      "weights": [p.detach().flatten().tolist() for p in model.parameters()] if name == "tiny" else None}
+# the experiment path: rank 0 holds the run's lock and writes; every rank returns rank 0's record
+store = E.ResultsStore(out + "/store/results", out + "/store/runs")
+record = E.run_experiment(E.model_config_for({}, profile, len(dataset.classes)), profile, dataset, 0, store,
+                          show_progress=False)
+results["record"] = {k: record.get(k) for k in ("key", "status", "world_size", "clean_accuracy")}
 json.dump(results, open(f"{out}/rank{rank}.json", "w"))
 """
 DDP_TRAIN = dict(epochs=3, batch_size=64, lr=0.05, eval_batch_size=256)
@@ -220,6 +225,10 @@ def test_ddp_with_gloo_on_two_processes_follows_the_single_process_loss_curve(da
         assert ranks[0][name]["digest"] == ranks[1][name]["digest"]
         numbers = [[{k: v for k, v in h.items() if k != "epoch_seconds"} for h in r[name]["history"]] for r in ranks]
         assert numbers[0] == numbers[1]
+
+    assert ranks[0]["record"] == ranks[1]["record"] and ranks[0]["record"]["status"] == "finished"
+    assert ranks[0]["record"]["world_size"] == 2
+    assert len(list((tmp_path / "store" / "results").glob("*.json"))) == 1  # written once, by rank 0
 
     namespace = {}
     exec(TINY_MODEL, namespace)
