@@ -258,3 +258,32 @@ def test_bad_executor_options_name_the_field(monkeypatch):
         X.check_options("local", workers=2)
     with pytest.raises(ValueError, match="threads: got 0"):
         X.check_options("ray", threads=0)
+
+
+def test_ranks_share_each_global_batch_exactly():
+    from mnv2lib.data import BatchLoader
+
+    images = torch.randint(0, 255, (40, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(40)
+    options = dict(batch_size=8, train=True, mean=(0.5,) * 3, std=(0.25,) * 3, seed=3, drop_last=True)
+    whole = list(BatchLoader(images, labels, **options))
+    shards = [list(BatchLoader(images, labels, shard=(r, 2), **options)) for r in range(2)]
+    for b, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([shards[0][b][1], shards[1][b][1]]), y)
+        assert torch.equal(torch.cat([shards[0][b][0], shards[1][b][0]]), x)  # the same crops and flips
+    with pytest.raises(ValueError, match="shard: got"):
+        BatchLoader(images, labels, shard=(2, 2), **options)
+    with pytest.raises(ValueError, match="batch_size: got 8 for 3 ranks"):
+        BatchLoader(images, labels, shard=(0, 3), **options)
+
+
+def test_plan_command_lists_each_run_once_with_the_notebooks_that_read_it(capsys):
+    E.main(["plan", "--profile", "smoke", "--dataset", "synthetic", "--json"])
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len({r["key"] for r in runs}) == len(runs) > 8
+    readers = {n for r in runs for n in r["notebooks"]}
+    assert readers == {"01_activation_study", "02_triplet_attention", "03_cnsn_distributions", "04_ablations",
+                       "05_mobilenet_families", "06_mobilenetv2_design"}
+    baseline = next(r for r in runs if r["label"] == "baseline" and r["seed"] == 0
+                    and r["model_config"]["width_mult"] == SMOKE.width_mult)
+    assert {"01_activation_study", "02_triplet_attention", "04_ablations"} <= set(baseline["notebooks"])
