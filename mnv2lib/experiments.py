@@ -722,6 +722,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "plan":
             _print_plan(*plan_notebook_runs(args.profile, args.dataset, args.seed, args.notebooks), args.json)
         elif args.command == "run":
+            from .executors import check_options
+
+            check_options(args.executor, args.address, args.workers, args.threads)  # before the data loads
             _print_runs(train_plan(args.profile, args.dataset, args.seed, args.notebooks, executor=args.executor,
                                    address=args.address, workers=args.workers, threads=args.threads,
                                    gpus_per_run=args.gpus_per_run))
