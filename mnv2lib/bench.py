@@ -107,15 +107,11 @@ def steady_allocator() -> bool:
 
 def kernel_paths(device: torch.device) -> dict[str, str]:
     """Which implementation each improvement runs on ``device`` (recorded in the report)."""
-    from .layers import activations, attention, cnsn
+    from . import ops
 
     native = device.type == "cpu"
-    return {
-        "mish_training": "torch.compile" if activations._kernels.get() is not activations._EAGER else "eager",
-        "mish_inference": "C" if native and activations._mish_native.get() is not None else "torch.compile/eager",
-        "triplet_attention": "C" if native and attention._native.get() is not None else "PyTorch ops",
-        "cnsn": "C" if native and cnsn._native.get() is not None else "PyTorch ops",
-    }
+    return {name: "mnv2:: operators (C)" if native and ops.available(name) else "PyTorch ops"
+            for name in ("mish", "triplet_attention", "cnsn")}
 
 
 def make_data_step(train_batch: int, device: torch.device, channels_last: bool):

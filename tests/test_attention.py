@@ -108,7 +108,9 @@ def test_bad_input_rank():
 
 def test_native_kernels_available_on_cpu():
     """The C kernels build on this machine (they need a C compiler with OpenMP, like torch.compile)."""
-    assert attention_module._native.get() is not None
+    from mnv2lib import ops
+
+    assert ops.available("triplet_attention")
 
 
 @pytest.mark.parametrize("kernel_size", [3, 5, 7, 9])
@@ -210,19 +212,19 @@ def test_layouts_and_dtypes():
 
 
 def test_unavailable_compiler_falls_back_to_pytorch(monkeypatch):
-    library = attention_module._native
-    monkeypatch.setattr(library, "_lib", None)
-    monkeypatch.setattr(library, "_failed", False)
+    from mnv2lib.ops import build, kernels
 
-    def broken():
+    def broken(*args):
         raise RuntimeError("no C compiler")
 
-    monkeypatch.setattr(library, "_load", broken)
+    monkeypatch.setattr(build, "load", broken)
+    monkeypatch.setattr(kernels, "_libraries", {})
+    monkeypatch.setattr(kernels, "_failed", set())
     fast, ref = _pair()
     x = torch.randn(2, 4, 6, 6)
     with pytest.warns(RuntimeWarning, match="PyTorch implementation"):
         torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
-    assert library.get() is None
+    assert kernels.get("triplet_attention") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once
         assert_same_training_step(fast, ref, torch.randn(2, 4, 6, 6))
