@@ -105,7 +105,7 @@ def test_config_round_trips_through_json():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("arch", "resnet50"), ("activation", "swish"), ("attention", "se"), ("attention_position", "head"),
+    ("arch", "resnet50"), ("activation", "swish"), ("attention", "cbam"), ("attention_position", "head"),
     ("width_mult", 0), ("width_mult", -1.0), ("num_classes", 0), ("attention_kernel", 4),
     ("attention_kernel", 0), ("stem", "tiny"), ("in_channels", 0), ("cnsn", "bn"),
 ])

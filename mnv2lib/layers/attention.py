@@ -111,36 +111,46 @@ class TripletAttention(nn.Module):
             scale = scale + g[2] * weight
         return x * scale
 
-    def _native(self, x: torch.Tensor) -> bool:
-        """The operator path: float32 CPU x (NCHW or channels_last), all three branches, BatchNorms
-        with running statistics, one eps and one momentum, and not exporting, tracing or recording."""
-        if self.spatial is None or self.record or x.device.type != "cpu" or x.dtype != torch.float32 \
-                or x.numel() == 0 or not ops.is_dense(x) or exporting():
-            return False
-        bns = (self.channel_width.bn, self.height_channel.bn, self.spatial.bn)
+    def _op_arguments(self, x: torch.Tensor):
+        """(tensors for the ``mnv2::triplet_attention`` operators, the first BatchNorm) where they apply:
+        float32 CPU x (NCHW or channels_last), all three branches, BatchNorms with running statistics,
+        one eps and one momentum, and not exporting, tracing or recording; else None. (Submodules are
+        read from ``_modules``: ``nn.Module.__getattr__`` would cost more than the kernel on small maps.)"""
+        gates = self._modules
+        spatial = gates.get("spatial")
+        if spatial is None or self.record or not x.is_cpu or x.dtype != torch.float32 or x.numel() == 0 \
+                or not ops.is_dense(x) or exporting() or not ops.available("triplet_attention"):
+            return None
+        branches = (gates["channel_width"]._modules, gates["height_channel"]._modules, spatial._modules)
+        bns = [b["bn"] for b in branches]
         first = bns[0]
-        if not all(bn.affine and bn.track_running_stats and bn.momentum is not None and bn.eps == first.eps
-                   and bn.momentum == first.momentum and bn.training == first.training for bn in bns):
-            return False
-        return self.channel_width.conv.weight.dtype == torch.float32 and ops.available("triplet_attention")
+        for bn in bns:
+            if not (bn.affine and bn.track_running_stats and bn.momentum is not None and bn.eps == first.eps
+                    and bn.momentum == first.momentum and bn.training == first.training):
+                return None
+        weights = [b["conv"]._parameters["weight"] for b in branches]
+        if weights[0].dtype != torch.float32:
+            return None
+        params = [bn._parameters for bn in bns]
+        buffers = [bn._buffers for bn in bns]
+        tensors = (*weights, *[p["weight"] for p in params], *[p["bias"] for p in params],
+                   *[b["running_mean"] for b in buffers], *[b["running_var"] for b in buffers])
+        return tensors, bns
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             check_feature_map(x, "TripletAttention")
-        if not self._native(x):
+        arguments = self._op_arguments(x)
+        if arguments is None:
             return self._forward_torch(x)
-        branches = (self.channel_width, self.height_channel, self.spatial)
-        bns = [b.bn for b in branches]
-        weights = [b.conv.weight for b in branches]
-        affine = [bn.weight for bn in bns] + [bn.bias for bn in bns]
-        running = [bn.running_mean for bn in bns] + [bn.running_var for bn in bns]
+        tensors, bns = arguments
         bn = bns[0]
-        if not (bn.training or torch.is_grad_enabled() and (
-                x.requires_grad or any(t.requires_grad for t in weights + affine))):
-            return torch.ops.mnv2.triplet_attention_inference(x, *weights, *affine, *running, bn.eps)
-        out, *_, batch_stats = torch.ops.mnv2.triplet_attention(x, *weights, *affine, *running, bn.training, bn.eps)
+        if not (bn.training or torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad
+                                                                                   for t in tensors[:9]))):
+            return torch.ops.mnv2.triplet_attention_inference(x, *tensors, bn.eps)
+        out, *_, batch_stats = torch.ops.mnv2.triplet_attention(x, *tensors, bn.training, bn.eps)
         if bn.training:
-            torch.ops.mnv2.batch_norm_update(batch_stats, running[:3], running[3:],
+            torch.ops.mnv2.batch_norm_update(batch_stats, tensors[9:12], tensors[12:15],
                                              [b.num_batches_tracked for b in bns], bn.momentum)
         return out
 

@@ -123,6 +123,8 @@ class CrossNorm(nn.Module):
         check_feature_map(x, "CrossNorm")
         if isinstance(active, torch.Tensor):  # drawn by the schedule while compiling: blend, never branch
             return torch.where(active, self.exchange_traced(x), x)
+        if torch.compiler.is_compiling():
+            return self.exchange_traced(x) if active else x
         return self.exchange(x) if active else x
 
     def exchange(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,10 +216,11 @@ def random_box_mask(height: int, width: int, device: torch.device, beta: float =
     left = (cx - torch.div(cut_w, 2, rounding_mode="floor")).clamp(min=0)
     right = (cx + torch.div(cut_w, 2, rounding_mode="floor") + cut_w % 2).clamp(max=width)
     valid = (bottom - top) * (right - left) / (height * width) > min_area
-    pick = valid.to(torch.uint8).argmax()  # the first valid candidate (0 when none is)
+    first = (valid & (valid.cumsum(0) == 1)).to(top.dtype)  # one-hot of the first valid candidate
+    top, bottom, left, right = ((t * first).sum() for t in (top, bottom, left, right))  # (no indexing: no sync)
     rows = torch.arange(height, device=device).view(-1, 1)
     cols = torch.arange(width, device=device).view(1, -1)
-    inside = (rows >= top[pick]) & (rows < bottom[pick]) & (cols >= left[pick]) & (cols < right[pick])
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
     return inside | ~valid.any()
 
 
@@ -258,13 +261,17 @@ class SelfNorm(nn.Module):
         return [(self.g_fc, self.g_bn)] + ([(self.f_fc, self.f_bn)] if self.two_gates else [])
 
     def _native_gates(self, x: torch.Tensor):
-        """The gates' (conv weight, BN) pairs where the operator path applies, else None."""
+        """The gates' (conv, BN) pairs where the operator path applies, else None (submodules read from
+        ``_modules``: ``nn.Module.__getattr__`` costs more than the kernel on small maps)."""
         if self.record or not _native(x, "cnsn"):
             return None
-        gates = self._gate_modules()
+        modules = self._modules
+        gates = [(modules["g_fc"], modules["g_bn"])]
+        if self.two_gates:
+            gates.append((modules["f_fc"], modules["f_bn"]))
         for fc, bn in gates:
-            if not (fc.weight.dtype == torch.float32 and fc.bias is None and bn.affine and bn.track_running_stats
-                    and bn.momentum is not None):
+            if not (fc._parameters["weight"].dtype == torch.float32 and fc._parameters.get("bias") is None
+                    and bn.affine and bn.track_running_stats and bn.momentum is not None):
                 return None
         return gates
 
@@ -275,21 +282,20 @@ class SelfNorm(nn.Module):
             raise ValueError(f"SelfNorm input channels: got {x.shape[1]}; allowed: {self.channels}")
         gates = self._native_gates(x)
         if gates is not None:
-            (fc, bn), *second = gates
+            tensors = [(fc._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"],
+                        bn._buffers["running_mean"], bn._buffers["running_var"]) for fc, bn in gates]
+            bn = gates[0][1]
             if not (self.training or torch.is_grad_enabled() and (
-                    x.requires_grad or any(p.requires_grad for p in self.parameters()))):
-                f = [second[0][0].weight, second[0][1].weight, second[0][1].bias, second[0][1].running_mean,
-                     second[0][1].running_var] if second else [None] * 5
-                return torch.ops.mnv2.selfnorm_inference(
-                    x, fc.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, *f,
-                    second[0][1].eps if second else 0.0, self.eps)
-            if not second:
+                    x.requires_grad or any(t.requires_grad for g in tensors for t in g[:3]))):
+                second = tensors[1] if len(tensors) == 2 else (None,) * 5
+                return torch.ops.mnv2.selfnorm_inference(x, *tensors[0], bn.eps, *second,
+                                                         gates[1][1].eps if len(gates) == 2 else 0.0, self.eps)
+            if len(gates) == 1:
                 use_batch_stats = bn.training and x.shape[0] > 1  # one value per channel: running statistics
-                out, *_, batch_stats = torch.ops.mnv2.selfnorm(x, fc.weight, bn.weight, bn.bias, bn.running_mean,
-                                                               bn.running_var, use_batch_stats, bn.eps, self.eps)
+                out, *_, batch_stats = torch.ops.mnv2.selfnorm(x, *tensors[0], use_batch_stats, bn.eps, self.eps)
                 if use_batch_stats:
                     # (no batches-tracked count: the PyTorch path's functional batch_norm keeps none either)
-                    torch.ops.mnv2.batch_norm_update(batch_stats, [bn.running_mean], [bn.running_var], [],
+                    torch.ops.mnv2.batch_norm_update(batch_stats, [tensors[0][3]], [tensors[0][4]], [],
                                                      bn.momentum)
                 return out
         mean, std = channel_stats(x, self.eps)

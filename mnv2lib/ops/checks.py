@@ -14,8 +14,8 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def is_dense(x: torch.Tensor) -> bool:
-    """Contiguous or channels_last, from the start of its storage (what the C kernels read flat)."""
-    return x.storage_offset() == 0 and (x.is_contiguous() or is_channels_last(x))
+    """Contiguous or channels_last: what the C kernels read flat from ``data_ptr()``."""
+    return x.is_contiguous() or is_channels_last(x)
 
 
 def check_float32_cpu(op: str, name: str, t: torch.Tensor, shape: tuple | None = None) -> None:
@@ -39,6 +39,6 @@ def check_feature_map(op: str, name: str, x: torch.Tensor) -> None:
 
 def check_same_layout(op: str, name: str, t: torch.Tensor, like: torch.Tensor, like_name: str = "x") -> None:
     check_float32_cpu(op, name, t, like.shape)
-    if t.stride() != like.stride() or t.storage_offset() != 0:
+    if t.stride() != like.stride():
         raise ValueError(f"mnv2::{op}: {name} must have the layout (strides {like.stride()}) of {like_name}; "
                          f"got strides {t.stride()}")

@@ -71,7 +71,7 @@ def _stats_backward(ctx, d_mean, d_std):
     x, mean, std = ctx.saved_tensors
     d_mean = torch.zeros_like(mean) if d_mean is None else d_mean
     d_std = torch.zeros_like(std) if d_std is None else d_std
-    return channel_stats_backward(x, mean, std, d_mean, d_std), None
+    return torch.ops.mnv2.channel_stats_backward(x, mean, std, d_mean, d_std), None
 
 
 channel_stats.register_autograd(_stats_backward, setup_context=_stats_setup)
@@ -95,7 +95,7 @@ def selfnorm(x: Tensor, fc: Tensor, gamma: Tensor, beta: Tensor, running_mean: T
                                           "running_var": running_var})
     lib, threads = kernels.require("cnsn"), kernels.threads()
     mean, std, y, g, xhat = (x.new_empty(batch, channels) for _ in range(5))
-    invstd, batch_stats = x.new_empty(channels), x.new_empty(2, channels)
+    invstd, batch_stats = x.new_empty(channels), x.new_zeros(2, channels)  # (zero without batch statistics)
     lib.cn_stats(x.data_ptr(), batch, channels, n, nhwc, eps, mean.data_ptr(), std.data_ptr(), threads)
     fc = fc.contiguous()
     lib.sn_gate_input(mean.data_ptr(), std.data_ptr(), fc.data_ptr(), batch, channels, y.data_ptr())
@@ -152,7 +152,8 @@ def _selfnorm_setup(ctx, inputs, output):
 def _selfnorm_backward(ctx, grad, *unused):
     x, fc, gamma, mean, std, g, xhat, invstd = ctx.saved_tensors
     grad = grad.contiguous(memory_format=memory_format(x))
-    dx, d_fc, d_gamma, d_beta = selfnorm_backward(grad, x, fc, gamma, mean, std, g, xhat, invstd, ctx.training)
+    dx, d_fc, d_gamma, d_beta = torch.ops.mnv2.selfnorm_backward(grad, x, fc, gamma, mean, std, g, xhat, invstd,
+                                                                 ctx.training)
     return dx, d_fc, d_gamma, d_beta, None, None, None, None, None
 
 

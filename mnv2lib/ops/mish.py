@@ -52,7 +52,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return mish_backward(x, grad.contiguous(memory_format=memory_format(x)))
+    return torch.ops.mnv2.mish_backward(x, grad.contiguous(memory_format=memory_format(x)))
 
 
 mish.register_autograd(_backward, setup_context=_setup_context)

@@ -74,6 +74,10 @@ def _with_slack(maps: Tensor) -> Tensor:
 def _check_params(op: str, x: Tensor, weights, vectors: dict[str, list[Tensor]]) -> int:
     check_feature_map(op, "x", x)
     k = weights[0].shape[-1] if weights[0].dim() == 4 else -1
+    one = (1,)
+    if k >= 1 and k % 2 == 1 and all(w.dtype == torch.float32 and w.is_cpu and w.shape == (1, 2, k, k) for w in weights) \
+            and all(t.dtype == torch.float32 and t.is_cpu and t.shape == one for ts in vectors.values() for t in ts):
+        return k  # (one pass of cheap tests: this runs on every call)
     if k < 1 or k % 2 == 0:
         raise ValueError(f"mnv2::{op}: conv weights must have shape (1, 2, k, k) with odd k; got "
                          f"{tuple(weights[0].shape)}")
@@ -81,7 +85,7 @@ def _check_params(op: str, x: Tensor, weights, vectors: dict[str, list[Tensor]])
         check_float32_cpu(op, name, w, (1, 2, k, k))
     for name, tensors in vectors.items():
         for branch, t in zip(("cw", "hc", "s"), tensors):
-            check_float32_cpu(op, f"{name}_{branch}", t, (1,))
+            check_float32_cpu(op, f"{name}_{branch}", t, one)
     return k
 
 
@@ -96,7 +100,7 @@ def _forward(x, weights, gammas, betas, means, variances, training, eps):
                 maps[2].data_ptr(), flags[2], threads)
     gates, xhats = [], []
     invstd = x.new_empty(3)
-    batch_stats = x.new_empty(2, 3)
+    batch_stats = x.new_zeros(2, 3)  # (left zero without batch statistics)
     for lane, ((branch, transposed), m, (r, q), t) in enumerate(zip(lanes, maps, shapes, flags)):
         weight = weights[branch].contiguous()
         z, g, xhat = x.new_empty(batch, r, q), x.new_empty(batch, r, q), x.new_empty(batch, r, q)
@@ -207,7 +211,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, *unused):
     x, *rest = ctx.saved_tensors
     grad = grad.contiguous(memory_format=memory_format(x))
-    dx, dw_cw, dw_hc, dw_s, d_gamma, d_beta = triplet_attention_backward(grad, x, *rest, ctx.training)
+    dx, dw_cw, dw_hc, dw_s, d_gamma, d_beta = torch.ops.mnv2.triplet_attention_backward(grad, x, *rest, ctx.training)
     gammas, betas = d_gamma.split(1), d_beta.split(1)
     return (dx, dw_cw, dw_hc, dw_s, *gammas, *betas, *[None] * 6, None, None)
 
