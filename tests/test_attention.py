@@ -228,3 +228,36 @@ def test_unavailable_compiler_falls_back_to_pytorch(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once
         assert_same_training_step(fast, ref, torch.randn(2, 4, 6, 6))
+
+
+def test_squeeze_excitation_is_mobilenetv3s():
+    from torchvision.models._utils import _make_divisible
+    from torchvision.ops import SqueezeExcitation as TorchvisionSE
+
+    from mnv2lib.layers.attention import create_attention
+
+    for channels in (16, 40, 96):
+        ours = create_attention("se", channels, kernel_size=7)  # kernel_size: Triplet Attention's, ignored
+        squeeze = _make_divisible(channels // 4, 8)  # as torchvision's MobileNetV3 sizes it
+        reference = TorchvisionSE(channels, squeeze, scale_activation=torch.nn.Hardsigmoid)
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+        reference.load_state_dict(ours.state_dict())
+        x = torch.randn(2, channels, 5, 5)
+        torch.testing.assert_close(ours(x), reference(x))
+    with pytest.raises(ValueError, match="attention channels: got 0"):
+        create_attention("se", 0)
+
+
+def test_attention_factories_receive_the_channel_count():
+    from mnv2lib import build_model
+    from mnv2lib.layers.attention import SqueezeExcitation
+
+    model = build_model(num_classes=10, width_mult=0.25, stem="cifar", attention="se")
+    for block in model.blocks:
+        assert isinstance(block.attention, SqueezeExcitation)
+        assert block.attention.fc1.in_channels == block.out_channels
+    depthwise = build_model(num_classes=10, width_mult=0.25, stem="cifar", attention="se",
+                            attention_position="after_depthwise")
+    assert all(b.attention.fc1.in_channels == b.hidden_dim for b in depthwise.blocks)
+    depthwise.train()
+    depthwise(torch.randn(2, 3, 16, 16)).sum().backward()

@@ -147,6 +147,8 @@ def _selfnorm_setup(ctx, inputs, output):
     x, fc, gamma = inputs[:3]
     ctx.training = inputs[6]
     ctx.save_for_backward(x, fc, gamma, *output[1:6])
+    ctx.mark_non_differentiable(*output[1:])  # saved state, not results (see triplet.py)
+    ctx.set_materialize_grads(False)
 
 
 def _selfnorm_backward(ctx, grad, *unused):

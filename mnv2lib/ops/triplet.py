@@ -206,6 +206,10 @@ def _setup_context(ctx, inputs, output):
     x, w_cw, w_hc, w_s, g_cw, g_hc, g_s = inputs[:7]
     ctx.training = inputs[16]
     ctx.save_for_backward(x, w_cw, w_hc, w_s, g_cw, g_hc, g_s, *output[1:11])
+    # the outputs after `out` are saved state, not results: no gradient buffers for them (autograd
+    # would otherwise fill zeros of their size in every backward)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad, *unused):
