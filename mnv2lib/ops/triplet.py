@@ -75,7 +75,9 @@ def _check_params(op: str, x: Tensor, weights, vectors: dict[str, list[Tensor]])
     check_feature_map(op, "x", x)
     k = weights[0].shape[-1] if weights[0].dim() == 4 else -1
     one = (1,)
-    if k >= 1 and k % 2 == 1 and all(w.dtype == torch.float32 and w.is_cpu and w.shape == (1, 2, k, k) for w in weights) \
+    weight_shape = (1, 2, k, k)
+    if k >= 1 and k % 2 == 1 and all(w.dtype == torch.float32 and w.is_cpu and w.shape == weight_shape
+                                     for w in weights) \
             and all(t.dtype == torch.float32 and t.is_cpu and t.shape == one for ts in vectors.values() for t in ts):
         return k  # (one pass of cheap tests: this runs on every call)
     if k < 1 or k % 2 == 0:
