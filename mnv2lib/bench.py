@@ -107,15 +107,11 @@ def steady_allocator() -> bool:
 
 def kernel_paths(device: torch.device) -> dict[str, str]:
     """Which implementation each improvement runs on ``device`` (recorded in the report)."""
-    from .layers import activations, attention, cnsn
+    from . import ops
 
     native = device.type == "cpu"
-    return {
-        "mish_training": "torch.compile" if activations._kernels.get() is not activations._EAGER else "eager",
-        "mish_inference": "C" if native and activations._mish_native.get() is not None else "torch.compile/eager",
-        "triplet_attention": "C" if native and attention._native.get() is not None else "PyTorch ops",
-        "cnsn": "C" if native and cnsn._native.get() is not None else "PyTorch ops",
-    }
+    return {name: "mnv2:: operators (C)" if native and ops.available(name) else "PyTorch ops"
+            for name in ("mish", "triplet_attention", "cnsn")}
 
 
 def make_data_step(train_batch: int, device: torch.device, channels_last: bool):
@@ -138,9 +134,48 @@ def make_data_step(train_batch: int, device: torch.device, channels_last: bool):
     return step
 
 
+# A torch.compile'd training step of the improved model against eager mode, on a model small enough that
+# compiling (inductor, a minute or two on 2 cores) fits in the benchmark.
+COMPILED = dict(num_classes=10, width_mult=0.25, stem="cifar_lite", activation="mish", attention="triplet",
+                cnsn="cnsn")
+
+
+def compiled_train_ratio(batch: int = 64, repeats: int = 9, channels_last: bool = False) -> dict:
+    """Median compiled / eager training step time of the ``COMPILED`` model (interleaved)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+    models = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        models[name] = build_model(**COMPILED).to(memory_format=fmt)
+    steps = {"eager": make_train_step(models["eager"], x, y),
+             "compiled": make_train_step(torch.compile(models["compiled"]), x, y)}
+    start = time.perf_counter()
+    for _ in range(2):
+        steps["compiled"]()  # compiles (forward and backward)
+    compile_seconds = time.perf_counter() - start
+    steps["eager"]()
+    times = {k: [] for k in steps}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, fn in steps.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"compiled_train_ratio": medians["compiled"] / medians["eager"],
+            "compiled_train": {"model": COMPILED, "batch": batch, "median_seconds": medians,
+                               "compile_seconds": compile_seconds}}
+
+
 def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: int = 2,
         variants: list[str] | None = None, device: str = "cpu", channels_last: bool = False,
-        allocator: str = "system") -> dict:
+        allocator: str = "system", compiled: bool = True) -> dict:
     names = variants or ["torchvision", *VARIANTS]
     dev = torch.device(device)
     models = {k: m.to(dev) for k, m in build_variants(names).items()}
@@ -176,6 +211,8 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: 
     ratios = {key: medians[mode][a] / medians[mode][b] for key, a, b, mode in RATIOS
               if a in medians[mode] and b in medians[mode]}
     activation_mb = {k: saved_activation_bytes(m, (train_batch, 3, 32, 32)) / 2**20 for k, m in models.items()}
+    if compiled and dev.type == "cpu":
+        ratios.update(compiled_train_ratio(channels_last=channels_last, repeats=repeats))
     return {
         **ratios,
         "targets": TARGETS,
@@ -218,6 +255,12 @@ def to_markdown(result: dict) -> str:
                      f"{result['saved_activation_MiB_train_batch'][name]:.1f} |")
     if DATA in result["median_seconds"]["train"]:
         lines.append(f"| {DATA} | {1000 * result['median_seconds']['train'][DATA]:.2f} | | |")
+    if "compiled_train_ratio" in result:
+        info = result["compiled_train"]
+        lines += ["", f"torch.compile (inductor) training step of {info['model']} at batch {info['batch']}: "
+                  f"{1000 * info['median_seconds']['compiled']:.1f} ms against {1000 * info['median_seconds']['eager']:.1f} ms "
+                  f"eager, compiled_train_ratio {result['compiled_train_ratio']:.3f} (compiling took "
+                  f"{info['compile_seconds']:.0f} s)."]
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +277,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--variants", nargs="*")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile training-step ratio")
     parser.add_argument("--output", default=str(paths.REPORTS_DIR / "bench.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -241,7 +285,8 @@ def main(argv=None) -> int:
     if args.steady_allocator:
         allocator = "steady (mallopt: no mmap, no trim)" if steady_allocator() else "system (mallopt unavailable)"
     result = run(train_batch=args.train_batch, eval_batch=args.eval_batch, repeats=args.repeats, warmup=args.warmup,
-                 variants=args.variants, device=args.device, channels_last=args.channels_last, allocator=allocator)
+                 variants=args.variants, device=args.device, channels_last=args.channels_last, allocator=allocator,
+                 compiled=not args.no_compile)
     out = paths.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -1,7 +1,8 @@
 """Cost measurements: parameters, multiply-adds and FLOPs, training memory, throughput, latency.
 
-Counting is done by libraries (torchinfo for multiply-adds, ``torch.utils.flop_counter``
-for FLOPs); only timing and memory bookkeeping are written here.
+Counting is done by ``torch.utils.flop_counter`` (FLOPs; multiply-adds are half of them), which
+also counts the project's ``mnv2::`` operators through their registered FLOP formulas; only timing
+and memory bookkeeping are written here.
 """
 from __future__ import annotations
 
@@ -26,11 +27,9 @@ def _eval_copy_input(model: nn.Module, input_size) -> torch.Tensor:
 
 
 def multiply_adds(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
-    """Multiply-adds of one forward pass in eval mode (torchinfo: convolutions and linear layers)."""
-    from .layers.activations import pytorch_ops_only
-
-    with pytorch_ops_only():  # the C kernels bypass the conv modules whose hooks torchinfo counts
-        return int(summary(model, input_size, verbose=0).total_mult_adds)
+    """Multiply-adds of one forward pass in eval mode: half of :func:`flops` (convolutions, linear
+    layers, matmuls and the ``mnv2::`` operators, whichever implementation runs)."""
+    return flops(model, input_size) // 2
 
 
 def flops(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:

@@ -21,7 +21,10 @@ def test_mish_matches_torch_value_and_gradient(backend):
     y_ref = nn.functional.mish(x_ref)
     (g_ref,) = torch.autograd.grad(y_ref.sum(), x_ref)
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(gx, g_ref, atol=1e-6, rtol=1e-6)
+    # the C kernel's backward is the analytic derivative; the PyTorch path (x * n / (n + 2) as standard
+    # ops, for export) is differentiated by autograd, whose terms cancel to ~1e-5 near the guard at x = 20
+    tol = 1e-6 if backend == "compiled" else 1e-5
+    torch.testing.assert_close(gx, g_ref, atol=tol, rtol=tol)
 
 
 def test_mish_gradcheck_float64(backend):
@@ -77,15 +80,18 @@ def test_mish_saves_only_its_input():
     assert len(saved) >= 1  # (PyTorch's own also keeps only its input: the point is ours is not worse)
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch):
+def test_build_failure_falls_back_to_pytorch(monkeypatch):
+    from mnv2lib.ops import build, kernels
+
     set_mish_backend("auto")
 
     def broken(*args):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(activations._kernels, "_compiled", (broken, broken))
+    monkeypatch.setattr(build, "load", broken)
+    monkeypatch.setattr(kernels, "_libraries", {})
     x = torch.randn(100)
-    with pytest.warns(RuntimeWarning, match="eager"):
+    with pytest.warns(RuntimeWarning, match="PyTorch implementation"):
         y = mish(x)
     torch.testing.assert_close(y, nn.functional.mish(x))
     set_mish_backend("auto")

@@ -108,7 +108,9 @@ def test_bad_input_rank():
 
 def test_native_kernels_available_on_cpu():
     """The C kernels build on this machine (they need a C compiler with OpenMP, like torch.compile)."""
-    assert attention_module._native.get() is not None
+    from mnv2lib import ops
+
+    assert ops.available("triplet_attention")
 
 
 @pytest.mark.parametrize("kernel_size", [3, 5, 7, 9])
@@ -210,19 +212,52 @@ def test_layouts_and_dtypes():
 
 
 def test_unavailable_compiler_falls_back_to_pytorch(monkeypatch):
-    library = attention_module._native
-    monkeypatch.setattr(library, "_lib", None)
-    monkeypatch.setattr(library, "_failed", False)
+    from mnv2lib.ops import build, kernels
 
-    def broken():
+    def broken(*args):
         raise RuntimeError("no C compiler")
 
-    monkeypatch.setattr(library, "_load", broken)
+    monkeypatch.setattr(build, "load", broken)
+    monkeypatch.setattr(kernels, "_libraries", {})
+    monkeypatch.setattr(kernels, "_failed", set())
     fast, ref = _pair()
     x = torch.randn(2, 4, 6, 6)
     with pytest.warns(RuntimeWarning, match="PyTorch implementation"):
         torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
-    assert library.get() is None
+    assert kernels.get("triplet_attention") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once
         assert_same_training_step(fast, ref, torch.randn(2, 4, 6, 6))
+
+
+def test_squeeze_excitation_is_mobilenetv3s():
+    from torchvision.models._utils import _make_divisible
+    from torchvision.ops import SqueezeExcitation as TorchvisionSE
+
+    from mnv2lib.layers.attention import create_attention
+
+    for channels in (16, 40, 96):
+        ours = create_attention("se", channels, kernel_size=7)  # kernel_size: Triplet Attention's, ignored
+        squeeze = _make_divisible(channels // 4, 8)  # as torchvision's MobileNetV3 sizes it
+        reference = TorchvisionSE(channels, squeeze, scale_activation=torch.nn.Hardsigmoid)
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+        reference.load_state_dict(ours.state_dict())
+        x = torch.randn(2, channels, 5, 5)
+        torch.testing.assert_close(ours(x), reference(x))
+    with pytest.raises(ValueError, match="attention channels: got 0"):
+        create_attention("se", 0)
+
+
+def test_attention_factories_receive_the_channel_count():
+    from mnv2lib import build_model
+    from mnv2lib.layers.attention import SqueezeExcitation
+
+    model = build_model(num_classes=10, width_mult=0.25, stem="cifar", attention="se")
+    for block in model.blocks:
+        assert isinstance(block.attention, SqueezeExcitation)
+        assert block.attention.fc1.in_channels == block.out_channels
+    depthwise = build_model(num_classes=10, width_mult=0.25, stem="cifar", attention="se",
+                            attention_position="after_depthwise")
+    assert all(b.attention.fc1.in_channels == b.hidden_dim for b in depthwise.blocks)
+    depthwise.train()
+    depthwise(torch.randn(2, 3, 16, 16)).sum().backward()

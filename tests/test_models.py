@@ -105,7 +105,7 @@ def test_config_round_trips_through_json():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("arch", "resnet50"), ("activation", "swish"), ("attention", "se"), ("attention_position", "head"),
+    ("arch", "resnet50"), ("activation", "swish"), ("attention", "cbam"), ("attention_position", "head"),
     ("width_mult", 0), ("width_mult", -1.0), ("num_classes", 0), ("attention_kernel", 4),
     ("attention_kernel", 0), ("stem", "tiny"), ("in_channels", 0), ("cnsn", "bn"),
 ])
@@ -149,3 +149,32 @@ def test_block_is_injectable():
 
     MobileNetV2(num_classes=10, block=CountingBlock)
     assert len(calls) == 17
+
+
+def test_each_family_defaults_to_its_papers_activation():
+    from mnv2lib.models import ModelConfig
+
+    assert ModelConfig().activation == "relu6"
+    assert ModelConfig(arch="mobilenet_v4_conv_small").activation == "relu"
+    assert ModelConfig(arch="mobilenet_v4_hybrid_large").activation == "gelu"
+    assert ModelConfig(arch="mobilenet_v1").activation == "relu"
+    assert ModelConfig(arch="mobilenet_v4_conv_small", activation="relu6").activation == "relu6"
+    v4 = build_model(arch="mobilenet_v4_conv_small", num_classes=10)
+    assert any(isinstance(m, torch.nn.ReLU) for m in v4.modules())
+    assert not any(isinstance(m, torch.nn.ReLU6) for m in v4.modules())
+    assert ModelConfig(arch="mobilenet_v4_conv_small").label == "mobilenet_v4_conv_small:baseline"
+    # the default V2 config keeps its key (run records are found again)
+    assert "activation" in ModelConfig().to_dict() and ModelConfig().to_dict()["activation"] == "relu6"
+
+
+def test_config_and_factory_import_the_registry_not_each_other():
+    import ast
+
+    from mnv2lib import paths
+
+    for name, other in (("config", "factory"), ("factory", "config")):
+        tree = ast.parse((paths.PROJECT_ROOT / "mnv2lib" / "models" / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "registry" in imported
+        if name == "config":
+            assert other not in imported

@@ -72,3 +72,12 @@ def test_ci_runs_the_readme_test_command():
 def test_data_folder_tracks_only_its_readme():
     ignored = (ROOT / ".gitignore").read_text()
     assert "/data/*" in ignored and "!/data/README.md" in ignored
+
+
+def test_kernel_sources_ship_as_package_data():
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mnv2lib"]
+    shipped = {p.relative_to(ROOT / "mnv2lib") for pattern in data for p in (ROOT / "mnv2lib").glob(pattern)}
+    sources = {p.relative_to(ROOT / "mnv2lib") for p in (ROOT / "mnv2lib" / "csrc").iterdir()}
+    assert sources and sources <= shipped

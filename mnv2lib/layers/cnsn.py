@@ -13,369 +13,47 @@ SelfNorm, as the official code), and in float32 for half-precision inputs. A map
 single pixel has no spatial spread: its variance is taken as 0 (not NaN), so its std is
 sqrt(eps). Every random draw comes from a ``torch.Generator`` that the caller can seed.
 
-On float32 CPU tensors the statistics (with their gradient) and SelfNorm (with its
-gradient; in inference the whole module) run as C kernels, see the notes above
-``_C_SOURCE``; elsewhere as PyTorch ops (``torch.var_mean``).
+On float32 CPU tensors (NCHW or channels_last) the statistics are the ``mnv2::channel_stats``
+operator and SelfNorm the ``mnv2::selfnorm`` operator (``..._inference`` without autograd; C
+kernels, see :mod:`mnv2lib.ops`); elsewhere, while exporting or tracing, and for two gates in
+training, they run as PyTorch ops (``torch.mean`` and ``torch.var``, Core ATen operators).
+
+CrossNorm's random schedule never breaks a ``torch.compile`` graph: in eager mode the draws come
+from the schedule's ``torch.Generator`` on the CPU (reproducible with ``schedule.seed``; CPU values,
+so no device synchronization) and only the modules switched on compute; while compiling they are
+drawn with tensor ops from torch's global generator (seed it with ``torch.manual_seed``; dynamo
+cannot trace a ``torch.Generator``) and every module blends its result with ``torch.where``.
 """
 from __future__ import annotations
 
-import ctypes
 import math
 
 import numpy as np
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from .activations import C_VEXPF, NativeLibrary, PointerCache, _bump_generation
-from .attention import _is_channels_last, check_feature_map
+from .. import ops
+from .activations import exporting
+from .attention import check_feature_map
 
 CROSSNORM_MODES = ("2-instance", "1-instance")
 CROSSNORM_CROPS = ("neither", "style", "content", "both")
 
 
-# ---------------------------------------------------------------------------------------------
-# Fast path (float32 CPU tensors): C kernels, see _C_SOURCE. torch.var_mean over (H, W) costs
-# on this kind of CPU about a third of a whole convolution layer; the kernels read each
-# (sample, channel) plane twice while it is in cache (mean, then the squared deviations, so
-# the variance is as exact as the two-pass definition). SelfNorm's gates (a grouped Conv1d,
-# BatchNorm1d and a sigmoid on (B, C, 2) statistics) stay PyTorch modules, differentiated
-# inside the custom Function; in inference the whole module is one kernel. Elsewhere (CUDA,
-# other dtypes, no C compiler) the same computations run as PyTorch ops.
-# ---------------------------------------------------------------------------------------------
-
-_C_SOURCE = r"""
-/* CNSN kernels, float32: per-(sample, channel) plane statistics and the SelfNorm gating, for
- * contiguous (B, C, H, W) tensors (nhwc = 0: a plane of n = H * W values is read twice while it
- * is in cache) and channels_last ones (nhwc = 1: memory (B, H, W, C); a sample's n rows of C
- * values are read twice, vectorized over the channels). Per-plane arrays are (B, C) in both. */
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-#include <stdlib.h>
-
-typedef int64_t i64;
-#define INLINE static inline __attribute__((always_inline))
-
-""" + C_VEXPF + r"""
-/* mean and std = sqrt(var + eps) of a plane; var unbiased, 0 for a single value */
-INLINE void plane_stats(const float* restrict p, i64 n, float eps, float* mean, float* std) {
-    float s = 0.f;
-#pragma omp simd reduction(+:s)
-    for (i64 i = 0; i < n; i++) s += p[i];
-    const float m = s / (float)n;
-    float q = 0.f;
-#pragma omp simd reduction(+:q)
-    for (i64 i = 0; i < n; i++) { const float d = p[i] - m; q += d * d; }
-    *mean = m;
-    *std = sqrtf((n > 1 ? q / (float)(n - 1) : 0.f) + eps);
-}
-
-/* NHWC: mean and std of the C channels of one sample (n rows of C) */
-static void sample_stats_nhwc(const float* restrict xb, i64 C, i64 n, float eps, float* restrict mean,
-                              float* restrict std) {
-    for (i64 c = 0; c < C; c++) { mean[c] = 0.f; std[c] = 0.f; }
-    for (i64 i = 0; i < n; i++) {
-        const float* row = xb + i * C;
-#pragma omp simd
-        for (i64 c = 0; c < C; c++) mean[c] += row[c];
-    }
-    for (i64 c = 0; c < C; c++) mean[c] /= (float)n;
-    for (i64 i = 0; i < n; i++) {
-        const float* row = xb + i * C;
-#pragma omp simd
-        for (i64 c = 0; c < C; c++) { const float d = row[c] - mean[c]; std[c] += d * d; }
-    }
-    for (i64 c = 0; c < C; c++) std[c] = sqrtf((n > 1 ? std[c] / (float)(n - 1) : 0.f) + eps);
-}
-
-void cn_stats(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps, float* mean, float* std, int nthreads) {
-    if (nhwc) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (i64 b = 0; b < B; b++) sample_stats_nhwc(x + b * n * C, C, n, (float)eps, mean + b * C, std + b * C);
-        return;
-    }
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (i64 k = 0; k < B * C; k++) plane_stats(x + k * n, n, (float)eps, mean + k, std + k);
-}
-
-/* out = x * g + h, per plane (h may be NULL) */
-void sn_apply(const float* x, i64 B, i64 C, i64 n, int nhwc, const float* g, const float* h, float* out,
-              int nthreads) {
-    if (nhwc) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (i64 b = 0; b < B; b++) {
-            const float *gb = g + b * C, *hb = h ? h + b * C : NULL;
-            for (i64 i = 0; i < n; i++) {
-                const float* xr = x + (b * n + i) * C;
-                float* orow = out + (b * n + i) * C;
-                if (hb) {
-#pragma omp simd
-                    for (i64 c = 0; c < C; c++) orow[c] = xr[c] * gb[c] + hb[c];
-                } else {
-#pragma omp simd
-                    for (i64 c = 0; c < C; c++) orow[c] = xr[c] * gb[c];
-                }
-            }
-        }
-        return;
-    }
-    const i64 planes = B * C;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (i64 k = 0; k < planes; k++) {
-        const float gk = g[k], hk = h ? h[k] : 0.f;
-        const float* xp = x + k * n;
-        float* op = out + k * n;
-#pragma omp simd
-        for (i64 i = 0; i < n; i++) op[i] = xp[i] * gk + hk;
-    }
-}
-
-/* per plane: sgx = sum(grad * x), sg = sum(grad) (sg may be NULL) */
-void sn_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 n, int nhwc, float* sgx, float* sg,
-                        int nthreads) {
-    if (nhwc) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (i64 b = 0; b < B; b++) {
-            float *a = sgx + b * C, *s = sg ? sg + b * C : NULL;
-            for (i64 c = 0; c < C; c++) a[c] = 0.f;
-            if (s) for (i64 c = 0; c < C; c++) s[c] = 0.f;
-            for (i64 i = 0; i < n; i++) {
-                const float* xr = x + (b * n + i) * C;
-                const float* gr = go + (b * n + i) * C;
-#pragma omp simd
-                for (i64 c = 0; c < C; c++) a[c] += gr[c] * xr[c];
-                if (s) {
-#pragma omp simd
-                    for (i64 c = 0; c < C; c++) s[c] += gr[c];
-                }
-            }
-        }
-        return;
-    }
-    const i64 planes = B * C;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (i64 k = 0; k < planes; k++) {
-        const float* xp = x + k * n;
-        const float* gp = go + k * n;
-        float a = 0.f, b = 0.f;
-#pragma omp simd reduction(+:a, b)
-        for (i64 i = 0; i < n; i++) { a += gp[i] * xp[i]; b += gp[i]; }
-        sgx[k] = a;
-        if (sg) sg[k] = b;
-    }
-}
-
-/* dx = grad * g + alpha + beta * (x - mean), per plane (grad and g may be NULL). The deviation is
- * taken first: alpha + beta * x - beta * mean would cancel catastrophically when |mean| >> std. */
-void sn_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 n, int nhwc, const float* g,
-                    const float* alpha, const float* beta, const float* mean, float* dx, int nthreads) {
-    if (nhwc) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (i64 b = 0; b < B; b++) {
-            const float *ab = alpha + b * C, *bb = beta + b * C, *mb = mean + b * C, *gk = go ? g + b * C : NULL;
-            for (i64 i = 0; i < n; i++) {
-                const float* xr = x + (b * n + i) * C;
-                float* dr = dx + (b * n + i) * C;
-                if (go) {
-                    const float* gr = go + (b * n + i) * C;
-#pragma omp simd
-                    for (i64 c = 0; c < C; c++) dr[c] = gr[c] * gk[c] + ab[c] + bb[c] * (xr[c] - mb[c]);
-                } else {
-#pragma omp simd
-                    for (i64 c = 0; c < C; c++) dr[c] = ab[c] + bb[c] * (xr[c] - mb[c]);
-                }
-            }
-        }
-        return;
-    }
-    const i64 planes = B * C;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (i64 k = 0; k < planes; k++) {
-        const float* xp = x + k * n;
-        float* dp = dx + k * n;
-        const float a = alpha[k], b = beta[k], m = mean[k];
-        if (go) {
-            const float* gp = go + k * n;
-            const float gk = g[k];
-#pragma omp simd
-            for (i64 i = 0; i < n; i++) dp[i] = gp[i] * gk + a + b * (xp[i] - m);
-        } else {
-#pragma omp simd
-            for (i64 i = 0; i < n; i++) dp[i] = a + b * (xp[i] - m);
-        }
-    }
-}
-
-/* gates of channels c0 .. c0+m-1 from their statistics (mean, std indexed from 0): out = x * g + shift */
-INLINE void gate_values(const float* restrict q, i64 C, i64 c0, i64 m, int two, const float* restrict mean,
-                        const float* restrict std, float* restrict g, float* restrict shift) {
-    const float *q0 = q + c0, *q1 = q + C + c0, *q2 = q + 2 * C + c0;
-    const float *q3 = q + 3 * C + c0, *q4 = q + 4 * C + c0, *q5 = q + 5 * C + c0;
-#pragma omp simd
-    for (i64 c = 0; c < m; c++) {
-        const float gv = 1.f / (1.f + vexpf(-(q0[c] * mean[c] + q1[c] * std[c] + q2[c])));
-        float sh = 0.f;
-        if (two) {
-            const float fv = 1.f / (1.f + vexpf(-(q3[c] * mean[c] + q4[c] * std[c] + q5[c])));
-            sh = (fv - gv) * mean[c];
-        }
-        g[c] = gv;
-        shift[c] = sh;
-    }
-}
-
-INLINE void sn_sample(const float* restrict xb, i64 C, const i64 n, float eps, const float* restrict q, int two,
-                      float* restrict st, float* restrict ob) {
-    const i64 chunk = n >= 4096 ? 1 : 4096 / n;
-    for (i64 c0 = 0; c0 < C; c0 += chunk) {
-        const i64 m = C - c0 < chunk ? C - c0 : chunk;
-        float* mean = st;
-        float* std = st + chunk;
-        float* g = st + 2 * chunk;
-        float* shift = st + 3 * chunk;
-        for (i64 c = 0; c < m; c++) plane_stats(xb + (c0 + c) * n, n, eps, mean + c, std + c);
-        gate_values(q, C, c0, m, two, mean, std, g, shift);
-        for (i64 c = 0; c < m; c++) {
-            const float* xp = xb + (c0 + c) * n;
-            float* op = ob + (c0 + c) * n;
-            const float gv = g[c], sh = shift[c];
-#pragma omp simd
-            for (i64 i = 0; i < n; i++) op[i] = xp[i] * gv + sh;
-        }
-    }
-}
-
-/* SelfNorm inference. Per channel c, gate(mean, std) = sigmoid(fc0 * mean + fc1 * std) through the BN
- * affine with running statistics; fc: (C, 2); bn: weight, bias, running mean, running var (C each).
- * One gate: out = x * g; two gates: out = g * (x - mean) + f * mean. f* may be NULL. */
-void sn_eval(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps,
-             const float* gfc, const float* gw, const float* gb, const float* grm, const float* grv, double geps,
-             const float* ffc, const float* fw, const float* fb, const float* frm, const float* frv, double feps,
-             float* out, int nthreads) {
-    const int two = ffc != NULL;
-    /* per channel: gate input = q0 * mean + q1 * std + q2 (structure of arrays) */
-    float* q = malloc(sizeof(float) * 6 * C);
-    for (i64 c = 0; c < C; c++) {
-        const double ga = gw[c] / sqrt((double)grv[c] + geps);
-        q[c] = (float)(gfc[2 * c] * ga);
-        q[C + c] = (float)(gfc[2 * c + 1] * ga);
-        q[2 * C + c] = (float)(gb[c] - grm[c] * ga);
-        if (two) {
-            const double fa = fw[c] / sqrt((double)frv[c] + feps);
-            q[3 * C + c] = (float)(ffc[2 * c] * fa);
-            q[4 * C + c] = (float)(ffc[2 * c + 1] * fa);
-            q[5 * C + c] = (float)(fb[c] - frm[c] * fa);
-        }
-    }
-    if (nhwc) {
-#pragma omp parallel num_threads(nthreads)
-        {
-            float* st = malloc(sizeof(float) * 4 * C);
-            float *mean = st, *std = st + C, *g = st + 2 * C, *shift = st + 3 * C;
-#pragma omp for schedule(static)
-            for (i64 b = 0; b < B; b++) {
-                sample_stats_nhwc(x + b * n * C, C, n, (float)eps, mean, std);
-                gate_values(q, C, 0, C, two, mean, std, g, shift);
-                for (i64 i = 0; i < n; i++) {
-                    const float* xr = x + (b * n + i) * C;
-                    float* orow = out + (b * n + i) * C;
-#pragma omp simd
-                    for (i64 c = 0; c < C; c++) orow[c] = xr[c] * g[c] + shift[c];
-                }
-            }
-            free(st);
-        }
-        free(q);
-        return;
-    }
-#pragma omp parallel num_threads(nthreads)
-    {
-        float* st = malloc(sizeof(float) * 4 * (n >= 4096 ? 1 : 4096 / n));
-#pragma omp for schedule(static)
-        for (i64 b = 0; b < B; b++) {
-            const float* xb = x + b * C * n;
-            float* ob = out + b * C * n;
-            switch (n) {  /* constant plane sizes: unrolled reductions for the small maps */
-                case 16: sn_sample(xb, C, 16, (float)eps, q, two, st, ob); break;
-                case 64: sn_sample(xb, C, 64, (float)eps, q, two, st, ob); break;
-                case 256: sn_sample(xb, C, 256, (float)eps, q, two, st, ob); break;
-                case 1024: sn_sample(xb, C, 1024, (float)eps, q, two, st, ob); break;
-                default: sn_sample(xb, C, n, (float)eps, q, two, st, ob);
-            }
-        }
-        free(st);
-    }
-    free(q);
-}
-"""
-
-_P, _I, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-_native = NativeLibrary("cnsn", _C_SOURCE, {
-    "cn_stats": [_P, _I, _I, _I, _F, _D, _P, _P, _F],
-    "sn_apply": [_P, _I, _I, _I, _F, _P, _P, _P, _F],
-    "sn_backward_reduce": [_P, _P, _I, _I, _I, _F, _P, _P, _F],
-    "sn_backward_dx": [_P, _P, _I, _I, _I, _F, _P, _P, _P, _P, _P, _F],
-    "sn_eval": [_P, _I, _I, _I, _F, _D, _P, _P, _P, _P, _P, _D, _P, _P, _P, _P, _P, _D, _P, _F],
-})
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else t.data_ptr()
-
-
-def _use_native(x: torch.Tensor):
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0 \
-            or not (x.is_contiguous() or _is_channels_last(x)):
-        return None
-    return _native.get()
-
-
-def _layout(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(B, C, n = H * W, nhwc) of a contiguous or channels_last tensor, as the C kernels take them."""
-    batch, channels, height, width = x.shape
-    return batch, channels, height * width, int(not x.is_contiguous())
-
-
-class _ChannelStats(torch.autograd.Function):
-    """(B, C, H, W) float32 CPU -> per-plane mean and std (B, C), with the C kernels."""
-
-    @staticmethod
-    def forward(ctx, x, eps):
-        lib = _native.get()
-        batch, channels, n, nhwc = _layout(x)
-        mean, std = x.new_empty(batch, channels), x.new_empty(batch, channels)
-        lib.cn_stats(x.data_ptr(), batch, channels, n, nhwc, eps, mean.data_ptr(), std.data_ptr(),
-                     torch.get_num_threads())
-        ctx.save_for_backward(x, mean, std)
-        ctx.lib = lib
-        return mean, std
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_mean, d_std):
-        x, mean, std = ctx.saved_tensors
-        return _stats_backward(ctx.lib, x, mean, std, d_mean, d_std), None
-
-
-def _stats_backward(lib, x, mean, std, d_mean, d_std, grad=None, gate=None):
-    """dx = grad * gate + d_mean / n + d_std * (x - mean) / ((n - 1) std), one pass (C kernel)."""
-    batch, channels, n, nhwc = _layout(x)
-    alpha = torch.zeros_like(mean) if d_mean is None else (d_mean / n).contiguous()
-    beta = torch.zeros_like(std) if d_std is None or n == 1 else (d_std / ((n - 1) * std)).contiguous()
-    dx = torch.empty_like(x)
-    lib.sn_backward_dx(x.data_ptr(), _ptr(grad), batch, channels, n, nhwc, _ptr(gate), alpha.data_ptr(),
-                       beta.data_ptr(), mean.data_ptr(), dx.data_ptr(), torch.get_num_threads())
-    return dx
+def _native(x: torch.Tensor, name: str) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0
+            and ops.is_dense(x) and not exporting() and ops.available(name))
 
 
 def channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and std over H x W, shaped (B, C, 1, 1), in float32."""
-    if _use_native(x) is not None:
-        mean, std = _ChannelStats.apply(x, float(eps))
+    if _native(x, "cnsn"):
+        mean, std = torch.ops.mnv2.channel_stats(x, float(eps))
         return mean[..., None, None], std[..., None, None]
     n = x.shape[2] * x.shape[3]
-    var, mean = torch.var_mean(x.float(), dim=(2, 3), keepdim=True, correction=1 if n > 1 else 0)
+    xf = x.float()
+    mean = torch.mean(xf, dim=(2, 3), keepdim=True)
+    var = torch.var(xf, dim=(2, 3), keepdim=True, correction=1 if n > 1 else 0)
     return mean, (var + eps).sqrt()
 
 
@@ -440,10 +118,14 @@ class CrossNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active, self.active = self.active, False
-        if not (self.training and active):
+        if not self.training or active is False:
             return x
         check_feature_map(x, "CrossNorm")
-        return self.exchange(x)
+        if isinstance(active, torch.Tensor):  # drawn by the schedule while compiling: blend, never branch
+            return torch.where(active, self.exchange_traced(x), x)
+        if torch.compiler.is_compiling():
+            return self.exchange_traced(x) if active else x
+        return self.exchange(x) if active else x
 
     def exchange(self, x: torch.Tensor) -> torch.Tensor:
         """The CrossNorm operation itself (no training/active check)."""
@@ -457,11 +139,10 @@ class CrossNorm(nn.Module):
             style = x[:, :, top:bottom, left:right]
         own_stats = channel_stats(style, self.eps)
         style_mean, style_std = own_stats
+        perm = _to_device(torch.randperm(batch if self.mode == "2-instance" else channels, generator=g), x.device)
         if self.mode == "2-instance":
-            perm = torch.randperm(batch, generator=g).to(x.device)
             style_mean, style_std = style_mean[perm], style_std[perm]
         else:
-            perm = torch.randperm(channels, generator=g).to(x.device)
             style_mean, style_std = style_mean[:, perm], style_std[:, perm]
         if self.crop in ("content", "both"):
             top, left, bottom, right = random_box(height, width, g, self.beta, self.min_area)
@@ -471,6 +152,76 @@ class CrossNorm(nn.Module):
             return out
         # without a style crop the content statistics are the ones just computed
         return _restyle(x, style_mean, style_std, self.eps, None if style is not x else own_stats)
+
+
+    def exchange_traced(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`exchange` with tensor draws from torch's global generator and boxes as masks: no
+        Python value depends on a random number, so ``torch.compile`` traces it without a break."""
+        batch, channels, height, width = x.shape
+        if self.mode == "2-instance" and batch < 2:
+            return x
+        style_box = content_box = None
+        if self.crop in ("style", "both"):
+            style_box = random_box_mask(height, width, x.device, self.beta, self.min_area)
+        own_mean, own_std = _masked_stats(x, style_box, self.eps)
+        perm = torch.randperm(batch if self.mode == "2-instance" else channels, device=x.device)
+        if self.mode == "2-instance":
+            style_mean, style_std = own_mean[perm], own_std[perm]
+        else:
+            style_mean, style_std = own_mean[:, perm], own_std[:, perm]
+        if self.crop in ("content", "both"):
+            content_box = random_box_mask(height, width, x.device, self.beta, self.min_area)
+            restyled = _restyle(x, style_mean, style_std, self.eps, _masked_stats(x, content_box, self.eps))
+            return torch.where(content_box, restyled, x)
+        return _restyle(x, style_mean, style_std, self.eps, None if style_box is not None else (own_mean, own_std))
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU-drawn tensor on ``device``; to CUDA through pinned memory, without waiting for the copy."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _masked_stats(x: torch.Tensor, box: torch.Tensor | None, eps: float):
+    """channel_stats of x inside ``box`` (an (H, W) bool mask; None: the whole map)."""
+    if box is None:
+        return channel_stats(x, eps)
+    xf = x.float()
+    weight = box.to(xf.dtype)
+    n = weight.sum()
+    mean = (xf * weight).sum((2, 3), keepdim=True) / n
+    var = (((xf - mean) * weight) ** 2).sum((2, 3), keepdim=True) / (n - 1).clamp(min=1)
+    return mean, (var + eps).sqrt()
+
+
+def random_box_mask(height: int, width: int, device: torch.device, beta: float = 1.0, min_area: float = 0.1,
+                    tries: int = 32) -> torch.Tensor:
+    """:func:`random_box` as an (H, W) bool mask drawn with tensor ops (torch's global generator):
+    ``tries`` candidate boxes at once, the first that covers more than ``min_area`` wins (the whole map
+    where none does, which at the default 0.1 has a chance below 1e-30)."""
+    if height * width == 1:
+        return torch.ones(height, width, dtype=torch.bool, device=device)
+    if beta == 1.0:
+        ratio = torch.rand(tries, device=device)
+    else:
+        ratio = torch.distributions.Beta(torch.tensor(float(beta)), torch.tensor(float(beta))).sample((tries,))
+        ratio = ratio.to(device)
+    cut_h = (height * ratio.sqrt()).floor().clamp(min=1)
+    cut_w = (width * ratio.sqrt()).floor().clamp(min=1)
+    cy = torch.randint(0, height, (tries,), device=device)
+    cx = torch.randint(0, width, (tries,), device=device)
+    top = (cy - torch.div(cut_h, 2, rounding_mode="floor")).clamp(min=0)
+    bottom = (cy + torch.div(cut_h, 2, rounding_mode="floor") + cut_h % 2).clamp(max=height)
+    left = (cx - torch.div(cut_w, 2, rounding_mode="floor")).clamp(min=0)
+    right = (cx + torch.div(cut_w, 2, rounding_mode="floor") + cut_w % 2).clamp(max=width)
+    valid = (bottom - top) * (right - left) / (height * width) > min_area
+    first = (valid & (valid.cumsum(0) == 1)).to(top.dtype)  # one-hot of the first valid candidate
+    top, bottom, left, right = ((t * first).sum() for t in (top, bottom, left, right))  # (no indexing: no sync)
+    rows = torch.arange(height, device=device).view(-1, 1)
+    cols = torch.arange(width, device=device).view(1, -1)
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    return inside | ~valid.any()
 
 
 class SelfNorm(nn.Module):
@@ -509,57 +260,44 @@ class SelfNorm(nn.Module):
     def _gate_modules(self):
         return [(self.g_fc, self.g_bn)] + ([(self.f_fc, self.f_bn)] if self.two_gates else [])
 
-    def _apply(self, *args, **kwargs):
-        _bump_generation()  # tensors may be replaced without registration (buffers in .to(), ...)
-        try:
-            return super()._apply(*args, **kwargs)
-        finally:
-            _bump_generation()
-
-    @staticmethod
-    def _build_inference_arguments(module):
-        """(tensors read, pointers and epsilons for the fused inference kernel or None where the
-        parameters do not suit it, the attributes that value depends on)."""
-        tensors, epsilons, attributes = [], [], []  # (the module's own eps is passed on every call)
-        for fc, bn in module._gate_modules():
-            tensors += (fc._parameters["weight"], bn._parameters.get("weight"), bn._parameters.get("bias"),
-                        bn._buffers.get("running_mean"), bn._buffers.get("running_var"))
-            epsilons.append(bn.eps)
-            attributes.append((bn, "eps"))
-        arguments = None
-        if all(t is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors):
-            pointers = [t.data_ptr() for t in tensors]
-            gates = [pointers[i:i + 5] + [epsilons[i // 5]] for i in range(0, len(pointers), 5)]
-            if len(gates) == 1:
-                gates.append([None] * 5 + [0.0])
-            arguments = gates[0] + gates[1]
-        return tensors, arguments, attributes
-
-    def _inference_arguments(self):
-        """Cached :meth:`_build_inference_arguments` (see ``PointerCache``)."""
-        return _INFERENCE_CACHE.get(self, self._build_inference_arguments)
+    def _native_gates(self, x: torch.Tensor):
+        """The gates' (conv, BN) pairs where the operator path applies, else None (submodules read from
+        ``_modules``: ``nn.Module.__getattr__`` costs more than the kernel on small maps)."""
+        if self.record or not _native(x, "cnsn"):
+            return None
+        modules = self._modules
+        gates = [(modules["g_fc"], modules["g_bn"])]
+        if self.two_gates:
+            gates.append((modules["f_fc"], modules["f_bn"]))
+        for fc, bn in gates:
+            if not (fc._parameters["weight"].dtype == torch.float32 and fc._parameters.get("bias") is None
+                    and bn.affine and bn.track_running_stats and bn.momentum is not None):
+                return None
+        return gates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             check_feature_map(x, "SelfNorm")
         if x.shape[1] != self.channels:
             raise ValueError(f"SelfNorm input channels: got {x.shape[1]}; allowed: {self.channels}")
-        # (few Python operations on the way to the kernel: see PointerCache)
-        lib = _native.get() if x.is_cpu and x.dtype == torch.float32 and x.numel() else None
-        if lib is not None and not (x.is_contiguous() or _is_channels_last(x)):
-            lib = None
-        if lib is not None:
-            if not (self.training or self.record or torch.is_grad_enabled() and (
-                    x.requires_grad or any(p.requires_grad for p in self.parameters()))):
-                arguments = self._inference_arguments()
-                if arguments is not None:  # inference: one kernel
-                    batch, channels, n, nhwc = _layout(x)
-                    out = torch.empty_like(x)
-                    lib.sn_eval(x.data_ptr(), batch, channels, n, nhwc, self.eps, *arguments,
-                                out.data_ptr(), torch.get_num_threads())
-                    return out
-            if all(p.dtype == torch.float32 for p in self.parameters()):
-                return _SelfNormFunction.apply(x, self, *self.parameters())
+        gates = self._native_gates(x)
+        if gates is not None:
+            tensors = [(fc._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"],
+                        bn._buffers["running_mean"], bn._buffers["running_var"]) for fc, bn in gates]
+            bn = gates[0][1]
+            if not (self.training or torch.is_grad_enabled() and (
+                    x.requires_grad or any(t.requires_grad for g in tensors for t in g[:3]))):
+                second = tensors[1] if len(tensors) == 2 else (None,) * 5
+                return torch.ops.mnv2.selfnorm_inference(x, *tensors[0], bn.eps, *second,
+                                                         gates[1][1].eps if len(gates) == 2 else 0.0, self.eps)
+            if len(gates) == 1:
+                use_batch_stats = bn.training and x.shape[0] > 1  # one value per channel: running statistics
+                out, *_, batch_stats = torch.ops.mnv2.selfnorm(x, *tensors[0], use_batch_stats, bn.eps, self.eps)
+                if use_batch_stats:
+                    # (no batches-tracked count: the PyTorch path's functional batch_norm keeps none either)
+                    torch.ops.mnv2.batch_norm_update(batch_stats, [tensors[0][3]], [tensors[0][4]], [],
+                                                     bn.momentum)
+                return out
         mean, std = channel_stats(x, self.eps)
         stats = torch.cat((mean, std), dim=-1).flatten(2)  # (B, C, 2)
         g = self._gate(self.g_fc, self.g_bn, stats.to(self.g_fc.weight.dtype))
@@ -572,67 +310,6 @@ class SelfNorm(nn.Module):
             self.recorded["f"] = f.detach().flatten(1)
         # g * (x - mu) + f * mu, fused
         return torch.addcmul((mean * (f - g)).to(x.dtype), x, g.to(x.dtype))
-
-
-class _SelfNormFunction(torch.autograd.Function):
-    """SelfNorm with the C kernels: statistics, gating and, in backward, one reduction pass and one
-    pass for grad x. The gates (Conv1d, BatchNorm1d, sigmoid on the (B, C, 2) statistics) are a
-    small PyTorch graph recorded in forward and differentiated in backward. The inputs after the
-    module are its parameters, so that autograd routes their gradients here."""
-
-    @staticmethod
-    def forward(ctx, x, module, *params):
-        lib = _native.get()
-        batch, channels, n, nhwc = _layout(x)
-        threads = torch.get_num_threads()
-        mean, std = x.new_empty(batch, channels), x.new_empty(batch, channels)
-        lib.cn_stats(x.data_ptr(), batch, channels, n, nhwc, module.eps, mean.data_ptr(), std.data_ptr(), threads)
-        leaves = (mean.detach().requires_grad_(), std.detach().requires_grad_())
-        with torch.enable_grad():
-            stats = torch.stack(leaves, dim=-1)  # (B, C, 2)
-            gates = [module._gate(fc, bn, stats).view(batch, channels) for fc, bn in module._gate_modules()]
-        g = gates[0].detach()
-        shift = (gates[1].detach() - g) * mean if module.two_gates else None
-        out = torch.empty_like(x)
-        lib.sn_apply(x.data_ptr(), batch, channels, n, nhwc, g.data_ptr(), _ptr(shift), out.data_ptr(), threads)
-        if module.record:
-            module.recorded = {name: t.detach().clone() for name, t in zip("gf", gates)}
-        ctx.save_for_backward(x, mean, std)
-        ctx.inner = (leaves, gates)
-        ctx.module, ctx.lib = module, lib
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        lib = ctx.lib
-        x, mean, std = ctx.saved_tensors
-        leaves, gates = ctx.inner
-        del ctx.inner
-        module = ctx.module
-        batch, channels, n, nhwc = _layout(x)
-        grad = grad.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
-        threads = torch.get_num_threads()
-        sgx = x.new_empty(batch, channels)
-        sg = x.new_empty(batch, channels) if module.two_gates else None
-        lib.sn_backward_reduce(x.data_ptr(), grad.data_ptr(), batch, channels, n, nhwc, sgx.data_ptr(), _ptr(sg),
-                               threads)
-        g = gates[0].detach()
-        if module.two_gates:  # out = g * x + (f - g) * mean
-            d_gates, d_mean_direct = [sgx - mean * sg, mean * sg], (gates[1].detach() - g) * sg
-        else:  # out = g * x
-            d_gates, d_mean_direct = [sgx], None
-        params = [p for p in module.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(gates, [*leaves, *params], d_gates, allow_unused=True)
-        d_mean, d_std = grads[0], grads[1]
-        if d_mean_direct is not None:
-            d_mean = d_mean_direct if d_mean is None else d_mean + d_mean_direct
-        grad_x = _stats_backward(lib, x, mean, std, d_mean, d_std, grad, g) if ctx.needs_input_grad[0] else None
-        by_id = {id(p): dp for p, dp in zip(params, grads[2:])}
-        return (grad_x, None, *[by_id.get(id(p)) for p in module.parameters()])
-
-
-_INFERENCE_CACHE = PointerCache()
 
 
 class CNSN(nn.Module):
@@ -706,6 +383,16 @@ class CrossNormSchedule:
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
+    def step_traced(self) -> None:
+        """The draw of :meth:`step` with tensor ops (torch's global generator), for ``torch.compile``:
+        each module gets a 0-d bool tensor and blends its result with it (no history is kept)."""
+        n = len(self.modules)
+        fire = torch.rand(()) < self.cn_prob
+        order = torch.randperm(n)[: self.active_num]
+        chosen = torch.zeros(n, dtype=torch.bool).index_fill(0, order, True) & fire
+        for index, module in enumerate(self.modules):
+            module.active = chosen[index]
+
     def step(self) -> tuple[int, ...]:
         chosen: tuple[int, ...] = ()
         if float(torch.rand((), generator=self.generator)) < self.cn_prob:
@@ -719,7 +406,7 @@ class CrossNormSchedule:
 
     def __call__(self, model: nn.Module, args) -> None:  # forward pre-hook
         if model.training:
-            self.step()
+            self.step_traced() if torch.compiler.is_compiling() else self.step()
 
 
 class record_cnsn:

@@ -10,6 +10,7 @@ from ..checks import check_bool, check_int, check_number
 from ..layers.activations import activation_names
 from ..layers.attention import attention_names, check_kernel_size
 from .mobilenetv2 import SHORTCUTS
+from .registry import arch_names, default_activation
 
 STEMS = ("imagenet", "cifar", "cifar_lite")
 ATTENTION_POSITIONS = ("residual", "block_output", "after_depthwise")
@@ -36,7 +37,7 @@ class ModelConfig:
     arch: str = "mobilenet_v2"
     num_classes: int = 1000
     width_mult: float = 1.0
-    activation: str = "relu6"
+    activation: str | None = None           # None: the family's (its paper's): ReLU6 for V2, ReLU for V1 and V4
     attention: str | None = None
     attention_kernel: int = 7
     attention_position: str = "residual"
@@ -60,9 +61,9 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .factory import arch_names  # late import: the registry lives with the builders
-
         _allowed("arch", self.arch, arch_names())
+        if self.activation is None:
+            object.__setattr__(self, "activation", default_activation(self.arch))
         check_int("num_classes", self.num_classes, 1)
         check_number("width_mult", self.width_mult, 0, MAX_WIDTH_MULT, low_open=True)
         _allowed("activation", self.activation, activation_names())
@@ -127,7 +128,7 @@ class ModelConfig:
         """A short human-readable name: 'baseline', 'mish+triplet', 'bottleneck=relu6', 'shortcut=none',
         't=4', ... (the width is left out: it is the training profile's choice)."""
         parts = []
-        if self.activation != "relu6":
+        if self.activation != default_activation(self.arch):
             parts.append(self.activation)
         if self.attention:
             parts.append(self.attention)

@@ -13,19 +13,10 @@ from torch import nn
 from ..layers.activations import get_activation_class
 from ..layers.attention import create_attention
 from ..layers.cnsn import CNSN, CrossNorm, CrossNormSchedule, SelfNorm
+from .config import ModelConfig
+from .registry import arch_names, get_builder, register_arch
 
-_ARCHS: dict[str, Callable] = {}
-
-
-def register_arch(name: str):
-    def decorator(builder: Callable) -> Callable:
-        _ARCHS[name] = builder
-        return builder
-    return decorator
-
-
-def arch_names() -> tuple[str, ...]:
-    return tuple(_ARCHS)
+__all__ = ["build_model", "register_arch", "arch_names", "attach_crossnorm_schedule"]
 
 
 def build_model(config=None, **kwargs) -> nn.Module:
@@ -34,13 +25,11 @@ def build_model(config=None, **kwargs) -> nn.Module:
     >>> build_model(arch="mobilenet_v2", num_classes=10, stem="cifar", activation="mish",
     ...             attention="triplet", cnsn="cnsn")
     """
-    from .config import ModelConfig
-
     if config is None:
         config = ModelConfig(**kwargs)
     elif kwargs:
         config = config.replace(**kwargs)
-    model = _ARCHS[config.arch](config)
+    model = get_builder(config.arch)(config)
     model.config = config
     return model
 
@@ -98,6 +87,7 @@ def _reject(config, fields: tuple[str, ...], defaults) -> None:
 def _build_mobilenet_v2(config) -> nn.Module:
     from .mobilenetv2 import MobileNetV2, mobilenet_v2_block
 
+    # called with the channel count of the tensor it attends to (timm's create_attn convention)
     attention_layer = (partial(create_attention, config.attention, kernel_size=config.attention_kernel)
                        if config.attention else None)
     block = mobilenet_v2_block(attention_layer=attention_layer, attention_position=config.attention_position,
@@ -117,9 +107,8 @@ def _build_mobilenet_v2(config) -> nn.Module:
     return model
 
 
-@register_arch("mobilenet_v1")
+@register_arch("mobilenet_v1", default_activation="relu")  # the MobileNetV1 paper's
 def _build_mobilenet_v1(config) -> nn.Module:
-    from .config import ModelConfig
     from .mobilenetv1 import MobileNetV1
 
     _reject(config, ("attention", "cnsn", "bottleneck_activation", "shortcut", "expand_ratio", "pretrained"),

@@ -148,7 +148,9 @@ class InvertedResidual(nn.Module):
         self.bottleneck_activation = bottleneck_activation() if bottleneck_activation is not None else None
 
         self.attention_position = attention_position
-        self.attention = attention_layer() if attention_layer is not None else None
+        # built for the channels of the tensor it attends to (timm's create_attn(type, channels))
+        attention_channels = hidden_dim if attention_position == "after_depthwise" else oup
+        self.attention = attention_layer(attention_channels) if attention_layer is not None else None
         self.cnsn_position = cnsn_position
         # "identity": CNSN on the shortcut: the block input (bottleneck shortcut) or the received
         # expanded tensor (expansion shortcut); blocks without an incoming shortcut get none.

@@ -42,8 +42,7 @@ give the same outputs in eval mode. The anti-aliased timm variants (``conv_aa_*`
 
 ``build_model(arch="mobilenet_v4_conv_small", ...)`` and the other registered names
 (``mobilenet_v4_{conv_small,conv_medium,conv_large,hybrid_medium,hybrid_large,nano,custom}``)
-take ``ModelConfig.activation`` as given, whose default is "relu6": pass activation="relu"
-("gelu" for hybrid-L) for the paper's, as the convenience constructors use by default.
+default to the paper's activation (ReLU; GELU for hybrid-L), as the convenience constructors do.
 torchinfo's multiply-adds (``mnv2lib.summary``) count the convolutions and linear layers, not
 the two attention matmuls of each Mobile MQA block (q k^T and attention x v).
 """
@@ -562,8 +561,7 @@ def _build(config, variant: Variant, se_ratio: float = 0.0) -> MobileNetV4:
 
 
 def _build_variant(name: str, config) -> MobileNetV4:
-    """``config.activation`` is taken as given (ModelConfig's default is "relu6"); pass
-    activation="relu" (or "gelu" for hybrid-L) for the paper's."""
+    """``config.activation`` defaults to the variant's (the paper's: ReLU, GELU for hybrid-L)."""
     from .config import ModelConfig
 
     _reject(config, _UNSUPPORTED, ModelConfig())
@@ -574,10 +572,11 @@ def _build_variant(name: str, config) -> MobileNetV4:
 
 
 for _name in VARIANTS:
-    register_arch(f"mobilenet_v4_{_name}")(partial(_build_variant, _name))
+    register_arch(f"mobilenet_v4_{_name}", default_activation=VARIANTS[_name].activation)(
+        partial(_build_variant, _name))
 
 
-@register_arch("mobilenet_v4_custom")
+@register_arch("mobilenet_v4_custom", default_activation="relu")
 def _build_custom(config) -> MobileNetV4:
     """:func:`mobilenet_v4_custom` from a ModelConfig: its knobs come from ``config.extra``
     (``CUSTOM_OPTIONS``; block_counts as a list, JSON-friendly); dropout, width_mult,

@@ -1,0 +1,640 @@
+/* Triplet Attention kernels, float32, contiguous (B, C, H, W) input.
+ *
+ * Planes. Each branch has a natural pooled layout and an official plane:
+ *   channel-width  natural (C, W) [max/mean over H], official (C, W)
+ *   height-channel natural (C, H) [over W],          official (H, C)
+ *   spatial        natural (H, W) [over C],          official (H, W)
+ * A plane is stored (R rows, Q cols) as its official orientation or the transpose (flag t),
+ * whichever puts the longer side in the contiguous columns; `tr` says whether the stored plane
+ * is the transpose of the natural layout (cw: t, hc: !t, s: t).
+ * Pooled maps: zero-padded stored planes (2, R+k-1, Q+k-1) per sample (max, mean), followed by
+ * SLACK zero floats at the end of the whole buffer (the vector tiles read past a row's end).
+ * Convolution weights are given in the official orientation (2, k, k).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+
+typedef int64_t i64;
+#define TQ 16   /* columns per register tile */
+#define RB 4    /* rows per register tile */
+#define SLACK 32
+#define INLINE static inline __attribute__((always_inline))
+/* per-sample loops are compiled for the common square planes with constant H = W (unrolled,
+ * no per-row loop overhead on 4x4 or 8x8 maps), for common narrow rows with constant W, and
+ * generically for every other size */
+#define HW_DISPATCH(CALL) \
+    if (H == W) { \
+        switch (W) { \
+            case 4: CALL(4, 4); break; \
+            case 7: CALL(7, 7); break; \
+            case 8: CALL(8, 8); break; \
+            case 14: CALL(14, 14); break; \
+            case 16: CALL(16, 16); break; \
+            case 28: CALL(28, 28); break; \
+            case 32: CALL(32, 32); break; \
+            default: CALL(H, W); \
+        } \
+    } else { \
+        switch (W) {  /* NHWC input read as (B, H, W, C): W here is a channel count */ \
+            case 8: CALL(H, 8); break; \
+            case 16: CALL(H, 16); break; \
+            case 24: CALL(H, 24); break; \
+            case 32: CALL(H, 32); break; \
+            default: CALL(H, W); \
+        } \
+    }
+
+
+#include "vexpf.h"
+
+/* natural (A x N) <-> stored plane with row stride ld, first element at off */
+static void gather(const float* src, i64 off, i64 ld, int tr, i64 A, i64 N, float* dst) {
+    if (tr) { for (i64 a = 0; a < A; a++) for (i64 n = 0; n < N; n++) dst[a * N + n] = src[off + n * ld + a]; }
+    else { for (i64 a = 0; a < A; a++) for (i64 n = 0; n < N; n++) dst[a * N + n] = src[off + a * ld + n]; }
+}
+static void scatter(const float* src, i64 A, i64 N, float scale, float* dst, i64 off, i64 ld, int tr) {
+    if (tr) { for (i64 a = 0; a < A; a++) for (i64 n = 0; n < N; n++) dst[off + n * ld + a] = src[a * N + n] * scale; }
+    else { for (i64 a = 0; a < A; a++) for (i64 n = 0; n < N; n++) dst[off + a * ld + n] = src[a * N + n] * scale; }
+}
+/* natural pooled (max, sum) -> one sample's padded stored map; mean = sum / n */
+static void store_map(const float* mx, const float* sm, i64 A, i64 N, float n, int tr, i64 p, float* dst) {
+    const i64 R = tr ? N : A, Q = tr ? A : N, Qp = Q + 2 * p, Rp = R + 2 * p, off = p * Qp + p;
+    for (i64 a = 0; a < A; a++)
+        for (i64 m = 0; m < N; m++) {
+            const i64 at = tr ? off + m * Qp + a : off + a * Qp + m;
+            dst[at] = mx[a * N + m];
+            dst[Rp * Qp + at] = sm[a * N + m] / n;
+        }
+}
+
+static void dims(i64 C, i64 H, i64 W, int br, int t, i64* A, i64* N, int* tr, i64* R, i64* Q) {
+    if (br == 0) { *A = C; *N = W; *tr = t; }
+    else if (br == 1) { *A = C; *N = H; *tr = !t; }
+    else { *A = H; *N = W; *tr = t; }
+    *R = *tr ? *N : *A;
+    *Q = *tr ? *A : *N;
+}
+
+/* ---- one pass over one sample: natural max/sum of every branch (W specialised by the caller) ---- */
+/* row reductions (max and sum over w) of rows h0 .. h0+n-1 of a plane; for narrow rows four rows
+ * at a time, so that the dependency chains interleave */
+INLINE void row_reduce(const float* xc, i64 H, const i64 W, float* rmax, float* rsum) {
+    i64 h = 0;
+    if (W < 16) {
+        for (; h + 4 <= H; h += 4) {
+            const float *r0 = xc + h * W, *r1 = r0 + W, *r2 = r1 + W, *r3 = r2 + W;
+            float m0 = r0[0], m1 = r1[0], m2 = r2[0], m3 = r3[0], s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+            for (i64 w = 0; w < W; w++) {
+                m0 = r0[w] > m0 ? r0[w] : m0; s0 += r0[w];
+                m1 = r1[w] > m1 ? r1[w] : m1; s1 += r1[w];
+                m2 = r2[w] > m2 ? r2[w] : m2; s2 += r2[w];
+                m3 = r3[w] > m3 ? r3[w] : m3; s3 += r3[w];
+            }
+            rmax[h] = m0; rmax[h + 1] = m1; rmax[h + 2] = m2; rmax[h + 3] = m3;
+            rsum[h] = s0; rsum[h + 1] = s1; rsum[h + 2] = s2; rsum[h + 3] = s3;
+        }
+    }
+    for (; h < H; h++) {
+        const float* row = xc + h * W;
+        float rm = row[0], rs = 0.f;
+#pragma omp simd reduction(max:rm) reduction(+:rs)
+        for (i64 w = 0; w < W; w++) { const float v = row[w]; rm = v > rm ? v : rm; rs += v; }
+        rmax[h] = rm;
+        rsum[h] = rs;
+    }
+}
+
+INLINE void pool_impl(const float* restrict xb, i64 C, const i64 H, const i64 W, int spatial,
+                      float* restrict cwm, float* restrict cws, float* restrict hcm, float* restrict hcs,
+                      float* restrict sm, float* restrict ss) {
+    for (i64 c = 0; c < C; c++) {
+        const float* xc = xb + c * H * W;
+        float* cm = cwm + c * W;
+        float* cs = cws + c * W;
+        if (H <= 16 && W <= 16) {
+            /* small planes: row reductions four rows at a time; column reductions with the (unrolled)
+             * loop over rows inside, vectorised over the columns */
+            row_reduce(xc, H, W, hcm + c * H, hcs + c * H);
+            for (i64 w = 0; w < W; w++) {
+                float m = xc[w], a = xc[w];
+                for (i64 h = 1; h < H; h++) { const float v = xc[h * W + w]; m = v > m ? v : m; a += v; }
+                cm[w] = m;
+                cs[w] = a;
+            }
+        } else {
+            for (i64 w = 0; w < W; w++) { cm[w] = xc[w]; cs[w] = 0.f; }
+            for (i64 h = 0; h < H; h++) {
+                const float* row = xc + h * W;
+                float rm = row[0], rs = 0.f;
+#pragma omp simd reduction(max:rm) reduction(+:rs)
+                for (i64 w = 0; w < W; w++) {
+                    const float v = row[w];
+                    rm = v > rm ? v : rm;
+                    rs += v;
+                    cm[w] = v > cm[w] ? v : cm[w];
+                    cs[w] += v;
+                }
+                hcm[c * H + h] = rm;
+                hcs[c * H + h] = rs;
+            }
+        }
+    }
+    if (spatial) {  /* over channels, two at a time */
+        const i64 n = H * W;
+        for (i64 i = 0; i < n; i++) { sm[i] = xb[i]; ss[i] = xb[i]; }
+        i64 c = 1;
+        for (; c + 1 < C; c += 2) {
+            const float* x0 = xb + c * n;
+            const float* x1 = x0 + n;
+#pragma omp simd
+            for (i64 i = 0; i < n; i++) {
+                const float v0 = x0[i], v1 = x1[i], m = v0 > v1 ? v0 : v1;
+                sm[i] = m > sm[i] ? m : sm[i];
+                ss[i] += v0 + v1;
+            }
+        }
+        for (; c < C; c++) {
+            const float* x0 = xb + c * n;
+#pragma omp simd
+            for (i64 i = 0; i < n; i++) { const float v = x0[i]; sm[i] = v > sm[i] ? v : sm[i]; ss[i] += v; }
+        }
+    }
+}
+
+static void pool_sample(const float* xb, i64 C, i64 H, i64 W, int spatial,
+                        float* cwm, float* cws, float* hcm, float* hcs, float* sm, float* ss) {
+    #define POOL_CALL(HH, WW) pool_impl(xb, C, HH, WW, spatial, cwm, cws, hcm, hcs, sm, ss)
+    HW_DISPATCH(POOL_CALL)
+    #undef POOL_CALL
+}
+
+/* ---- out = x * (cw + hc + s) * weight for one sample; gates natural and contiguous ---- */
+INLINE void gate_impl(const float* xb, i64 C, const i64 H, const i64 W, const float* cw, const float* hc,
+                      const float* s, float weight, float* ob) {
+    for (i64 c = 0; c < C; c++)
+        for (i64 h = 0; h < H; h++) {
+            const float* xr = xb + (c * H + h) * W;
+            float* orow = ob + (c * H + h) * W;
+            const float* cwr = cw + c * W;
+            const float* sr = s + h * W;
+            const float hv = hc[c * H + h];
+#pragma omp simd
+            for (i64 w = 0; w < W; w++) orow[w] = xr[w] * ((cwr[w] + hv + sr[w]) * weight);
+        }
+}
+static void gate_sample(const float* xb, i64 C, i64 H, i64 W, const float* cw, const float* hc,
+                        const float* s, float weight, float* ob) {
+    #define GATE_CALL(HH, WW) gate_impl(xb, C, HH, WW, cw, hc, s, weight, ob)
+    HW_DISPATCH(GATE_CALL)
+    #undef GATE_CALL
+}
+
+/* ---- correlation in register tiles:
+ * out[co][r][q] = sum_{ci, i, j} wt[((co * CI + ci) * K + i) * K + j] * in[ci][r + i][q + j]
+ * in: CI zero-padded planes (plane stride psi, row stride ldi) whose data rows are ulo .. uhi-1
+ * (uhi + K/2 rows in all); rows past the plane are clamped (their outputs are discarded). Columns are
+ * read up to TQ - 1 past Q + K - 1 (finite values required: the caller's slack). */
+INLINE void corr_impl(const float* in, i64 psi, i64 ldi, i64 ulo, i64 uhi, const int CI, const int CO, const int K,
+                      const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) {
+    (void)ulo;  /* rows before ulo are read (zero padding); rows from uhi on only for discarded outputs */
+    for (i64 r0 = 0; r0 < R; r0 += RB)
+        for (i64 q0 = 0; q0 < Q; q0 += TQ)
+            for (int co = 0; co < CO; co++) {
+                float acc[RB][TQ];
+                for (int rb = 0; rb < RB; rb++)
+                    for (int q = 0; q < TQ; q++) acc[rb][q] = 0.f;
+                for (int ci = 0; ci < CI; ci++)
+                    for (int i = 0; i < K; i++) {
+                        const float* src[RB];
+                        for (int rb = 0; rb < RB; rb++) {
+                            i64 row = r0 + rb + i;
+                            row = row < uhi + K / 2 ? row : uhi + K / 2 - 1;  /* last row of the padded plane */
+                            src[rb] = in + ci * psi + row * ldi + q0;
+                        }
+                        const float* wr = wt + ((co * CI + ci) * K + i) * K;
+                        for (int j = 0; j < K; j++) {
+                            const float wv = wr[j];
+                            for (int rb = 0; rb < RB; rb++) {
+                                const float* sp = src[rb] + j;
+#pragma omp simd
+                                for (int q = 0; q < TQ; q++) acc[rb][q] += wv * sp[q];
+                            }
+                        }
+                    }
+                const i64 nr = R - r0 < RB ? R - r0 : RB, nq = Q - q0 < TQ ? Q - q0 : TQ;
+                for (i64 rb = 0; rb < nr; rb++)
+                    for (i64 q = 0; q < nq; q++) out[co * pso + (r0 + rb) * ldo + q0 + q] = acc[rb][q];
+            }
+}
+#define CORR_K(CI, CO) \
+    switch (K) { \
+        case 3: corr_impl(in, psi, ldi, ulo, uhi, CI, CO, 3, wt, out, pso, ldo, R, Q); break; \
+        case 5: corr_impl(in, psi, ldi, ulo, uhi, CI, CO, 5, wt, out, pso, ldo, R, Q); break; \
+        case 7: corr_impl(in, psi, ldi, ulo, uhi, CI, CO, 7, wt, out, pso, ldo, R, Q); break; \
+        default: corr_impl(in, psi, ldi, ulo, uhi, CI, CO, K, wt, out, pso, ldo, R, Q); \
+    }
+static void corr21(const float* in, i64 psi, i64 ldi, i64 ulo, i64 uhi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) { CORR_K(2, 1) }
+static void corr12(const float* in, i64 psi, i64 ldi, i64 ulo, i64 uhi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) { CORR_K(1, 2) }
+
+/* ---- weight gradient of one sample: gw[c][i][j] += sum_{y, x} g[y][x] * P[c][y + i][x + j]
+ * g: rows zero-padded to QT (a multiple of TQ); P: padded stored map (row stride ldi, slack after). */
+INLINE void gradw_impl(const float* P, i64 psi, i64 ldi, const float* g, i64 QT, i64 R, const int K, float* gw) {
+    const i64 p = K / 2;  /* rows of P outside p .. p+R-1 are zero padding */
+    for (int c = 0; c < 2; c++)
+        for (int i = 0; i < K; i++) {
+            float acc[K][TQ];
+            for (int j = 0; j < K; j++)
+                for (int q = 0; q < TQ; q++) acc[j][q] = 0.f;
+            const i64 ylo = p - i > 0 ? p - i : 0, yhi = p + R - i < R ? p + R - i : R;
+            for (i64 y = ylo; y < yhi; y++) {
+                const float* prow = P + c * psi + (y + i) * ldi;
+                const float* grow = g + y * QT;
+                for (i64 q0 = 0; q0 < QT; q0 += TQ)
+                    for (int j = 0; j < K; j++) {
+                        const float* pp = prow + q0 + j;
+                        const float* gg = grow + q0;
+#pragma omp simd
+                        for (int q = 0; q < TQ; q++) acc[j][q] += gg[q] * pp[q];
+                    }
+            }
+            for (int j = 0; j < K; j++) {
+                float s = 0.f;
+                for (int q = 0; q < TQ; q++) s += acc[j][q];
+                gw[(c * K + i) * K + j] += s;
+            }
+        }
+}
+static void gradw(const float* P, i64 psi, i64 ldi, const float* g, i64 QT, i64 R, int K, float* gw) {
+    switch (K) {
+        case 3: gradw_impl(P, psi, ldi, g, QT, R, 3, gw); break;
+        case 5: gradw_impl(P, psi, ldi, g, QT, R, 5, gw); break;
+        case 7: gradw_impl(P, psi, ldi, g, QT, R, 7, gw); break;
+        default: {  /* larger kernels: one tap at a time */
+            for (int c = 0; c < 2; c++)
+                for (int i = 0; i < K; i++)
+                    for (int j = 0; j < K; j++) {
+                        float acc[TQ];
+                        for (int q = 0; q < TQ; q++) acc[q] = 0.f;
+                        for (i64 y = 0; y < R; y++)
+                            for (i64 q0 = 0; q0 < QT; q0 += TQ) {
+                                const float* pp = P + c * psi + (y + i) * ldi + q0 + j;
+                                const float* gg = g + y * QT + q0;
+                                for (int q = 0; q < TQ; q++) acc[q] += gg[q] * pp[q];
+                            }
+                        float s = 0.f;
+                        for (int q = 0; q < TQ; q++) s += acc[q];
+                        gw[(c * K + i) * K + j] += s;
+                    }
+        }
+    }
+}
+
+static void local_weight(const float* w, i64 k, int t, float* wl) {
+    for (i64 c = 0; c < 2; c++)
+        for (i64 i = 0; i < k; i++)
+            for (i64 j = 0; j < k; j++)
+                wl[(c * k + i) * k + j] = t ? w[(c * k + j) * k + i] : w[(c * k + i) * k + j];
+}
+
+/* ---------------- training forward ---------------- */
+
+/* pooled maps of all branches into zero-initialised padded buffers; ms NULL without spatial */
+void ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W, i64 p,
+             float* mcw, int tcw, float* mhc, int thc, float* ms, int ts, int nthreads) {
+    const int spatial = ms != NULL;
+    i64 A[3], N[3], R[3], Q[3]; int tr[3];
+    dims(C, H, W, 0, tcw, &A[0], &N[0], &tr[0], &R[0], &Q[0]);
+    dims(C, H, W, 1, thc, &A[1], &N[1], &tr[1], &R[1], &Q[1]);
+    dims(C, H, W, 2, ts, &A[2], &N[2], &tr[2], &R[2], &Q[2]);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* buf = malloc(sizeof(float) * 2 * (C * W + C * H + H * W));
+        float *cwm = buf, *cws = cwm + C * W, *hcm = cws + C * W, *hcs = hcm + C * H, *sm = hcs + C * H, *ss = sm + H * W;
+#pragma omp for schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            pool_sample(x + b * C * H * W, C, H, W, spatial, cwm, cws, hcm, hcs, sm, ss);
+            store_map(cwm, cws, A[0], N[0], (float)H, tr[0], p, mcw + b * 2 * (R[0] + 2 * p) * (Q[0] + 2 * p));
+            store_map(hcm, hcs, A[1], N[1], (float)W, tr[1], p, mhc + b * 2 * (R[1] + 2 * p) * (Q[1] + 2 * p));
+            if (spatial)
+                store_map(sm, ss, A[2], N[2], (float)C, tr[2], p, ms + b * 2 * (R[2] + 2 * p) * (Q[2] + 2 * p));
+        }
+        free(buf);
+    }
+}
+
+/* conv outputs of one branch: maps (B, 2, R+k-1, Q+k-1) [+ slack] -> z (B, R, Q) */
+void ta_conv(const float* maps, i64 B, i64 R, i64 Q, i64 k, const float* w, int t, float* z, int nthreads) {
+    float wl[2 * k * k];
+    local_weight(w, k, t, wl);
+    const i64 Rp = R + k - 1, Qp = Q + k - 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (i64 b = 0; b < B; b++)
+        corr21(maps + b * 2 * Rp * Qp, Rp * Qp, Qp, k / 2, k / 2 + R, (int)k, wl, z + b * R * Q, R * Q, Q, R, Q);
+}
+
+/* out = x * (g_cw + g_hc [+ g_s]) * weight; gates: stored planes (B, R, Q); gs NULL without spatial */
+void ta_combine(const float* x, i64 B, i64 C, i64 H, i64 W, const float* gcw, int tcw, const float* ghc, int thc,
+                const float* gs, int ts, float* out, int nthreads) {
+    const int spatial = gs != NULL;
+    const float weight = spatial ? 1.f / 3.f : 0.5f;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* buf = malloc(sizeof(float) * (C * W + C * H + H * W));
+        float *cw = buf, *hc = cw + C * W, *s = hc + C * H;
+#pragma omp for schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            gather(gcw, b * C * W, tcw ? C : W, tcw, C, W, cw);
+            gather(ghc, b * C * H, thc ? H : C, !thc, C, H, hc);
+            if (spatial) gather(gs, b * H * W, ts ? H : W, ts, H, W, s);
+            else for (i64 i = 0; i < H * W; i++) s[i] = 0.f;
+            gate_sample(x + b * C * H * W, C, H, W, cw, hc, s, weight, out + b * C * H * W);
+        }
+        free(buf);
+    }
+}
+
+/* ---------------- inference: one sample at a time, while it is in cache ---------------- */
+
+/* bn: per branch (weight, bias, running mean, running var); ws NULL without spatial; bit br of wt:
+ * branch br's weight is given transposed (the layout trick for channels_last input, see Python) */
+void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw, const float* whc, const float* ws,
+             const float* const* bn, double eps, int tcw, int thc, int ts, int wt, float* out, int nthreads) {
+    const int spatial = ws != NULL;
+    const int nb = spatial ? 3 : 2;
+    const i64 p = k / 2;
+    const int tf[3] = {tcw, thc, ts};
+    const float* wsrc[3] = {wcw, whc, ws};
+    i64 A[3], N[3], R[3], Q[3], moff[3], goff[3]; int tr[3];
+    float wl[3][2 * k * k], scale[3], shift[3];
+    i64 mapsize = 0, gatesize = 0;
+    for (int br = 0; br < nb; br++) {
+        dims(C, H, W, br, tf[br], &A[br], &N[br], &tr[br], &R[br], &Q[br]);
+        local_weight(wsrc[br], k, tf[br] ^ ((wt >> br) & 1), wl[br]);
+        const float* const* q = bn + 4 * br;
+        scale[br] = (float)(q[0][0] / sqrt((double)q[3][0] + eps));
+        shift[br] = q[1][0] - q[2][0] * scale[br];
+        moff[br] = mapsize;
+        goff[br] = gatesize;
+        mapsize += 2 * (R[br] + 2 * p) * (Q[br] + 2 * p);
+        gatesize += R[br] * Q[br];
+    }
+    const float weight = spatial ? 1.f / 3.f : 0.5f;
+    const i64 pooled = 2 * (C * W + C * H + H * W), natural = C * W + C * H + H * W;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* buf = calloc((size_t)(pooled + mapsize + SLACK + gatesize + natural), sizeof(float));
+        float *cwm = buf, *cws = cwm + C * W, *hcm = cws + C * W, *hcs = hcm + C * H, *sm = hcs + C * H, *ss = sm + H * W;
+        float* maps = buf + pooled;  /* borders and slack stay zero */
+        float* gates = maps + mapsize + SLACK;
+        float *ncw = gates + gatesize, *nhc = ncw + C * W, *ns = nhc + C * H;
+        const float* mx[3] = {cwm, hcm, sm};
+        const float* su[3] = {cws, hcs, ss};
+        const float nn[3] = {(float)H, (float)W, (float)C};
+        float* nat[3] = {ncw, nhc, ns};
+#pragma omp for schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            const float* xb = x + b * C * H * W;
+            pool_sample(xb, C, H, W, spatial, cwm, cws, hcm, hcs, sm, ss);
+            for (int br = 0; br < nb; br++) {
+                const i64 Rp = R[br] + 2 * p, Qp = Q[br] + 2 * p, n = R[br] * Q[br];
+                float* m = maps + moff[br];
+                float* g = gates + goff[br];
+                store_map(mx[br], su[br], A[br], N[br], nn[br], tr[br], p, m);
+                corr21(m, Rp * Qp, Qp, p, p + R[br], (int)k, wl[br], g, n, Q[br], R[br], Q[br]);
+                const float a = scale[br], c = shift[br];
+#pragma omp simd
+                for (i64 i = 0; i < n; i++) g[i] = 1.f / (1.f + vexpf(-(g[i] * a + c)));
+                gather(g, 0, Q[br], tr[br], A[br], N[br], nat[br]);
+            }
+            if (!spatial) for (i64 i = 0; i < H * W; i++) ns[i] = 0.f;
+            gate_sample(xb, C, H, W, ncw, nhc, ns, weight, out + b * C * H * W);
+        }
+        free(buf);
+    }
+}
+
+/* ---------------- training backward ---------------- */
+
+/* Pass 1 over (x, grad): gate gradients (stored planes, like the gates) and the number of maximal
+ * elements of every max-pooled cell (natural layouts cw (B,C,W), hc (B,C,H), s (B,H,W)). */
+INLINE void reduce_impl(const float* xb, const float* gb, i64 C, const i64 H, const i64 W, int spatial,
+                        const float* xcw, const float* xhc, const float* xs,
+                        float* gcw, float* ghc, float* gsp, float* n_cw, float* n_hc, float* n_s, float* tmp) {
+    for (i64 i = 0; i < C * W; i++) { gcw[i] = 0.f; n_cw[i] = 0.f; }
+    for (i64 i = 0; i < H * W; i++) gsp[i] = 0.f;
+    if (spatial) for (i64 i = 0; i < H * W; i++) n_s[i] = 0.f;
+    float* prod = tmp;          /* grad * x of one plane */
+    float* hit = tmp + H * W;   /* x == max over w, as 0/1 */
+    for (i64 c = 0; c < C; c++) {
+        const float* xc = xb + c * H * W;
+        const float* gc = gb + c * H * W;
+        const float* mc = xcw + c * W;
+        float* a = gcw + c * W;
+        float* nc = n_cw + c * W;
+        if (W < 16) {  /* narrow rows: products first, row sums four rows at a time */
+            for (i64 h = 0; h < H; h++) {
+                const float* xr = xc + h * W;
+                const float* gr = gc + h * W;
+                float* pr = prod + h * W;
+                float* hr = hit + h * W;
+                const float mh = xhc[c * H + h];
+#pragma omp simd
+                for (i64 w = 0; w < W; w++) {
+                    const float v = xr[w], t = gr[w] * v;
+                    pr[w] = t;
+                    hr[w] = v == mh ? 1.f : 0.f;
+                    a[w] += t;
+                    nc[w] += v == mc[w] ? 1.f : 0.f;
+                }
+            }
+            float unused[H];
+            row_reduce(prod, H, W, unused, ghc + c * H);   /* sums of grad * x over w */
+            row_reduce(hit, H, W, unused, n_hc + c * H);   /* tie counts over w */
+        } else {
+            for (i64 h = 0; h < H; h++) {
+                const float* xr = xc + h * W;
+                const float* gr = gc + h * W;
+                float* pr = prod + h * W;
+                const float mh = xhc[c * H + h];
+                float acc = 0.f, cnt = 0.f;
+#pragma omp simd reduction(+:acc, cnt)
+                for (i64 w = 0; w < W; w++) {
+                    const float v = xr[w], t = gr[w] * v;
+                    pr[w] = t;
+                    acc += t;
+                    a[w] += t;
+                    cnt += v == mh ? 1.f : 0.f;
+                    nc[w] += v == mc[w] ? 1.f : 0.f;
+                }
+                ghc[c * H + h] = acc;
+                n_hc[c * H + h] = cnt;
+            }
+        }
+        if (spatial) {
+#pragma omp simd
+            for (i64 i = 0; i < H * W; i++) {
+                const float v = xc[i];
+                gsp[i] += prod[i];
+                n_s[i] += v == xs[i] ? 1.f : 0.f;
+            }
+        }
+    }
+}
+
+void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, i64 p,
+                        const float* mcw, int tcw, const float* mhc, int thc, const float* ms, int ts,
+                        float* dcw, float* dhc, float* ds, float* ncw, float* nhc, float* ns, int nthreads) {
+    const int spatial = ms != NULL;
+    const float weight = spatial ? 1.f / 3.f : 0.5f;
+    i64 A[3], N[3], R[3], Q[3]; int tr[3];
+    dims(C, H, W, 0, tcw, &A[0], &N[0], &tr[0], &R[0], &Q[0]);
+    dims(C, H, W, 1, thc, &A[1], &N[1], &tr[1], &R[1], &Q[1]);
+    dims(C, H, W, 2, ts, &A[2], &N[2], &tr[2], &R[2], &Q[2]);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* buf = malloc(sizeof(float) * (2 * (C * W + C * H + H * W) + 3 * H * W));
+        float *gcw = buf, *ghc = gcw + C * W, *gsp = ghc + C * H, *xcw = gsp + H * W, *xhc = xcw + C * W, *xs = xhc + C * H;
+        float* nsd = xs + H * W;  /* dummy counts without spatial */
+        float* tmp = nsd + H * W;
+#pragma omp for schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            const i64 Qp0 = Q[0] + 2 * p, Qp1 = Q[1] + 2 * p, Qp2 = Q[2] + 2 * p;
+            gather(mcw + b * 2 * (R[0] + 2 * p) * Qp0, p * Qp0 + p, Qp0, tr[0], A[0], N[0], xcw);
+            gather(mhc + b * 2 * (R[1] + 2 * p) * Qp1, p * Qp1 + p, Qp1, tr[1], A[1], N[1], xhc);
+            if (spatial) gather(ms + b * 2 * (R[2] + 2 * p) * Qp2, p * Qp2 + p, Qp2, tr[2], A[2], N[2], xs);
+            float* n_s = spatial ? ns + b * H * W : nsd;
+            const float* xb = x + b * C * H * W;
+            const float* gb = go + b * C * H * W;
+            float* n_cw = ncw + b * C * W;
+            float* n_hc = nhc + b * C * H;
+            #define REDUCE_CALL(HH, WW) reduce_impl(xb, gb, C, HH, WW, spatial, xcw, xhc, xs, gcw, ghc, gsp, n_cw, n_hc, n_s, tmp)
+            HW_DISPATCH(REDUCE_CALL)
+            #undef REDUCE_CALL
+            scatter(gcw, A[0], N[0], weight, dcw + b * R[0] * Q[0], 0, Q[0], tr[0]);
+            scatter(ghc, A[1], N[1], weight, dhc + b * R[1] * Q[1], 0, Q[1], tr[1]);
+            if (spatial) scatter(gsp, A[2], N[2], weight, ds + b * R[2] * Q[2], 0, Q[2], tr[2]);
+        }
+        free(buf);
+    }
+}
+
+/* Gradients of one branch's convolution: for the (unpadded) pooled map, stored plane (B, 2, R, Q),
+ * and for the weight, official orientation (2, k, k), summed over the batch. */
+void ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i64 k, const float* w, int t,
+                      float* gmap, float* gw, int nthreads) {
+    const i64 p = k / 2, Rp = R + k - 1, Qp = Q + k - 1, kk = 2 * k * k;
+    const i64 QT = (Q + TQ - 1) / TQ * TQ;
+    float wl[kk], wf[kk];
+    local_weight(w, k, t, wl);
+    for (i64 c = 0; c < 2; c++)  /* flipped: the gradient is a correlation with the rotated kernel */
+        for (i64 i = 0; i < k; i++)
+            for (i64 j = 0; j < k; j++) wf[(c * k + i) * k + j] = wl[(c * k + (k - 1 - i)) * k + (k - 1 - j)];
+    float* partial = calloc((size_t)nthreads * kk, sizeof(float));
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* acc = partial + (i64)omp_get_thread_num() * kk;
+        float* gzp = calloc((size_t)(Rp * Qp + SLACK), sizeof(float));   /* zero-padded gradient */
+        float* gzt = calloc((size_t)(R * QT), sizeof(float));            /* rows zero-padded to QT */
+#pragma omp for schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            const float* g = gz + b * R * Q;
+            for (i64 r = 0; r < R; r++) {
+                memcpy(gzp + (r + p) * Qp + p, g + r * Q, sizeof(float) * Q);
+                memcpy(gzt + r * QT, g + r * Q, sizeof(float) * Q);
+            }
+            corr12(gzp, 0, Qp, p, p + R, (int)k, wf, gmap + b * 2 * R * Q, R * Q, Q, R, Q);
+            gradw(maps + b * 2 * Rp * Qp, Rp * Qp, Qp, gzt, QT, R, (int)k, acc);
+        }
+        free(gzp);
+        free(gzt);
+    }
+    for (i64 c = 0; c < 2; c++)
+        for (i64 i = 0; i < k; i++)
+            for (i64 j = 0; j < k; j++) {
+                float s = 0.f;
+                for (int th = 0; th < nthreads; th++) s += partial[th * kk + (c * k + i) * k + j];
+                if (t) gw[(c * k + j) * k + i] = s; else gw[(c * k + i) * k + j] = s;
+            }
+    free(partial);
+}
+
+/* Pass 2: grad x = grad * mean(gates) + the ZPool backward of every branch (the max part shared
+ * equally by tied maxima, as amax does; the mean part spread evenly). */
+INLINE void dx_impl(const float* xb, const float* gb, float* db, i64 C, const i64 H, const i64 W, float weight,
+                    float* const* gate, float* const* peak, float* const* share, float* const* even) {
+    for (i64 c = 0; c < C; c++)
+        for (i64 h = 0; h < H; h++) {
+            const i64 row = (c * H + h) * W;
+            const float *xr = xb + row, *gr = gb + row;
+            float* dr = db + row;
+            const float *g0 = gate[0] + c * W, *p0 = peak[0] + c * W, *a0 = share[0] + c * W, *e0 = even[0] + c * W;
+            const float g1 = gate[1][c * H + h], p1 = peak[1][c * H + h], a1 = share[1][c * H + h], e1 = even[1][c * H + h];
+            const float *g2 = gate[2] + h * W, *p2 = peak[2] + h * W, *a2 = share[2] + h * W, *e2 = even[2] + h * W;
+#pragma omp simd
+            for (i64 w = 0; w < W; w++) {
+                const float v = xr[w];
+                float d = gr[w] * ((g0[w] + g1 + g2[w]) * weight);
+                d += (v == p0[w] ? a0[w] : 0.f) + e0[w];
+                d += (v == p1 ? a1 : 0.f) + e1;
+                d += (v == p2[w] ? a2[w] : 0.f) + e2[w];
+                dr[w] = d;
+            }
+        }
+}
+
+void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, i64 p,
+                    const float* gcw, const float* ghc, const float* gs,
+                    const float* mcw, const float* mhc, const float* ms, int tcw, int thc, int ts,
+                    const float* dcw, const float* dhc, const float* dsp,
+                    const float* ncw, const float* nhc, const float* ns, float* dx, int nthreads) {
+    const int spatial = gs != NULL;
+    const float weight = spatial ? 1.f / 3.f : 0.5f;
+    i64 A[3], N[3], R[3], Q[3]; int tr[3];
+    dims(C, H, W, 0, tcw, &A[0], &N[0], &tr[0], &R[0], &Q[0]);
+    dims(C, H, W, 1, thc, &A[1], &N[1], &tr[1], &R[1], &Q[1]);
+    dims(C, H, W, 2, ts, &A[2], &N[2], &tr[2], &R[2], &Q[2]);
+    const i64 sz[3] = {C * W, C * H, H * W};
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* buf = malloc(sizeof(float) * 4 * (C * W + C * H + H * W));
+        float* gate[3]; float* peak[3]; float* share[3]; float* even[3];
+        float* cur = buf;
+        for (int br = 0; br < 3; br++) {
+            gate[br] = cur; cur += sz[br]; peak[br] = cur; cur += sz[br];
+            share[br] = cur; cur += sz[br]; even[br] = cur; cur += sz[br];
+        }
+        const float* gsrc[3] = {gcw, ghc, gs};
+        const float* msrc[3] = {mcw, mhc, ms};
+        const float* dsrc[3] = {dcw, dhc, dsp};
+        const float* nsrc[3] = {ncw, nhc, ns};
+        const float nn[3] = {(float)H, (float)W, (float)C};
+#pragma omp for schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            for (int br = 0; br < 3; br++) {
+                if (br == 2 && !spatial) {
+                    for (i64 i = 0; i < sz[2]; i++) { gate[2][i] = 0.f; share[2][i] = 0.f; even[2][i] = 0.f; peak[2][i] = NAN; }
+                    continue;
+                }
+                const i64 Qp = Q[br] + 2 * p, msize = 2 * (R[br] + 2 * p) * Qp;
+                gather(gsrc[br], b * R[br] * Q[br], Q[br], tr[br], A[br], N[br], gate[br]);
+                gather(msrc[br], b * msize + p * Qp + p, Qp, tr[br], A[br], N[br], peak[br]);
+                gather(dsrc[br], b * 2 * R[br] * Q[br], Q[br], tr[br], A[br], N[br], share[br]);
+                gather(dsrc[br], (b * 2 + 1) * R[br] * Q[br], Q[br], tr[br], A[br], N[br], even[br]);
+                const float* cnt = nsrc[br] + b * sz[br];
+                for (i64 i = 0; i < sz[br]; i++) { share[br][i] /= cnt[i]; even[br][i] /= nn[br]; }
+            }
+            const float* xb = x + b * C * H * W;
+            const float* gb = go + b * C * H * W;
+            float* db = dx + b * C * H * W;
+            #define DX_CALL(HH, WW) dx_impl(xb, gb, db, C, HH, WW, weight, gate, peak, share, even)
+            HW_DISPATCH(DX_CALL)
+            #undef DX_CALL
+        }
+        free(buf);
+    }
+}
+
+#include "bn_sigmoid.h"

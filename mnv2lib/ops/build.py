@@ -1,0 +1,146 @@
+"""Building, caching and loading the C kernels in ``mnv2lib/csrc`` (the only place that does).
+
+A library is compiled once per machine with the system C compiler (``cc -O3 -march=native
+-fopenmp``, a second or a few per library) into the user's cache directory and loaded with ctypes:
+
+- cache: ``$MNV2_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mnv2lib``, else ``~/.cache/mnv2lib``; created
+  with mode 0700. A cache directory or library owned by another user, or writable by group or
+  others, is refused (another local user could plant a shared object there): a warning, and the
+  PyTorch implementations run.
+- a build goes to a temporary name, its SHA-256 is written to a sidecar file, and both are renamed
+  into place atomically; every load first checks the library against its sidecar, so a truncated or
+  replaced file (which would crash the process with SIGBUS when mapped) is rebuilt instead.
+
+ctypes (not a C++ extension built with ``torch.utils.cpp_extension``) because the kernels are plain
+C and build in seconds; a C++ extension costs about a minute of build per fresh checkout or CI run.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import stat
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+
+
+class UnsafeCacheError(RuntimeError):
+    """The kernel cache directory or a library in it could be written by somebody else."""
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live (not created here)."""
+    if os.environ.get("MNV2_KERNEL_CACHE"):
+        return Path(os.environ["MNV2_KERNEL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "mnv2lib"
+
+
+def check_private(path: Path) -> None:
+    """Raise :class:`UnsafeCacheError` unless ``path`` is owned by this user and not writable by others."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeCacheError(f"{path} is a symbolic link; the kernel cache must be a real directory")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise UnsafeCacheError(f"{path} is owned by uid {info.st_uid}, not by this user (uid {os.getuid()})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheError(f"{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
+                               "allowed: writable by its owner only (chmod go-w)")
+
+
+def private_cache_dir() -> Path:
+    directory = cache_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private(directory)
+    return directory
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _source_text(name: str) -> str:
+    # the library's source and every header in csrc (they are few and small): any change rebuilds
+    texts = [(SOURCE_DIR / f"{name}.c").read_text()]
+    texts += [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]
+    return "\0".join(texts)
+
+
+def _machine() -> str:
+    machine = platform.machine() + platform.processor()
+    try:  # -march=native: the binary belongs to this CPU model
+        with open("/proc/cpuinfo") as f:
+            machine += next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return machine
+
+
+def library_path(name: str, directory: Path) -> Path:
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\0".join([_source_text(name), compiler, *FLAGS, _machine()]).encode()).hexdigest()[:20]
+    return directory / f"{name}-{key}.so"
+
+
+def compile_library(name: str, output: Path, extra_flags: tuple[str, ...] = ()) -> None:
+    compiler = os.environ.get("CC", "cc")
+    command = [compiler, *FLAGS, *extra_flags, f"-I{SOURCE_DIR}", str(SOURCE_DIR / f"{name}.c"), "-o", str(output),
+               "-lm"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{compiler} failed on csrc/{name}.c: {result.stderr.strip()[-2000:]}")
+
+
+def _verified(library: Path) -> bool:
+    """True when ``library`` and its sidecar exist, both are private, and the checksums agree."""
+    sidecar = library.with_name(library.name + ".sha256")
+    if not (library.exists() and sidecar.exists()):
+        return False
+    check_private(library)
+    check_private(sidecar)
+    return sidecar.read_text().strip() == sha256(library)
+
+
+def build(name: str) -> Path:
+    """The verified library file for ``csrc/<name>.c``, compiled when missing or damaged."""
+    directory = private_cache_dir()
+    library = library_path(name, directory)
+    if _verified(library):
+        return library
+    if library.exists():
+        warnings.warn(f"kernel library {library} does not match its checksum (truncated or replaced): rebuilding",
+                      RuntimeWarning, stacklevel=3)
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=directory)
+    os.close(fd)
+    temporary = Path(temporary)
+    sidecar_tmp = temporary.with_name(temporary.name + ".sha256")
+    try:
+        compile_library(name, temporary)
+        sidecar_tmp.write_text(sha256(temporary) + "\n")
+        os.chmod(temporary, 0o700)
+        os.chmod(sidecar_tmp, 0o600)
+        # library first, then its checksum: a reader in between sees a mismatch and rebuilds too
+        os.replace(temporary, library)
+        os.replace(sidecar_tmp, library.with_name(library.name + ".sha256"))
+    finally:
+        for leftover in (temporary, sidecar_tmp):
+            leftover.unlink(missing_ok=True)
+    if not _verified(library):
+        raise RuntimeError(f"{library} changed while it was being installed")
+    return library
+
+
+def load(name: str, functions: dict[str, list]) -> ctypes.CDLL:
+    """Build (when needed), verify and load ``csrc/<name>.c``; set the argument types of ``functions``."""
+    library = build(name)
+    lib = ctypes.CDLL(str(library))
+    for function, argtypes in functions.items():
+        getattr(lib, function).argtypes = argtypes
+        getattr(lib, function).restype = None
+    return lib

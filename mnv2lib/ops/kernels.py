@@ -1,0 +1,109 @@
+"""The loaded C libraries, one per ``csrc/<name>.c``, and the backend switch.
+
+``get(name)`` loads a library on first use (see :mod:`.build`) and returns the ctypes handle, or
+None where the backend is "eager" or the library cannot be built or trusted (one warning per
+library); modules then run their PyTorch implementation. ``available(name)`` is the same test as a
+bool, treated by ``torch.compile`` as a constant (so building never happens inside a traced graph).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+
+import torch
+
+from . import build
+
+P, I64, INT, DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+
+_BN_SIGMOID = {
+    "bn_sigmoid_forward": [P, I64, I64, I64, P, P, P, P, INT, DBL, P, P, P, P, P],
+    "bn_sigmoid_backward": [P, P, P, I64, I64, I64, P, P, INT, P, P, P],
+}
+
+FUNCTIONS: dict[str, dict[str, list]] = {
+    "mish": {
+        "mish_forward": [P, P, I64, INT],
+        "mish_backward": [P, P, P, I64, INT],
+    },
+    "triplet_attention": {
+        "ta_pool": [P, I64, I64, I64, I64, I64, P, INT, P, INT, P, INT, INT],
+        "ta_conv": [P, I64, I64, I64, I64, P, INT, P, INT],
+        "ta_combine": [P, I64, I64, I64, I64, P, INT, P, INT, P, INT, P, INT],
+        "ta_eval": [P, I64, I64, I64, I64, I64, P, P, P, P, DBL, INT, INT, INT, INT, P, INT],
+        "ta_backward_reduce": [P, P, I64, I64, I64, I64, I64, P, INT, P, INT, P, INT, P, P, P, P, P, P, INT],
+        "ta_conv_backward": [P, P, I64, I64, I64, I64, P, INT, P, P, INT],
+        "ta_backward_dx": [P, P, I64, I64, I64, I64, I64, P, P, P, P, P, P, INT, INT, INT, P, P, P, P, P, P, P, INT],
+        **_BN_SIGMOID,
+    },
+    "cnsn": {
+        "cn_stats": [P, I64, I64, I64, INT, DBL, P, P, INT],
+        "sn_apply": [P, I64, I64, I64, INT, P, P, P, INT],
+        "sn_backward_reduce": [P, P, I64, I64, I64, INT, P, P, INT],
+        "sn_backward_dx": [P, P, I64, I64, I64, INT, P, P, P, P, P, INT],
+        "sn_eval": [P, I64, I64, I64, INT, DBL, P, P, P, P, P, DBL, P, P, P, P, P, DBL, P, INT],
+        "sn_gate_input": [P, P, P, I64, I64, P],
+        "sn_gate_input_backward": [P, P, P, P, I64, I64, P, P, P],
+        **_BN_SIGMOID,
+    },
+}
+
+BACKENDS = ("auto", "compiled", "eager")
+_state = {"backend": os.environ.get("MNV2_KERNEL_BACKEND", "auto")}
+_libraries: dict[str, ctypes.CDLL] = {}
+_failed: set[str] = set()
+
+
+def set_kernel_backend(backend: str) -> None:
+    """"auto" (C kernels where they build, else PyTorch), "compiled" (raise if they do not build) or
+    "eager" (PyTorch implementations only)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend: got {backend!r}; allowed values are {BACKENDS}")
+    _state["backend"] = backend
+    _failed.clear()
+
+
+def kernel_backend() -> str:
+    return _state["backend"]
+
+
+def get(name: str) -> ctypes.CDLL | None:
+    if _state["backend"] == "eager" or name in _failed:
+        return None
+    lib = _libraries.get(name)
+    if lib is None:
+        try:
+            lib = _libraries[name] = build.load(name, FUNCTIONS[name])
+        except Exception as error:  # noqa: BLE001 - no compiler, no OpenMP, unsafe cache, read-only disk, ...
+            if _state["backend"] == "compiled":
+                raise
+            _failed.add(name)
+            warnings.warn(f"C kernels for {name} are unavailable ({type(error).__name__}: {error}); "
+                          "using the PyTorch implementation, which is correct but slower.",
+                          RuntimeWarning, stacklevel=3)
+            return None
+    return lib
+
+
+@torch.compiler.assume_constant_result
+def available(name: str) -> bool:
+    return get(name) is not None
+
+
+def require(name: str) -> ctypes.CDLL:
+    """The library for an operator's implementation; a clear error where it is unavailable."""
+    lib = get(name)
+    if lib is None:
+        raise RuntimeError(f"mnv2 operator: the C kernels for {name} are unavailable (backend "
+                           f"{_state['backend']!r}, or they failed to build: see the warning); the modules "
+                           "run their PyTorch implementation instead")
+    return lib
+
+
+def threads() -> int:
+    return torch.get_num_threads()
+
+
+def ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()

@@ -1,0 +1,303 @@
+"""The mnv2:: operators (mnv2lib.ops): registration (opcheck), gradients, layouts, bad input, the
+kernel cache's safety, and what compile, export, the profiler and the FLOP counter see."""
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import mnv2lib
+from mnv2lib import build_model, ops
+from mnv2lib.layers import CNSN, CrossNorm, Mish, SelfNorm, TripletAttention
+from mnv2lib.layers.attention import TripletAttentionReference
+from mnv2lib.measure import multiply_adds
+from mnv2lib.ops import build, kernels
+
+ROOT = Path(mnv2lib.__file__).resolve().parent.parent
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _randomized(module):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+        for name, b in module.named_buffers():
+            if b.dtype.is_floating_point:
+                b.uniform_(0.5, 1.5)
+    return module
+
+
+def _triplet_args(x, module, training):
+    branches = (module.channel_width, module.height_channel, module.spatial)
+    bns = [b.bn for b in branches]
+    return (x, *[b.conv.weight for b in branches], *[bn.weight for bn in bns], *[bn.bias for bn in bns],
+            *[bn.running_mean for bn in bns], *[bn.running_var for bn in bns])
+
+
+# ---- registration: schema, fake, autograd, aot dispatch -----------------------------------------
+
+@pytest.mark.parametrize("memory_format", LAYOUTS)
+def test_opcheck_every_operator(memory_format):
+    x = torch.randn(3, 6, 5, 4).contiguous(memory_format=memory_format)
+    checks = []
+    checks.append((torch.ops.mnv2.mish, (x.clone().requires_grad_(),)))
+    checks.append((torch.ops.mnv2.mish_backward, (x, torch.randn_like(x))))
+    checks.append((torch.ops.mnv2.mish_, (x.clone(),)))
+    ta = _randomized(TripletAttention(3))
+    for training in (True, False):
+        args = [t.detach().clone().requires_grad_(t.is_floating_point() and i < 10)
+                for i, t in enumerate(_triplet_args(x, ta, training))]
+        checks.append((torch.ops.mnv2.triplet_attention, (*args, training, 1e-5)))
+    checks.append((torch.ops.mnv2.triplet_attention_inference,
+                   (*[t.detach() for t in _triplet_args(x, ta, False)], 1e-5)))
+    checks.append((torch.ops.mnv2.channel_stats, (x.clone().requires_grad_(), 1e-5)))
+    mean, std = torch.ops.mnv2.channel_stats(x, 1e-5)
+    checks.append((torch.ops.mnv2.channel_stats_backward, (x, mean, std, torch.randn_like(mean),
+                                                           torch.randn_like(std))))
+    sn = _randomized(SelfNorm(6))
+    params = [t.detach().clone().requires_grad_() for t in (sn.g_fc.weight, sn.g_bn.weight, sn.g_bn.bias)]
+    for training in (True, False):
+        checks.append((torch.ops.mnv2.selfnorm, (x.clone().requires_grad_(), *params, sn.g_bn.running_mean,
+                                                 sn.g_bn.running_var, training, 1e-5, 1e-12)))
+    checks.append((torch.ops.mnv2.selfnorm_inference, (x, sn.g_fc.weight.detach(), sn.g_bn.weight.detach(),
+                                                       sn.g_bn.bias.detach(), sn.g_bn.running_mean,
+                                                       sn.g_bn.running_var, 1e-5, None, None, None, None, None,
+                                                       0.0, 1e-12)))
+    checks.append((torch.ops.mnv2.batch_norm_update, (torch.rand(2, 3), [torch.zeros(1), torch.zeros(2)],
+                                                      [torch.ones(1), torch.ones(2)], [torch.zeros((), dtype=torch.long)],
+                                                      0.1)))
+    for op, args in checks:
+        torch.library.opcheck(op, args)
+
+
+# ---- values and gradients against float64 references, NCHW and channels_last --------------------
+
+def _grads(module, x):
+    x = x.detach().clone().requires_grad_()
+    y = module(x)
+    grad = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    y.backward(grad)
+    return y.detach(), x.grad, [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS)
+@pytest.mark.parametrize("kind", ["mish", "triplet", "selfnorm"])
+@pytest.mark.parametrize("training", [True, False])
+def test_native_matches_float64_pytorch_path(kind, memory_format, training):
+    torch.manual_seed(1)
+    x = (torch.randn(4, 8, 6, 5) * 2).contiguous(memory_format=memory_format)
+    make = {"mish": Mish, "triplet": lambda: TripletAttention(3), "selfnorm": lambda: SelfNorm(8)}[kind]
+    fast = _randomized(make()).train(training)
+    ref = _randomized(make()).double().train(training)
+    y, gx, gp = _grads(fast, x)
+    with _eager():
+        y64, gx64, gp64 = _grads(ref, x.double())
+    torch.testing.assert_close(y, y64.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gx, gx64.float(), atol=1e-4, rtol=1e-3)
+    for a, b in zip(gp, gp64):
+        torch.testing.assert_close(a, b.float(), atol=1e-3, rtol=1e-3)
+    for (name, a), (_, b) in zip(fast.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(a, b.to(a.dtype), atol=1e-5, rtol=1e-4, msg=name)
+    assert y.is_contiguous(memory_format=memory_format)
+
+
+class _eager:
+    def __enter__(self):
+        ops.set_kernel_backend("eager")
+
+    def __exit__(self, *exc):
+        ops.set_kernel_backend("auto")
+
+
+# ---- bad input: a clear error, never a crash ------------------------------------------------------
+
+def test_bad_input_to_an_operator_raises_a_clear_error():
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match="float32 CPU tensor; got torch.float64"):
+        torch.ops.mnv2.mish(x.double())
+    with pytest.raises(ValueError, match="contiguous or channels_last"):
+        torch.ops.mnv2.mish(x[..., ::2])
+    with pytest.raises(ValueError, match=r"grad must have shape \(2, 4, 5, 5\)"):
+        torch.ops.mnv2.mish_backward(x, torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match="must be 4-D"):
+        torch.ops.mnv2.channel_stats(torch.randn(2, 4, 5), 1e-5)
+    ta = TripletAttention(3)
+    args = list(_triplet_args(x, ta, False))
+    args[1] = torch.randn(1, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"w_cw must have shape \(1, 2, 3, 3\); got \(1, 3, 3, 3\)"):
+        torch.ops.mnv2.triplet_attention_inference(*args, 1e-5)
+    sn = SelfNorm(4)
+    with pytest.raises(ValueError, match=r"fc must have shape \(5, 1, 2\)"):
+        torch.ops.mnv2.selfnorm(torch.randn(2, 5, 3, 3), sn.g_fc.weight, sn.g_bn.weight, sn.g_bn.bias,
+                                sn.g_bn.running_mean, sn.g_bn.running_var, True, 1e-5, 1e-12)
+
+
+# ---- compile, export, profiler, FLOPs ------------------------------------------------------------
+
+@pytest.mark.parametrize("module", [Mish(), TripletAttention(), SelfNorm(8), CNSN(CrossNorm(crop="both"), SelfNorm(8))],
+                         ids=["mish", "triplet", "selfnorm", "cnsn"])
+def test_modules_trace_without_graph_breaks(module):
+    x = torch.randn(4, 8, 6, 6)
+    for training in (True, False):
+        module.train(training)
+        if isinstance(module, CNSN):
+            module.crossnorm.active = True
+        explanation = torch._dynamo.explain(module)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        graph_ops = {str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"}
+        if not isinstance(module, CNSN):
+            assert any(name.startswith("mnv2.") for name in graph_ops), graph_ops
+
+
+def _tiny_model(**overrides):
+    torch.manual_seed(0)
+    return build_model(num_classes=10, width_mult=0.25, stem="cifar", activation="mish", attention="triplet",
+                       cnsn="cnsn", **overrides)
+
+
+def test_whole_model_compiles_in_one_graph_and_matches_eager():
+    # training: fullgraph through dynamo, the fake kernels and AOT autograd with the operators ("aot_eager":
+    # inductor's code generation would add a minute and test torch, not this project); inference: dynamo
+    x = torch.randn(4, 3, 16, 16)
+    eager_model = _tiny_model(dropout=0.0, cn_prob=0.0)
+    compiled_model = _tiny_model(dropout=0.0, cn_prob=0.0)
+    for training, backend in ((True, "aot_eager"), (False, "eager")):
+        eager_model.train(training)
+        compiled_model.train(training)
+        compiled = torch.compile(compiled_model, backend=backend, fullgraph=True)
+        y, yc = eager_model(x), compiled(x)
+        torch.testing.assert_close(yc, y, atol=1e-5, rtol=1e-5)
+        if training:
+            y.sum().backward()
+            yc.sum().backward()
+            for (name, a), (_, b) in zip(eager_model.named_parameters(), compiled_model.named_parameters()):
+                torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
+            for (name, a), (_, b) in zip(eager_model.named_buffers(), compiled_model.named_buffers()):
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
+    # CrossNorm switched on in every step: still one graph (random draws are tensor ops, blended with where)
+    explanation = torch._dynamo.explain(_tiny_model(cn_prob=1.0).train())(x)
+    assert explanation.break_reasons == []
+
+
+def test_export_of_the_eval_model_holds_standard_operators_only():
+    model = _tiny_model().eval()
+    x = torch.randn(2, 3, 16, 16)
+    exported = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert not any("mnv2" in t for t in targets), targets
+    assert not any("var_mean" in t or "as_strided" in t for t in targets), targets
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_profiler_names_the_operators():
+    model = _tiny_model(cn_prob=1.0, crossnorm_crop="neither").train()  # (crops are strided: PyTorch ops)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        model(x).sum().backward()
+    names = {e.key for e in profile.key_averages()}
+    for op in ("mnv2::mish", "mnv2::mish_backward", "mnv2::triplet_attention", "mnv2::triplet_attention_backward",
+               "mnv2::selfnorm", "mnv2::selfnorm_backward", "mnv2::channel_stats", "mnv2::channel_stats_backward"):
+        assert op in names, sorted(n for n in names if n.startswith("mnv2"))
+
+
+def test_flop_counts_do_not_depend_on_the_implementation():
+    model = build_model(num_classes=10, width_mult=0.25, stem="cifar_lite", attention="triplet").eval()
+    size = (1, 3, 16, 16)
+    native = multiply_adds(model, size)
+    with _eager():
+        reference = multiply_adds(model, size)
+    assert native == reference > multiply_adds(build_model(num_classes=10, width_mult=0.25, stem="cifar_lite"), size)
+
+
+# ---- no global state, a safe kernel cache --------------------------------------------------------
+
+def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})},
+                          timeout=300)
+
+
+def test_importing_the_library_installs_no_global_hooks():
+    result = _run("""
+        import torch
+        from torch.nn.modules import module
+        names = ["_global_module_registration_hooks", "_global_parameter_registration_hooks",
+                 "_global_buffer_registration_hooks", "_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks", "_global_forward_hooks_always_called"]
+        before = {n: dict(getattr(module, n)) for n in names if hasattr(module, n)}
+        import mnv2lib, mnv2lib.models, mnv2lib.layers
+        mnv2lib.build_model(activation="mish", attention="triplet", cnsn="cnsn")
+        after = {n: dict(getattr(module, n)) for n in names if hasattr(module, n)}
+        assert before == after and "_global_module_registration_hooks" in before, (before, after)
+        print("ok")
+    """)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_every_kernel_source_compiles_with_warnings_as_errors(tmp_path):
+    for source in sorted(build.SOURCE_DIR.glob("*.c")):
+        build.compile_library(source.stem, tmp_path / f"{source.stem}.so", ("-Wall", "-Wextra", "-Werror"))
+
+
+def _fresh_kernels(monkeypatch, cache: Path):
+    monkeypatch.setenv("MNV2_KERNEL_CACHE", str(cache))
+    monkeypatch.setattr(kernels, "_libraries", {})
+    monkeypatch.setattr(kernels, "_failed", set())
+
+
+def test_a_cache_directory_others_can_write_is_refused(tmp_path, monkeypatch):
+    planted = tmp_path / "shared-cache"
+    planted.mkdir()
+    planted.chmod(0o777)
+    _fresh_kernels(monkeypatch, planted)
+    x, module = torch.randn(2, 4, 6, 6), TripletAttention()
+    with pytest.warns(RuntimeWarning, match="writable by group or others"):
+        y = module(x)  # the PyTorch path
+    ref = TripletAttentionReference()
+    ref.load_state_dict(module.state_dict())
+    torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+    assert list(planted.iterdir()) == []  # nothing built or loaded from there
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a folder away")
+def test_a_cache_owned_by_another_user_is_refused(tmp_path, monkeypatch):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 12345, 12345)
+    _fresh_kernels(monkeypatch, foreign)
+    with pytest.warns(RuntimeWarning, match="owned by uid 12345"):
+        assert not ops.available("mish")
+
+
+def test_default_cache_is_private_and_in_the_users_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MNV2_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert build.cache_dir() == tmp_path / "xdg" / "mnv2lib"
+    assert stat.S_IMODE(os.stat(build.private_cache_dir()).st_mode) == 0o700
+
+
+def test_a_truncated_library_is_detected_and_rebuilt_without_crashing(tmp_path):
+    cache = tmp_path / "cache"
+    code = """
+        import warnings, torch
+        warnings.simplefilter("always")
+        from mnv2lib import ops
+        x = torch.randn(1000)
+        torch.testing.assert_close(torch.ops.mnv2.mish(x), torch.nn.functional.mish(x))
+        print("ok")
+    """
+    first = _run(code, {"MNV2_KERNEL_CACHE": str(cache)})
+    assert first.returncode == 0, first.stderr[-2000:]
+    (library,) = cache.glob("mish-*.so")
+    data = library.read_bytes()
+    library.write_bytes(data[: len(data) // 2])  # a truncated file: mapping it would raise SIGBUS
+    second = _run(code, {"MNV2_KERNEL_CACHE": str(cache)})
+    assert second.returncode == 0 and "ok" in second.stdout, (second.returncode, second.stderr[-2000:])
+    assert "does not match its checksum" in second.stderr
+    assert library.read_bytes() == data or len(library.read_bytes()) > len(data) // 2  # rebuilt
