@@ -34,6 +34,21 @@ def mish_reference(x: torch.Tensor) -> torch.Tensor:
     return x * torch.tanh(nn.functional.softplus(x))
 
 
+def exporting() -> bool:
+    """Export contract: under torch.export (ONNX dynamo, ExecuTorch), jit tracing (the legacy ONNX
+    exporter) or scripting, the layers take their pure-PyTorch reference path, so that exporters see
+    standard operators (no C kernels, autograd Functions or as_strided views)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def mish_compact(x: torch.Tensor) -> torch.Tensor:
+    """Mish with one exponential, x * n / (n + 2), n = e^x (e^x + 2); x above 20 passes unchanged
+    (where n would overflow). What exporters see: a handful of elementwise standard operators."""
+    e = torch.exp(x)
+    n = e * (e + 2.0)
+    return torch.where(x > _EXP_CLAMP, x, x * n / (n + 2.0))
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     # half precision is computed in float32 (e^x overflows float16 at x > 11); float64 stays.
     return torch.promote_types(t.dtype, torch.float32)
@@ -427,6 +442,8 @@ def mish(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     ``torch.no_grad``); where one is, Mish must keep its input for backward, so the
     result is a new tensor either way and ``x`` is left alone.
     """
+    if exporting():
+        return mish_compact(x)
     if x.requires_grad and torch.is_grad_enabled():
         return _MishFunction.apply(x)
     if inplace and _is_dense(x):

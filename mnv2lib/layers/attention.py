@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .activations import C_VEXPF, NativeLibrary, PointerCache, _bump_generation
+from .activations import C_VEXPF, NativeLibrary, PointerCache, _bump_generation, exporting
 
 BRANCHES = ("channel_width", "height_channel", "spatial")
 
@@ -973,7 +973,7 @@ class TripletAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             check_feature_map(x, "TripletAttention")
-        lib = _native.get() if x.is_cpu and x.dtype == torch.float32 and x.numel() else None
+        lib = _native.get() if x.is_cpu and x.dtype == torch.float32 and x.numel() and not exporting() else None
         if lib is None:
             return self._forward_torch(x)
         if x.is_contiguous():

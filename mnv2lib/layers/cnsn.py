@@ -15,7 +15,7 @@ sqrt(eps). Every random draw comes from a ``torch.Generator`` that the caller ca
 
 On float32 CPU tensors the statistics (with their gradient) and SelfNorm (with its
 gradient; in inference the whole module) run as C kernels, see the notes above
-``_C_SOURCE``; elsewhere as PyTorch ops (``torch.var_mean``).
+``_C_SOURCE``; elsewhere, and under export, as PyTorch ops (``torch.mean``, ``torch.var``: Core ATen).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .activations import C_VEXPF, NativeLibrary, PointerCache, _bump_generation
+from .activations import C_VEXPF, NativeLibrary, PointerCache, _bump_generation, exporting
 from .attention import _is_channels_last, check_feature_map
 
 CROSSNORM_MODES = ("2-instance", "1-instance")
@@ -371,11 +371,13 @@ def _stats_backward(lib, x, mean, std, d_mean, d_std, grad=None, gate=None):
 
 def channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and std over H x W, shaped (B, C, 1, 1), in float32."""
-    if _use_native(x) is not None:
+    if not exporting() and _use_native(x) is not None:
         mean, std = _ChannelStats.apply(x, float(eps))
         return mean[..., None, None], std[..., None, None]
     n = x.shape[2] * x.shape[3]
-    var, mean = torch.var_mean(x.float(), dim=(2, 3), keepdim=True, correction=1 if n > 1 else 0)
+    xf = x.float()  # mean and var, not var_mean: both are Core ATen ops (ExecuTorch lowers them)
+    mean = xf.mean(dim=(2, 3), keepdim=True)
+    var = xf.var(dim=(2, 3), keepdim=True, correction=1 if n > 1 else 0)
     return mean, (var + eps).sqrt()
 
 
@@ -545,7 +547,7 @@ class SelfNorm(nn.Module):
         if x.shape[1] != self.channels:
             raise ValueError(f"SelfNorm input channels: got {x.shape[1]}; allowed: {self.channels}")
         # (few Python operations on the way to the kernel: see PointerCache)
-        lib = _native.get() if x.is_cpu and x.dtype == torch.float32 and x.numel() else None
+        lib = _native.get() if x.is_cpu and x.dtype == torch.float32 and x.numel() and not exporting() else None
         if lib is not None and not (x.is_contiguous() or _is_channels_last(x)):
             lib = None
         if lib is not None:
