@@ -19,7 +19,7 @@ from .reports import NOTEBOOK_SEQUENCE as NOTEBOOKS
 def notebook_requests(profile: str | Profile, seed: int = 0) -> dict[str, list[RunRequest]]:
     """Per notebook (in the report sequence), the runs it asks for: ``seed`` is the notebook's
     ``seed`` parameter (notebooks 01-03 train that seed; 04-06 the profile's or the design plan's)."""
-    from .analysis import activations, attention, cnsn, design, families
+    from .analysis import activations, attention, cnsn, deployment, design, families
 
     profile = get_profile(profile)
     one_seed = (seed,)
@@ -33,6 +33,8 @@ def notebook_requests(profile: str | Profile, seed: int = 0) -> dict[str, list[R
         "05_mobilenet_families": [RunRequest(o, tuple(profile.seeds)) for o in members.values()],
         "06_mobilenetv2_design": ([RunRequest(o, tuple(plan.figure6_seeds)) for o in design.figure6_configs()]
                                   + [RunRequest(o, tuple(plan.sweep_seeds)) for o in design.sweep_configs(plan)]),
+        "07_deployment": [RunRequest(deployment.variant_overrides(name), one_seed)
+                          for name in deployment.deploy_plan(profile).variants],
     }
 
 

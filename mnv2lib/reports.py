@@ -30,6 +30,7 @@ NOTEBOOK_SEQUENCE = (
     "04_ablations",
     "05_mobilenet_families",
     "06_mobilenetv2_design",
+    "07_deployment",
 )
 PROFILES = ("smoke", "quick", "gpu", "full")
 KERNEL_NAME = "mnv2lib"

@@ -23,6 +23,7 @@ EXPECTED_FIGURES = {
     "05_mobilenet_families": ["cost_latency", "cost_parameters", "memory_table3", "accuracy_vs_madds"],
     "06_mobilenetv2_design": ["figure6_curves", "figure6_accuracy", "tradeoff_madds", "tradeoff_latency",
                               "width_resolution_cost"],
+    "07_deployment": ["int8_drop_activations", "int8_drop_improvements", "latency_runtimes"],
 }
 
 

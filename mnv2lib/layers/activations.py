@@ -33,11 +33,13 @@ def mish_reference(x: torch.Tensor) -> torch.Tensor:
 
 def mish_pytorch(x: torch.Tensor) -> torch.Tensor:
     """Mish with one exponential, as standard ops: ``x * n / (n + 2)``, ``n = e^x (e^x + 2)``.
-    Half precision is computed in float32 (e^x overflows float16 at x > 11)."""
+    Half precision is computed in float32 (e^x overflows float16 at x > 11). Clamping the exponent
+    at 20 is exact in float32 (n / (n + 2) rounds to 1 there) and needs no ``where``: XNNPACK has
+    no select operator, and a ``where`` split an ExecuTorch graph into 36 delegates (4.5x slower)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     e = torch.exp(torch.clamp(xf, max=_EXP_CLAMP))
     n = e * (e + 2.0)
-    return torch.where(xf > _EXP_CLAMP, xf, xf * n / (n + 2.0)).to(x.dtype)
+    return (xf * n / (n + 2.0)).to(x.dtype)
 
 
 def _native(x: torch.Tensor) -> bool:

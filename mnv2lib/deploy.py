@@ -1,0 +1,607 @@
+"""Deployment: any eval-mode workbook model to ONNX Runtime and ExecuTorch (XNNPACK), fp32 and int8.
+
+- :func:`export_onnx`: ``torch.onnx.export`` (the dynamo exporter by default; ``dynamo=False`` is the
+  legacy TorchScript tracer) and an ONNX Runtime session.
+- :func:`quantize_onnx`: ONNX Runtime static quantization (QDQ, per-channel int8 weights) calibrated
+  on training images.
+- :func:`export_executorch`: ``torch.export`` lowered with the XNNPACK partitioner into an ExecuTorch
+  program, run by ExecuTorch's runtime.
+- :func:`quantize_executorch`: PT2E quantization (``torchao.quantization.pt2e`` with ExecuTorch's
+  XNNPACK quantizer: per-channel symmetric int8), calibrated on training images, lowered the same way.
+
+Every export is checked against PyTorch on an input other than the one it was traced with (fp32:
+max |diff| <= 1e-4); a mismatch raises :class:`ExportMismatchError`, so no exporter can hand back a
+silently wrong file (a graph with constant-folded outputs or no inputs fails the check).
+
+Each result is a :class:`DeployedModel`, an ``nn.Module`` whose forward runs the runtime, so the
+project's own evaluation (``train.evaluate``, ``experiments.evaluate_corruptions``) measures it
+unchanged. :func:`deployment_study` runs every target for a set of trained variants and records the
+exception of each one that fails, by name, in a table: nothing is skipped silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import io
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+# (runtime, precision) in the order of every table and figure
+TARGETS = (("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+           ("executorch", "fp32"), ("executorch", "int8"))
+RUNTIMES = ("pytorch", "onnxruntime", "executorch")
+PARITY_TOLERANCE = 1e-4   # fp32 max |diff| against PyTorch
+RUNTIME_PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript",
+                    "executorch": "executorch", "torchao": "torchao"}
+
+
+class DeployError(RuntimeError):
+    """A model could not be exported, quantized or run by a deployment runtime."""
+
+
+class ExportMismatchError(DeployError):
+    """An exported model's outputs differ from PyTorch's by more than the tolerance."""
+
+
+class MissingRuntimeError(ImportError):
+    """A package that a deployment runtime needs is not installed; the message names it."""
+
+
+def _require(module: str, purpose: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        package = RUNTIME_PACKAGES.get(module.split(".")[0], module.split(".")[0])
+        raise MissingRuntimeError(f"{purpose} needs the package {package!r} (pip install {package}, or "
+                                  f"`make install`): importing {module} failed ({error})") from error
+
+
+def check_eval_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: got {type(model).__name__}; allowed: a torch.nn.Module")
+    if model.training:
+        raise ValueError("model: got a model in training mode; allowed: eval mode (call model.eval() first: "
+                         "CrossNorm and batch statistics belong to training, not to a deployed model)")
+
+
+def _check_shape(input_shape) -> tuple[int, ...]:
+    shape = tuple(input_shape)
+    if len(shape) != 4 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise ValueError(f"input_shape: got {input_shape!r}; allowed: 4 positive integers (batch, channels, "
+                         "height, width)")
+    return shape
+
+
+def example_input(input_shape, seed: int = 0) -> torch.Tensor:
+    """Standard-normal input of ``input_shape`` (what normalized images look like), reproducible."""
+    return torch.randn(_check_shape(input_shape), generator=torch.Generator().manual_seed(seed))
+
+
+class DeployedModel(nn.Module):
+    """A model in a runtime, as an ``nn.Module`` taking and returning float32 CPU tensors.
+
+    ``runtime``, ``precision``, ``size_bytes`` (the serialized model: .onnx file, .pte program, or the
+    PyTorch state dict) and ``path`` describe it; ``fixed_batch`` is the one batch size a program with
+    static shapes takes (forward splits other batches and pads the last piece), None where any batch
+    goes. ``parity`` is the max |diff| to PyTorch found by the export check (None where not checked)."""
+
+    def __init__(self, runtime: str, precision: str, run: Callable[[torch.Tensor], torch.Tensor],
+                 size_bytes: int, path: Path | None = None, fixed_batch: int | None = None,
+                 parity: float | None = None) -> None:
+        super().__init__()
+        self.runtime, self.precision, self.size_bytes, self.path = runtime, precision, size_bytes, path
+        self.fixed_batch, self.parity = fixed_batch, parity
+        self.__dict__["_run"] = run  # not a submodule: an exported graph module must not be put in eval()
+        self.eval()
+
+    def extra_repr(self) -> str:
+        return f"runtime={self.runtime!r}, precision={self.precision!r}, size_bytes={self.size_bytes}"
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        size = self.fixed_batch
+        if size is None or x.shape[0] == size:
+            return self._run(x)
+        outputs = []
+        for chunk in x.split(size):
+            n = chunk.shape[0]
+            if n < size:  # samples are independent in eval mode: zeros fill the program's batch
+                chunk = torch.cat([chunk, chunk.new_zeros(size - n, *chunk.shape[1:])])
+            outputs.append(self._run(chunk.contiguous())[:n])
+        return torch.cat(outputs)
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_parity(deployed: DeployedModel, model: nn.Module, inputs: torch.Tensor,
+                 tolerance: float = PARITY_TOLERANCE) -> float:
+    """Max |diff| between ``deployed`` and ``model`` on ``inputs``; ExportMismatchError above ``tolerance``."""
+    with torch.no_grad():
+        expected = model(inputs)
+    try:
+        got = deployed(inputs)
+    except Exception as error:  # a graph that cannot take the input (no inputs, wrong shape) is wrong too
+        raise ExportMismatchError(f"{deployed.runtime} {deployed.precision} export cannot run on an input of "
+                                  f"shape {tuple(inputs.shape)}: {type(error).__name__}: {error}") from error
+    diff = _max_abs_diff(got, expected)
+    if not diff <= tolerance:  # NaN fails too
+        raise ExportMismatchError(
+            f"{deployed.runtime} {deployed.precision} export differs from PyTorch: max |diff| {diff:.3g} > "
+            f"{tolerance:g} (output shape {tuple(got.shape)} vs {tuple(expected.shape)}, largest |output| "
+            f"{expected.abs().max().item():.3g}); the exported file is not a faithful copy of the model")
+    deployed.parity = diff
+    return diff
+
+
+def _check_inputs(input_shape, dynamic_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trace input, check input): the check uses another input, and another batch size where the
+    export takes any, so that a graph with baked-in outputs or a fixed batch cannot pass."""
+    shape = _check_shape(input_shape)
+    if not dynamic_batch:
+        return example_input(shape, seed=0), example_input(shape, seed=1)
+    # batch 2 to trace: torch.export specializes a dimension of size 1 (it cannot then be dynamic)
+    return example_input((2, *shape[1:]), seed=0), example_input((3, *shape[1:]), seed=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX Runtime
+# ----------------------------------------------------------------------------------------------
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (default: torch's thread count)."""
+    ort = _require("onnxruntime", "ONNX Runtime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_deployed(path: Path, precision: str, threads: int | None = None) -> DeployedModel:
+    session = onnx_session(path, threads)
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ExportMismatchError(f"ONNX model {path} has {len(inputs)} inputs; a workbook model has one "
+                                  "(a traced graph without inputs computes constants)")
+    name = inputs[0].name
+    fixed = inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return DeployedModel("onnxruntime", precision, run, path.stat().st_size, path, fixed_batch=fixed)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape=(1, 3, 32, 32), dynamo: bool = True,
+                check: bool = True, tolerance: float = PARITY_TOLERANCE, threads: int | None = None) -> DeployedModel:
+    """Export ``model`` (eval mode) to ONNX at ``path`` (batch dimension dynamic) and open it in ONNX Runtime.
+
+    ``dynamo=True``: ``torch.export``-based exporter (opset 20 and up, onnxscript optimizer);
+    ``dynamo=False``: the legacy TorchScript tracer. With ``check`` the file is compared with PyTorch
+    on a fresh input of another batch size; ExportMismatchError above ``tolerance``."""
+    check_eval_model(model)
+    _require("onnx", "ONNX export")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trace_input, check_input = _check_inputs(input_shape, dynamic_batch=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes; failures raise
+        if dynamo:
+            _require("onnxscript", "The dynamo ONNX exporter")
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            with redirect_stdout(io.StringIO()):  # its progress lines
+                program = torch.onnx.export(model, (trace_input,), dynamo=True, verbose=False,
+                                            dynamic_shapes=({0: batch},))
+            program.save(str(path))
+        else:
+            torch.onnx.export(model, (trace_input,), str(path), dynamo=False, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    deployed = _onnx_deployed(path, "fp32", threads)
+    if check:
+        check_parity(deployed, model, check_input, tolerance)
+    return deployed
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class _Batches:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of float32 batches."""
+
+    def __init__(self, name: str, batches: list[torch.Tensor]) -> None:
+        self._items = iter([{name: b.numpy()} for b in batches])
+
+    def get_next(self):
+        return next(self._items, None)
+
+
+def quantize_onnx(fp32_path: str | os.PathLike, path: str | os.PathLike, calibration: list[torch.Tensor],
+                  per_channel: bool = True, threads: int | None = None) -> DeployedModel:
+    """ONNX Runtime static int8 quantization of an fp32 ONNX file: QDQ format, int8 weights (per output
+    channel), uint8 activations with min-max ranges from the ``calibration`` batches (training images,
+    normalized as the model sees them; never test images)."""
+    _require("onnxruntime", "ONNX Runtime quantization")
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise ValueError("calibration: got no batches; allowed: a non-empty list of (N, C, H, W) float tensors")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # shape inference and graph optimization first, as ONNX Runtime recommends before quantizing
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        name = onnx_session(prepared, 1).get_inputs()[0].name
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()), warnings.catch_warnings(), \
+                _quiet_root_logger():  # per-weight notes on the 1-D BatchNorm weights of SelfNorm
+            warnings.simplefilter("ignore")
+            quantize_static(str(prepared), str(path), _Batches(name, calibration), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    return _onnx_deployed(path, "int8", threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# ExecuTorch (XNNPACK)
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _native_stderr():
+    """Captures what C++ code writes to file descriptor 2 (ExecuTorch logs there) into a StringIO."""
+    captured = io.StringIO()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.write(sink.read().decode(errors="replace"))
+
+
+def set_executorch_threads(threads: int | None = None) -> None:
+    """ExecuTorch's XNNPACK thread pool size (default: torch's thread count)."""
+    portable = _require("executorch.extension.pybindings.portable_lib", "ExecuTorch")
+    portable._unsafe_reset_threadpool(int(threads or torch.get_num_threads()))
+
+
+def _export_program(model: nn.Module, trace_input: torch.Tensor):
+    # static shapes: one program per batch size, whose memory XNNPACK plans ahead
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, (trace_input,))
+
+
+def _lower_executorch(exported, path: Path | None, precision: str, threads: int | None, batch: int) -> DeployedModel:
+    _require("executorch", "ExecuTorch")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
+    buffer = program.buffer
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buffer)
+    set_executorch_threads(threads)
+    loaded = Runtime.get().load_program(buffer)
+    method = loaded.load_method("forward")
+    keep_alive = (buffer, loaded)  # the method reads the program's memory: freeing it crashes the process
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        assert keep_alive
+        try:
+            return method.execute([x])[0].clone()
+        except RuntimeError as error:  # the reason is in the runtime's log on file descriptor 2: rerun to read it
+            with _native_stderr() as log:
+                try:
+                    method.execute([x])
+                except RuntimeError:
+                    pass
+            reason = "; ".join(line.split("] ", 1)[-1] for line in log.getvalue().splitlines() if "] " in line)
+            raise DeployError(f"ExecuTorch XNNPACK {precision} program failed at run time on an input of shape "
+                              f"{tuple(x.shape)}: {error} ({reason or 'no log'})") from error
+
+    return DeployedModel("executorch", precision, run, len(buffer), path, fixed_batch=batch)
+
+
+def export_executorch(model: nn.Module, path: str | os.PathLike | None = None, input_shape=(1, 3, 32, 32),
+                      check: bool = True, tolerance: float = PARITY_TOLERANCE,
+                      threads: int | None = None) -> DeployedModel:
+    """``torch.export`` (static shapes: the batch of ``input_shape``) lowered with the XNNPACK partitioner
+    to an ExecuTorch program (written to ``path`` when given), loaded in ExecuTorch's runtime and checked
+    against PyTorch."""
+    check_eval_model(model)
+    _require("executorch", "ExecuTorch export")
+    trace_input, check_input = _check_inputs(input_shape, dynamic_batch=False)
+    deployed = _lower_executorch(_export_program(model, trace_input), Path(path) if path else None, "fp32", threads,
+                                 trace_input.shape[0])
+    if check:
+        check_parity(deployed, model, check_input, tolerance)
+    return deployed
+
+
+def quantize_executorch(model: nn.Module, calibration: list[torch.Tensor], path: str | os.PathLike | None = None,
+                        input_shape=(1, 3, 32, 32), threads: int | None = None) -> DeployedModel:
+    """PT2E int8 for ExecuTorch: export, ``prepare_pt2e`` with the XNNPACK quantizer (symmetric int8,
+    per-channel weights), calibration on ``calibration`` (training images), ``convert_pt2e``, then
+    the same XNNPACK lowering as fp32."""
+    check_eval_model(model)
+    if not calibration:
+        raise ValueError("calibration: got no batches; allowed: a non-empty list of (N, C, H, W) float tensors")
+    _require("torchao", "PT2E quantization")
+    _require("executorch", "ExecuTorch export")
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                         get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    trace_input, _ = _check_inputs(input_shape, dynamic_batch=False)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_pt2e(_export_program(model, trace_input).module(), quantizer)
+        calibrate = DeployedModel("pytorch", "fp32", prepared, 0, fixed_batch=trace_input.shape[0])
+        for batch in calibration:  # the prepared graph has the static batch of the export
+            calibrate(batch)
+        converted = convert_pt2e(prepared)
+    return _lower_executorch(_export_program(converted, trace_input), Path(path) if path else None, "int8", threads,
+                             trace_input.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch eager, and measurements
+# ----------------------------------------------------------------------------------------------
+
+def state_dict_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def pytorch_deployed(model: nn.Module) -> DeployedModel:
+    """The eager model itself, as a DeployedModel (size: its saved state dict)."""
+    check_eval_model(model)
+    return DeployedModel("pytorch", "fp32", model, state_dict_bytes(model))
+
+
+def latency_ms(deployed: nn.Module, input_shape=(1, 3, 32, 32), warmup: int = 10, repeats: int = 50) -> float:
+    """Median wall time of one call on ``input_shape`` after ``warmup`` calls, in milliseconds."""
+    x = example_input(input_shape, seed=2)
+    with torch.no_grad():
+        for _ in range(warmup):
+            deployed(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            deployed(x)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def calibration_batches(dataset, images: int = 256, batch_size: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    """``images`` class-mixed TRAINING images (a seeded random subset), normalized like the model's input."""
+    from .data import BatchLoader
+
+    if isinstance(images, bool) or not isinstance(images, int) or not 1 <= images <= len(dataset.train_labels):
+        raise ValueError(f"calibration images: got {images!r}; allowed: 1 .. {len(dataset.train_labels)} "
+                         "(the training set's size)")
+    order = torch.randperm(len(dataset.train_labels), generator=torch.Generator().manual_seed(seed))[:images]
+    loader = BatchLoader(dataset.train_images[order], dataset.train_labels[order], batch_size=batch_size,
+                         train=False, mean=dataset.mean, std=dataset.std)
+    return [x for x, _ in loader]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploySizes:
+    """How much the deployment study evaluates (the notebook takes them from the profile)."""
+
+    test_images: int = 1000            # clean test images (the first ones of the profile's test set)
+    corruption_images: int = 100       # test images per corruption and severity
+    severities: tuple = (3,)
+    calibration_images: int = 256      # training images for int8 calibration
+    latency_repeats: int = 50
+    crossover_batch: int = 32          # where int8 is slower than fp32 at batch 1, also timed here
+
+
+def deploy_targets(model: nn.Module, calibration: list[torch.Tensor], work_dir: str | os.PathLike,
+                   input_shape=(1, 3, 32, 32), targets=TARGETS) -> dict[tuple[str, str], DeployedModel | Exception]:
+    """Every (runtime, precision) of ``targets`` for one model: the DeployedModel, or the exception that
+    stopped it (export, quantization or the first run); never left out."""
+    work_dir = Path(work_dir)
+    shape = _check_shape(input_shape)
+    out: dict[tuple[str, str], DeployedModel | Exception] = {}
+    onnx_fp32: Path | None = None
+    for target in targets:
+        if target not in TARGETS:
+            raise ValueError(f"targets: got {target!r}; allowed values are {TARGETS}")
+        try:
+            runtime, precision = target
+            if target == ("pytorch", "fp32"):
+                deployed = pytorch_deployed(model)
+            elif target == ("onnxruntime", "fp32"):
+                deployed = export_onnx(model, work_dir / "model.onnx", shape)
+                onnx_fp32 = deployed.path
+            elif target == ("onnxruntime", "int8"):
+                if onnx_fp32 is None:
+                    onnx_fp32 = export_onnx(model, work_dir / "model.onnx", shape).path
+                deployed = quantize_onnx(onnx_fp32, work_dir / "model.int8.onnx", calibration)
+            elif target == ("executorch", "fp32"):
+                deployed = export_executorch(model, work_dir / "model.pte", shape)
+            else:
+                deployed = quantize_executorch(model, calibration, work_dir / "model.int8.pte", shape)
+            deployed(example_input(shape, seed=3))  # it runs, or the failure is recorded here
+            out[target] = deployed
+        except Exception as error:  # noqa: BLE001 - recorded by name in the failures table
+            out[target] = error
+    return out
+
+
+def measure_deployed(deployed: DeployedModel, dataset, profile, sizes: DeploySizes,
+                     input_shape=(1, 3, 32, 32)) -> dict:
+    """Size, batch-1 latency, clean and mean corruption accuracy of one deployed model; the clean test
+    images are the first ``sizes.test_images`` of the profile's test set, the corruption images as the
+    results store's evaluation (``experiments.evaluate_corruptions``) with the study's sizes."""
+    from .experiments import evaluate_corruptions
+    from .train import evaluate
+
+    shape = _check_shape(input_shape)
+    n = min(sizes.test_images, len(dataset.test_labels))
+    batch = min(profile.train.eval_batch_size, 256)
+    clean = evaluate(deployed, dataset.test_images[:n], dataset.test_labels[:n], dataset.mean, dataset.std, batch,
+                     "cpu")["accuracy"]
+    corruption_profile = dataclasses.replace(profile, corruption_test_size=sizes.corruption_images,
+                                             severities=tuple(sizes.severities),
+                                             train=dataclasses.replace(profile.train, eval_batch_size=batch))
+    per = evaluate_corruptions(deployed, dataset, corruption_profile, torch.device("cpu"))
+    flat = [acc for severities in per.values() for acc in severities.values()]
+    return {"runtime": deployed.runtime, "precision": deployed.precision, "size_MB": deployed.size_bytes / 1e6,
+            "latency_ms_batch1": latency_ms(deployed, shape, repeats=sizes.latency_repeats),
+            "clean_accuracy": clean, "mean_corruption_accuracy": statistics.fmean(flat) if flat else None,
+            "test_images": n, "corruption_images": sizes.corruption_images * len(flat), "parity": deployed.parity}
+
+
+def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: DeploySizes = DeploySizes(),
+                     work_dir: str | os.PathLike | None = None, input_shape=None, targets=TARGETS,
+                     executorch_variants=None, show_progress: bool = True):
+    """(results, failures) DataFrames for every variant x target.
+
+    results: one row per variant and (runtime, precision) that exported and ran, with the measurements
+    of :func:`measure_deployed`, and where int8 is slower than fp32 of the same runtime at batch 1 the
+    latencies of both at ``sizes.crossover_batch``. failures: one row per variant and target that did
+    not, with the exception's name and message. ``executorch_variants``: the variants also lowered to
+    ExecuTorch (None: all); the others are listed in neither table for ExecuTorch (a choice of budget,
+    stated by the caller, not a failure)."""
+    import pandas as pd
+
+    from .progress import progress
+
+    shape = input_shape or (1, 3, *dataset.test_images.shape[2:])
+    calibration = calibration_batches(dataset, min(sizes.calibration_images, len(dataset.train_labels)))
+    rows, failures = [], []
+    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="mnv2-deploy-"))
+    for name, model in progress(list(variants.items()), enabled=show_progress, desc="deploy", unit="variant"):
+        wanted = [t for t in targets if t[0] != "executorch" or executorch_variants is None
+                  or name in executorch_variants]
+        deployed = deploy_targets(model.eval(), calibration, root / name, shape, wanted)
+        measured = {}
+        for (runtime, precision), result in deployed.items():
+            if isinstance(result, Exception):
+                failures.append({"variant": name, "runtime": runtime, "precision": precision,
+                                 "error": type(result).__name__, "message": _first_line(result)})
+                continue
+            try:
+                measured[(runtime, precision)] = {"variant": name, **measure_deployed(result, dataset, profile, sizes,
+                                                                                     shape)}
+            except Exception as error:  # noqa: BLE001 - e.g. a runtime that fails on a batch size it should take
+                failures.append({"variant": name, "runtime": runtime, "precision": precision,
+                                 "error": type(error).__name__, "message": _first_line(error)})
+        for runtime in RUNTIMES:
+            fp32, int8 = measured.get((runtime, "fp32")), measured.get((runtime, "int8"))
+            if fp32 and int8 and int8["latency_ms_batch1"] > fp32["latency_ms_batch1"]:
+                try:
+                    _time_crossover(model, runtime, deployed, fp32, int8, calibration, shape, sizes, root / name)
+                except Exception as error:  # noqa: BLE001
+                    failures.append({"variant": name, "runtime": runtime, "precision": "int8",
+                                     "error": type(error).__name__,
+                                     "message": f"batch {sizes.crossover_batch}: {_first_line(error)}"})
+        rows += measured.values()
+        del deployed
+    columns = ["variant", "runtime", "precision", "size_MB", "latency_ms_batch1",
+               f"latency_ms_batch{sizes.crossover_batch}", "clean_accuracy", "mean_corruption_accuracy",
+               "test_images", "corruption_images", "parity"]
+    results = pd.DataFrame(rows).reindex(columns=columns)
+    return results, pd.DataFrame(failures, columns=["variant", "runtime", "precision", "error", "message"])
+
+
+def _time_crossover(model, runtime, deployed, fp32_row, int8_row, calibration, shape, sizes, work_dir) -> None:
+    """Latency of fp32 and int8 at ``sizes.crossover_batch`` (ExecuTorch: programs exported at that batch)."""
+    big = (sizes.crossover_batch, *shape[1:])
+    pair = {"fp32": deployed[(runtime, "fp32")], "int8": deployed[(runtime, "int8")]}
+    if runtime == "executorch":  # static shapes: a program per batch size
+        pair = {"fp32": export_executorch(model, None, big, check=False),
+                "int8": quantize_executorch(model, calibration, None, big)}
+    for row, precision in ((fp32_row, "fp32"), (int8_row, "int8")):
+        row[f"latency_ms_batch{sizes.crossover_batch}"] = latency_ms(
+            pair[precision], big, warmup=2, repeats=max(5, sizes.latency_repeats // 5))
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else "")[:limit]
+
+
+def int8_drop(results) -> "pd.DataFrame":  # noqa: F821
+    """Per variant and runtime: fp32 and int8 accuracies and their difference (int8 - fp32), in points."""
+    import pandas as pd
+
+    rows = []
+    for (variant, runtime), group in results.groupby(["variant", "runtime"], sort=False):
+        by = group.set_index("precision")
+        if "fp32" in by.index and "int8" in by.index:
+            row = {"variant": variant, "runtime": runtime}
+            for metric in ("clean_accuracy", "mean_corruption_accuracy"):
+                row[f"{metric}_fp32"] = by.at["fp32", metric]
+                row[f"{metric}_int8"] = by.at["int8", metric]
+                row[f"{metric}_drop_points"] = 100 * (by.at["int8", metric] - by.at["fp32", metric])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def onnx_op_counts(path: str | os.PathLike) -> dict[str, int]:
+    """How many nodes of each operator type an ONNX file's main graph has (domain-qualified outside ONNX's own)."""
+    onnx = _require("onnx", "ONNX inspection")
+    from collections import Counter
+
+    graph = onnx.load(str(path)).graph
+    return dict(Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+                        for n in graph.node))
+
+
+def available_runtimes() -> dict[str, str | None]:
+    """Per package a deployment runtime needs: its version, or None where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in RUNTIME_PACKAGES.values():
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def describe_failures(failures) -> str:
+    if failures.empty:
+        return "Every variant exported, quantized and ran in every runtime."
+    parts = [f"{r.variant} / {r.runtime} {r.precision}: `{r.error}`" for r in failures.itertuples()]
+    return "These did not export, quantize or run (the table below gives each message): " + "; ".join(parts) + "."
