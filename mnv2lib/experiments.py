@@ -9,6 +9,7 @@ the process loses at most the current epoch.
 from __future__ import annotations
 
 import dataclasses
+import re
 import datetime as _dt
 import hashlib
 import json
@@ -110,6 +111,15 @@ def budget_rung(profile: Profile, factor: int, max_train_size: int = 50_000) -> 
         size, epochs = size // 2, epochs * 2
     return dataclasses.replace(profile, name=f"{profile.name}_x{factor}", train_size=size, seeds=(0,),
                                train=dataclasses.replace(profile.train, epochs=epochs))
+
+
+def base_profile_name(profile: str | Profile) -> str:
+    """The name of the profile a budget-ladder rung (``<name>_x<factor>``) was made from; other
+    profiles' own names. Work sizes and plans keyed by profile use it, so a rung does its base's work."""
+    name = getattr(profile, "name", profile)
+    if isinstance(name, str) and re.fullmatch(r"\w+_x\d+", name):
+        return name.rsplit("_x", 1)[0]
+    return name
 
 
 # The budget ladder (notebook 04): the quick budget, and 2x and 4x it for the baseline and each single

@@ -5,7 +5,6 @@ trained network's activation outputs, with the sentences that report them.
 from __future__ import annotations
 
 import math
-import re
 from typing import Callable, Iterable
 
 import numpy as np
@@ -13,6 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..experiments import base_profile_name
 from ..layers.activations import activation_names, get_activation_class, mish_reference
 from ..progress import progress
 
@@ -272,9 +272,7 @@ WORK_SIZES["gpu"] = WORK_SIZES["full"]  # a GPU does the full sizes in seconds
 
 
 def work_sizes(profile) -> dict:
-    name = getattr(profile, "name", profile)
-    if isinstance(name, str) and re.fullmatch(r"\w+_x\d+", name):  # a budget-ladder rung: its base profile's sizes
-        name = name.rsplit("_x", 1)[0]
+    name = base_profile_name(profile)  # a budget-ladder rung gets its base profile's sizes
     if name not in WORK_SIZES:
         raise ValueError(f"profile: got {name!r}; allowed values are {tuple(WORK_SIZES)}")
     return dict(WORK_SIZES[name])

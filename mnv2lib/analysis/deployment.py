@@ -3,11 +3,11 @@ the sentences that state its results, generated from the numbers."""
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import pandas as pd
 
 from ..deploy import TARGETS, DeploySizes
+from ..experiments import base_profile_name
 
 # variant name -> model overrides of the results store's runs (notebook 04's ablation, the activations)
 ACTIVATION_VARIANTS = {"relu6": {}, "relu": {"activation": "relu"}, "mish": {"activation": "mish"},
@@ -46,9 +46,7 @@ PLANS["full"] = PLANS["gpu"]
 
 
 def deploy_plan(profile) -> DeployPlan:
-    name = getattr(profile, "name", profile)
-    if isinstance(name, str) and re.fullmatch(r"\w+_x\d+", name):  # a budget-ladder rung: its base profile's plan
-        name = name.rsplit("_x", 1)[0]
+    name = base_profile_name(profile)  # a budget-ladder rung gets its base profile's plan
     if name not in PLANS:
         raise ValueError(f"profile: got {name!r}; allowed values are {tuple(PLANS)}")
     return PLANS[name]
