@@ -251,3 +251,17 @@ def test_int8_mish_keeps_its_values(tmp_path):
         expected = model(x)
     out = int8(x)
     assert (out - expected).abs().max() < 0.1 * expected.abs().max(), (out, expected)
+
+
+def test_relu6_verdict_names_the_activations_that_lost_less():
+    import pandas as pd
+
+    from mnv2lib.analysis import deployment as X
+
+    drops = pd.DataFrame([{"variant": v, "runtime": "onnxruntime", "clean_accuracy_drop_points": d}
+                          for v, d in (("relu6", -0.6), ("relu", 0.2), ("mish", -47.7), ("silu", -0.2),
+                                       ("hardswish", -0.8))])
+    text = X.describe_relu6(drops, test_images=2000)
+    assert text.startswith("ReLU6 loses more than ReLU, SiLU ("), text
+    best = drops.assign(clean_accuracy_drop_points=[0.5, 0.2, -47.7, -0.2, -0.8])
+    assert X.describe_relu6(best, test_images=2000).startswith("ReLU6 loses the least")
