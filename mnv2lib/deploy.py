@@ -93,16 +93,18 @@ class DeployedModel(nn.Module):
     """A model in a runtime, as an ``nn.Module`` taking and returning float32 CPU tensors.
 
     ``runtime``, ``precision``, ``size_bytes`` (the serialized model: .onnx file, .pte program, or the
-    PyTorch state dict) and ``path`` describe it; ``fixed_batch`` is the one batch size a program with
-    static shapes takes (forward splits other batches and pads the last piece), None where any batch
-    goes. ``parity`` is the max |diff| to PyTorch found by the export check (None where not checked)."""
+    PyTorch state dict) and ``path`` describe it. ``fixed_batch``: the one batch size a program with
+    static shapes takes (forward splits other batches and pads the last piece); ``max_batch``: the
+    bound of a program whose batch dimension is dynamic up to a bound (forward splits larger batches);
+    both None where any batch goes. ``parity`` is the max |diff| to PyTorch found by the export check
+    (None where not checked)."""
 
     def __init__(self, runtime: str, precision: str, run: Callable[[torch.Tensor], torch.Tensor],
                  size_bytes: int, path: Path | None = None, fixed_batch: int | None = None,
-                 parity: float | None = None) -> None:
+                 parity: float | None = None, max_batch: int | None = None) -> None:
         super().__init__()
         self.runtime, self.precision, self.size_bytes, self.path = runtime, precision, size_bytes, path
-        self.fixed_batch, self.parity = fixed_batch, parity
+        self.fixed_batch, self.max_batch, self.parity = fixed_batch, max_batch, parity
         self.__dict__["_run"] = run  # not a submodule: an exported graph module must not be put in eval()
         self.eval()
 
@@ -112,14 +114,14 @@ class DeployedModel(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to("cpu", torch.float32).contiguous()
-        size = self.fixed_batch
-        if size is None or x.shape[0] == size:
+        size = self.fixed_batch or self.max_batch
+        if size is None or x.shape[0] == size or self.fixed_batch is None and x.shape[0] < size:
             return self._run(x)
         outputs = []
         for chunk in x.split(size):
             n = chunk.shape[0]
-            if n < size:  # samples are independent in eval mode: zeros fill the program's batch
-                chunk = torch.cat([chunk, chunk.new_zeros(size - n, *chunk.shape[1:])])
+            if self.fixed_batch is not None and n < size:  # samples are independent in eval mode: zeros fill
+                chunk = torch.cat([chunk, chunk.new_zeros(size - n, *chunk.shape[1:])])  # the program's batch
             outputs.append(self._run(chunk.contiguous())[:n])
         return torch.cat(outputs)
 
@@ -293,30 +295,61 @@ def set_executorch_threads(threads: int | None = None) -> None:
     portable._unsafe_reset_threadpool(int(threads or torch.get_num_threads()))
 
 
-def _export_program(model: nn.Module, trace_input: torch.Tensor):
-    # static shapes: one program per batch size, whose memory XNNPACK plans ahead
+def _check_max_batch(max_batch) -> int | None:
+    if max_batch is None:
+        return None
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch: got {max_batch!r}; allowed: None (static shapes) or an integer >= 1")
+    return max_batch
+
+
+def _export_program(model: nn.Module, trace_input: torch.Tensor, dynamic_batch: bool = False):
+    """``torch.export`` with static shapes (one program per batch size), or with the batch dimension
+    dynamic up to the trace input's batch (XNNPACK plans its memory for that bound)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(model, (trace_input,))
+        if not dynamic_batch:
+            return torch.export.export(model, (trace_input,))
+        batch = torch.export.Dim("batch", min=1, max=trace_input.shape[0])
+        return torch.export.export(model, (trace_input,), dynamic_shapes=({0: batch},))
 
 
-def _lower_executorch(exported, path: Path | None, precision: str, threads: int | None, batch: int) -> DeployedModel:
+def _executorch_trace_inputs(input_shape, max_batch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trace input, check input) of an ExecuTorch export: static shapes trace at ``input_shape``; a
+    bounded dynamic batch traces at the bound and checks at another batch size."""
+    shape = _check_shape(input_shape)
+    if max_batch is None or max_batch == 1:  # a bound of 1 is a static batch of 1
+        return _check_inputs(shape if max_batch is None else (1, *shape[1:]), dynamic_batch=False)
+    return (example_input((max_batch, *shape[1:]), seed=0),
+            example_input((max(1, min(3, max_batch - 1)), *shape[1:]), seed=1))
+
+
+def _lower_to_program(exported) -> bytes:
+    """An exported program lowered with the XNNPACK partitioner to an ExecuTorch program (.pte bytes)."""
     _require("executorch", "ExecuTorch")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    from executorch.runtime import Runtime
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
-    buffer = program.buffer
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(buffer)
+        return to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+
+
+def load_executorch(program: bytes | str | os.PathLike, precision: str = "fp32", threads: int | None = None,
+                    fixed_batch: int | None = None, max_batch: int | None = None) -> DeployedModel:
+    """An ExecuTorch program (its bytes, or a .pte path) loaded in ExecuTorch's runtime as a DeployedModel;
+    ``fixed_batch`` / ``max_batch`` as the program was exported (see :class:`DeployedModel`)."""
+    _require("executorch", "ExecuTorch")
+    from executorch.runtime import Runtime
+
+    path = None
+    if not isinstance(program, bytes):
+        path = Path(program)
+        program = path.read_bytes()
     set_executorch_threads(threads)
-    loaded = Runtime.get().load_program(buffer)
+    loaded = Runtime.get().load_program(program)
     method = loaded.load_method("forward")
-    keep_alive = (buffer, loaded)  # the method reads the program's memory: freeing it crashes the process
+    keep_alive = (program, loaded)  # the method reads the program's memory: freeing it crashes the process
 
     def run(x: torch.Tensor) -> torch.Tensor:
         assert keep_alive
@@ -332,30 +365,47 @@ def _lower_executorch(exported, path: Path | None, precision: str, threads: int 
             raise DeployError(f"ExecuTorch XNNPACK {precision} program failed at run time on an input of shape "
                               f"{tuple(x.shape)}: {error} ({reason or 'no log'})") from error
 
-    return DeployedModel("executorch", precision, run, len(buffer), path, fixed_batch=batch)
+    return DeployedModel("executorch", precision, run, len(program), path, fixed_batch=fixed_batch,
+                         max_batch=max_batch)
+
+
+def _lower_executorch(exported, path: Path | None, precision: str, threads: int | None, trace_batch: int,
+                      dynamic_batch: bool) -> DeployedModel:
+    buffer = _lower_to_program(exported)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buffer)
+    deployed = load_executorch(buffer, precision, threads, fixed_batch=None if dynamic_batch else trace_batch,
+                               max_batch=trace_batch if dynamic_batch else None)
+    deployed.path = path
+    return deployed
 
 
 def export_executorch(model: nn.Module, path: str | os.PathLike | None = None, input_shape=(1, 3, 32, 32),
                       check: bool = True, tolerance: float = PARITY_TOLERANCE,
-                      threads: int | None = None) -> DeployedModel:
-    """``torch.export`` (static shapes: the batch of ``input_shape``) lowered with the XNNPACK partitioner
-    to an ExecuTorch program (written to ``path`` when given), loaded in ExecuTorch's runtime and checked
-    against PyTorch."""
+                      threads: int | None = None, max_batch: int | None = None) -> DeployedModel:
+    """``torch.export`` lowered with the XNNPACK partitioner to an ExecuTorch program (written to ``path``
+    when given), loaded in ExecuTorch's runtime and checked against PyTorch. Static shapes (the batch of
+    ``input_shape``) by default; ``max_batch``: any batch from 1 to ``max_batch`` (one program serves
+    batch-1 latency and batched evaluation)."""
     check_eval_model(model)
     _require("executorch", "ExecuTorch export")
-    trace_input, check_input = _check_inputs(input_shape, dynamic_batch=False)
-    deployed = _lower_executorch(_export_program(model, trace_input), Path(path) if path else None, "fp32", threads,
-                                 trace_input.shape[0])
+    max_batch = _check_max_batch(max_batch)
+    trace_input, check_input = _executorch_trace_inputs(input_shape, max_batch)
+    dynamic = max_batch is not None and max_batch > 1
+    deployed = _lower_executorch(_export_program(model, trace_input, dynamic), Path(path) if path else None, "fp32",
+                                 threads, trace_input.shape[0], dynamic)
     if check:
         check_parity(deployed, model, check_input, tolerance)
     return deployed
 
 
 def quantize_executorch(model: nn.Module, calibration: list[torch.Tensor], path: str | os.PathLike | None = None,
-                        input_shape=(1, 3, 32, 32), threads: int | None = None) -> DeployedModel:
+                        input_shape=(1, 3, 32, 32), threads: int | None = None,
+                        max_batch: int | None = None) -> DeployedModel:
     """PT2E int8 for ExecuTorch: export, ``prepare_pt2e`` with the XNNPACK quantizer (symmetric int8,
     per-channel weights), calibration on ``calibration`` (training images), ``convert_pt2e``, then
-    the same XNNPACK lowering as fp32."""
+    the same XNNPACK lowering as fp32 (``max_batch`` as in :func:`export_executorch`)."""
     check_eval_model(model)
     if not calibration:
         raise ValueError("calibration: got no batches; allowed: a non-empty list of (N, C, H, W) float tensors")
@@ -365,17 +415,38 @@ def quantize_executorch(model: nn.Module, calibration: list[torch.Tensor], path:
                                                                          get_symmetric_quantization_config)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    trace_input, _ = _check_inputs(input_shape, dynamic_batch=False)
+    max_batch = _check_max_batch(max_batch)
+    trace_input, _ = _executorch_trace_inputs(input_shape, max_batch)
+    dynamic = max_batch is not None and max_batch > 1
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_pt2e(_export_program(model, trace_input).module(), quantizer)
-        calibrate = DeployedModel("pytorch", "fp32", prepared, 0, fixed_batch=trace_input.shape[0])
-        for batch in calibration:  # the prepared graph has the static batch of the export
+        prepared = prepare_pt2e(_export_program(model, trace_input, dynamic).module(), quantizer)
+        calibrate = DeployedModel("pytorch", "fp32", prepared, 0, fixed_batch=None if dynamic else trace_input.shape[0],
+                                  max_batch=trace_input.shape[0] if dynamic else None)
+        for batch in calibration:
             calibrate(batch)
         converted = convert_pt2e(prepared)
-    return _lower_executorch(_export_program(converted, trace_input), Path(path) if path else None, "int8", threads,
-                             trace_input.shape[0])
+    deployed = _lower_executorch(_export_program(converted, trace_input, dynamic), Path(path) if path else None,
+                                 "int8", threads, trace_input.shape[0], dynamic)
+    if dynamic:
+        check_batch_consistency(deployed, _check_shape(input_shape)[1:], min(max_batch, 4))
+    return deployed
+
+
+def check_batch_consistency(deployed: DeployedModel, sample_shape, batch: int, tolerance: float = 1e-4) -> float:
+    """Max |diff| between a batch through ``deployed`` and its samples one at a time; DeployError above
+    ``tolerance`` (relative to the largest output). Found with ExecuTorch 1.5: XNNPACK int8 programs
+    exported with a dynamic batch return wrong outputs for the first samples of a batch."""
+    x = example_input((batch, *sample_shape), seed=4)
+    together = deployed(x)
+    alone = torch.cat([deployed(x[i:i + 1]) for i in range(batch)])
+    diff = _max_abs_diff(together, alone)
+    if not diff <= tolerance * max(1.0, alone.abs().max().item()):
+        raise DeployError(f"{deployed.runtime} {deployed.precision} program gives other outputs for a sample in a "
+                          f"batch of {batch} than alone (max |diff| {diff:.3g}): a runtime defect with a dynamic "
+                          "batch; export it with static shapes (max_batch=None)")
+    return diff
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,9 +505,11 @@ class DeploySizes:
 
 
 def deploy_targets(model: nn.Module, calibration: list[torch.Tensor], work_dir: str | os.PathLike,
-                   input_shape=(1, 3, 32, 32), targets=TARGETS) -> dict[tuple[str, str], DeployedModel | Exception]:
+                   input_shape=(1, 3, 32, 32), targets=TARGETS,
+                   max_batch: int | None = None) -> dict[tuple[str, str], DeployedModel | Exception]:
     """Every (runtime, precision) of ``targets`` for one model: the DeployedModel, or the exception that
-    stopped it (export, quantization or the first run); never left out."""
+    stopped it (export, quantization or the first run); never left out. ``max_batch``: the ExecuTorch
+    fp32 program takes any batch up to it (None: the static batch of ``input_shape``, as int8 always)."""
     work_dir = Path(work_dir)
     shape = _check_shape(input_shape)
     out: dict[tuple[str, str], DeployedModel | Exception] = {}
@@ -456,14 +529,102 @@ def deploy_targets(model: nn.Module, calibration: list[torch.Tensor], work_dir: 
                     onnx_fp32 = export_onnx(model, work_dir / "model.onnx", shape).path
                 deployed = quantize_onnx(onnx_fp32, work_dir / "model.int8.onnx", calibration)
             elif target == ("executorch", "fp32"):
-                deployed = export_executorch(model, work_dir / "model.pte", shape)
+                deployed = export_executorch(model, work_dir / "model.pte", shape, max_batch=max_batch)
             else:
+                # static shapes: see check_batch_consistency
                 deployed = quantize_executorch(model, calibration, work_dir / "model.int8.pte", shape)
             deployed(example_input(shape, seed=3))  # it runs, or the failure is recorded here
             out[target] = deployed
         except Exception as error:  # noqa: BLE001 - recorded by name in the failures table
             out[target] = error
     return out
+
+
+class BuildFailure(DeployError):
+    """A target's export, quantization or first run failed in a build worker process: the original
+    exception's class name and first line (exceptions of the runtimes' bindings do not all pickle)."""
+
+    def __init__(self, error_name: str, message: str) -> None:
+        super().__init__(message)
+        self.error_name = error_name
+
+
+def _build_in_worker(model: nn.Module, calibration, work_dir: str, input_shape, targets, max_batch,
+                     threads: int) -> dict:
+    """Worker process: every non-PyTorch target of one variant built into files under ``work_dir``;
+    per target ("ok", path, parity, fixed batch, max batch) or ("error", exception name, first line)."""
+    torch.set_num_threads(threads)  # side by side: one thread each (exporting is single-threaded Python)
+    out = {}
+    for target, result in deploy_targets(model, calibration, work_dir, input_shape, targets, max_batch).items():
+        if isinstance(result, Exception):
+            out[target] = ("error", type(result).__name__, _first_line(result))
+        else:
+            out[target] = ("ok", str(result.path), result.parity, result.fixed_batch, result.max_batch)
+    return out
+
+
+def _load_built(target, built, input_shape) -> DeployedModel | Exception:
+    """A worker's file opened in its runtime here (and run once), or the failure it reported."""
+    if built[0] == "error":
+        return BuildFailure(built[1], built[2])
+    try:
+        runtime, precision = target
+        _, path, parity, fixed_batch, max_batch = built
+        if runtime == "onnxruntime":
+            deployed = _onnx_deployed(Path(path), precision)
+        else:
+            deployed = load_executorch(path, precision, fixed_batch=fixed_batch, max_batch=max_batch)
+        deployed.parity = parity
+        deployed(example_input(input_shape, seed=3))
+        return deployed
+    except Exception as error:  # noqa: BLE001 - recorded by name in the failures table
+        return error
+
+
+def build_deployments(variants: dict[str, nn.Module], calibration: list[torch.Tensor], work_dir: str | os.PathLike,
+                      input_shape=(1, 3, 32, 32), targets_of: Callable[[str], tuple] = lambda name: TARGETS,
+                      max_batch: int | None = None, workers: int = 1, show_progress: bool = True,
+                      ) -> dict[str, dict[tuple[str, str], DeployedModel | Exception]]:
+    """:func:`deploy_targets` for every variant (files under ``work_dir/<variant>``). With ``workers`` > 1
+    the exports run in that many processes side by side (exporting and lowering are single-threaded
+    Python: on 2 cores two variants lower in the time of one), each target then opened here; a worker
+    that dies is recorded as the failure of its variant's targets."""
+    from .progress import progress
+
+    work_dir = Path(work_dir)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: got {workers!r}; allowed: an integer >= 1")
+    if workers == 1 or len(variants) == 1:
+        return {name: deploy_targets(model.eval(), calibration, work_dir / name, input_shape, targets_of(name),
+                                     max_batch)
+                for name, model in progress(list(variants.items()), enabled=show_progress, desc="deploy",
+                                            unit="variant")}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # one job per variant and runtime (ONNX Runtime's int8 model is made from its fp32 file), ExecuTorch
+    # first: its lowering is the longest job, and the short ones fill in beside it
+    jobs = [(name, tuple(t for t in targets_of(name) if t[0] == runtime))
+            for runtime in ("executorch", "onnxruntime") for name in variants]
+    jobs = [(name, job) for name, job in jobs if job]
+    out: dict[str, dict] = {name: {} for name in variants}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_build_in_worker, variants[name].eval(), calibration, str(work_dir / name),
+                               input_shape, job, max_batch, 1): (name, job) for name, job in jobs}
+        for future in progress(as_completed(futures), enabled=show_progress, total=len(futures), desc="deploy",
+                               unit="export"):
+            name, job = futures[future]
+            try:
+                built = future.result()
+            except Exception as error:  # noqa: BLE001 - e.g. the worker process died (BrokenProcessPool)
+                built = {t: ("error", type(error).__name__, _first_line(error)) for t in job}
+            out[name].update({t: _load_built(t, built[t], input_shape) for t in job})
+    result = {}
+    for name in variants:  # the caller's order, PyTorch first as in TARGETS
+        local = [t for t in targets_of(name) if t[0] == "pytorch"]
+        mine = deploy_targets(variants[name].eval(), calibration, work_dir / name, input_shape, local) if local else {}
+        result[name] = {t: (mine | out[name])[t] for t in targets_of(name)}
+    return result
 
 
 def measure_deployed(deployed: DeployedModel, dataset, profile, sizes: DeploySizes,
@@ -492,7 +653,7 @@ def measure_deployed(deployed: DeployedModel, dataset, profile, sizes: DeploySiz
 
 def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: DeploySizes = DeploySizes(),
                      work_dir: str | os.PathLike | None = None, input_shape=None, targets=TARGETS,
-                     executorch_variants=None, show_progress: bool = True):
+                     executorch_variants=None, show_progress: bool = True, workers: int | None = None):
     """(results, failures) DataFrames for every variant x target.
 
     results: one row per variant and (runtime, precision) that exported and ran, with the measurements
@@ -500,7 +661,12 @@ def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: De
     latencies of both at ``sizes.crossover_batch``. failures: one row per variant and target that did
     not, with the exception's name and message. ``executorch_variants``: the variants also lowered to
     ExecuTorch (None: all); the others are listed in neither table for ExecuTorch (a choice of budget,
-    stated by the caller, not a failure)."""
+    stated by the caller, not a failure). The ExecuTorch fp32 program takes any batch up to
+    ``sizes.crossover_batch`` (latency, crossover and evaluation from one program); int8 programs have
+    static shapes (see :func:`check_batch_consistency`).
+
+    ``workers``: processes that export side by side (default: up to 4, one per core); measuring always
+    runs alone in this process, after every export has finished, so that no timing shares the CPU."""
     import pandas as pd
 
     from .progress import progress
@@ -509,15 +675,22 @@ def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: De
     calibration = calibration_batches(dataset, min(sizes.calibration_images, len(dataset.train_labels)))
     rows, failures = [], []
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="mnv2-deploy-"))
-    for name, model in progress(list(variants.items()), enabled=show_progress, desc="deploy", unit="variant"):
-        wanted = [t for t in targets if t[0] != "executorch" or executorch_variants is None
-                  or name in executorch_variants]
-        deployed = deploy_targets(model.eval(), calibration, root / name, shape, wanted)
-        measured = {}
+    workers = default_workers(len(variants)) if workers is None else workers
+
+    def targets_of(name: str) -> tuple:
+        return tuple(t for t in targets if t[0] != "executorch" or executorch_variants is None
+                     or name in executorch_variants)
+
+    max_batch = max(1, sizes.crossover_batch)
+    built = build_deployments({name: model.eval() for name, model in variants.items()}, calibration, root, shape,
+                              targets_of, max_batch, workers, show_progress)
+    for name in progress(list(variants), enabled=show_progress, desc="measure", unit="variant"):
+        deployed, measured = built.pop(name), {}
         for (runtime, precision), result in deployed.items():
             if isinstance(result, Exception):
                 failures.append({"variant": name, "runtime": runtime, "precision": precision,
-                                 "error": type(result).__name__, "message": _first_line(result)})
+                                 "error": getattr(result, "error_name", type(result).__name__),
+                                 "message": _first_line(result)})
                 continue
             try:
                 measured[(runtime, precision)] = {"variant": name, **measure_deployed(result, dataset, profile, sizes,
@@ -529,7 +702,7 @@ def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: De
             fp32, int8 = measured.get((runtime, "fp32")), measured.get((runtime, "int8"))
             if fp32 and int8 and int8["latency_ms_batch1"] > fp32["latency_ms_batch1"]:
                 try:
-                    _time_crossover(model, runtime, deployed, fp32, int8, calibration, shape, sizes, root / name)
+                    _time_crossover(variants[name], runtime, deployed, fp32, int8, calibration, shape, sizes)
                 except Exception as error:  # noqa: BLE001
                     failures.append({"variant": name, "runtime": runtime, "precision": "int8",
                                      "error": type(error).__name__,
@@ -543,16 +716,23 @@ def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: De
     return results, pd.DataFrame(failures, columns=["variant", "runtime", "precision", "error", "message"])
 
 
-def _time_crossover(model, runtime, deployed, fp32_row, int8_row, calibration, shape, sizes, work_dir) -> None:
-    """Latency of fp32 and int8 at ``sizes.crossover_batch`` (ExecuTorch: programs exported at that batch)."""
+def default_workers(jobs: int) -> int:
+    """Export processes side by side: one per core, at most 4 (each holds a copy of torch and the
+    runtimes, ~1 GB) and at most one per job."""
+    return max(1, min(4, os.cpu_count() or 1, jobs))
+
+
+def _time_crossover(model, runtime, deployed, fp32_row, int8_row, calibration, shape, sizes) -> None:
+    """Latency of fp32 and int8 at ``sizes.crossover_batch``; an ExecuTorch program that cannot take that
+    batch (static shapes) is exported again at it."""
     big = (sizes.crossover_batch, *shape[1:])
-    pair = {"fp32": deployed[(runtime, "fp32")], "int8": deployed[(runtime, "int8")]}
-    if runtime == "executorch":  # static shapes: a program per batch size
-        pair = {"fp32": export_executorch(model, None, big, check=False),
-                "int8": quantize_executorch(model, calibration, None, big)}
     for row, precision in ((fp32_row, "fp32"), (int8_row, "int8")):
+        program = deployed[(runtime, precision)]
+        if program.fixed_batch not in (None, big[0]) or program.max_batch is not None and program.max_batch < big[0]:
+            program = (export_executorch(model, None, big, check=False) if precision == "fp32"
+                       else quantize_executorch(model, calibration, None, big))
         row[f"latency_ms_batch{sizes.crossover_batch}"] = latency_ms(
-            pair[precision], big, warmup=2, repeats=max(5, sizes.latency_repeats // 5))
+            program, big, warmup=2, repeats=max(5, sizes.latency_repeats // 5))
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:

@@ -204,6 +204,64 @@ def test_fixed_batch_programs_split_and_pad():
     assert calls == [4, 4]
 
 
+def test_bounded_batch_programs_split_without_padding():
+    calls = []
+
+    def run(x):
+        calls.append(x.shape[0])
+        return x.flatten(1)[:, :2] * 2
+
+    deployed = D.DeployedModel("executorch", "fp32", run, 1, max_batch=4)
+    x = torch.randn(9, 3, 2, 2)
+    assert torch.equal(deployed(x), x.flatten(1)[:, :2] * 2)
+    assert calls == [4, 4, 1]
+    assert deployed(x[:3]).shape[0] == 3 and calls[-1] == 3
+
+
+def test_executorch_program_with_a_bounded_dynamic_batch(tmp_path):
+    """One fp32 program takes every batch from 1 to max_batch (batch-1 latency, the crossover batch and
+    batched evaluation) within the parity tolerance. An int8 program with a dynamic batch is either
+    consistent (a sample's output does not depend on its batch) or refused loudly: ExecuTorch 1.5's
+    XNNPACK int8 programs of dynamic batch return wrong outputs for the first samples of a batch."""
+    model = make_model("v1")
+    fp32 = D.export_executorch(model, tmp_path / "m.pte", max_batch=4)
+    assert fp32.max_batch == 4 and fp32.fixed_batch is None and fp32.parity <= D.PARITY_TOLERANCE
+    for batch in (1, 3, 4, 6):
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = model(x)
+        assert (fp32(x) - expected).abs().max() <= D.PARITY_TOLERANCE
+    reloaded = D.load_executorch(tmp_path / "m.pte", max_batch=4)
+    assert torch.equal(reloaded(x), fp32(x))
+    calibration = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    try:
+        int8 = D.quantize_executorch(model, calibration, tmp_path / "m.int8.pte", max_batch=4)
+    except D.DeployError as error:
+        assert "batch" in str(error) and "static shapes" in str(error)
+    else:
+        assert D.check_batch_consistency(int8, (3, 32, 32), 4) <= 1e-3
+
+
+def test_exports_side_by_side_equal_the_serial_ones(tmp_path):
+    """Two worker processes build the same files as one process; a target that fails in a worker is
+    recorded by the name of its exception."""
+    broken = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten()).eval()  # takes 2 channels, gets 3
+    variants = {"v2": make_model("v2"), "broken": broken}
+    calibration = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
+    targets = (("pytorch", "fp32"), ("onnxruntime", "fp32"))
+    serial = D.build_deployments(variants, calibration, tmp_path / "serial", targets_of=lambda n: targets,
+                                 workers=1, show_progress=False)
+    parallel = D.build_deployments(variants, calibration, tmp_path / "parallel",
+                                   targets_of=lambda n: targets, workers=2, show_progress=False)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert list(parallel["v2"]) == list(targets)
+    for target in targets:
+        assert torch.equal(serial["v2"][target](x), parallel["v2"][target](x)), target
+    assert isinstance(serial["broken"][("onnxruntime", "fp32")], Exception)
+    failure = parallel["broken"][("onnxruntime", "fp32")]
+    assert isinstance(failure, D.BuildFailure) and failure.error_name and str(failure)
+
+
 def test_bad_input_is_named(tmp_path, monkeypatch):
     model = make_model("v1")
     with pytest.raises(ValueError, match="training mode"):
@@ -265,3 +323,11 @@ def test_relu6_verdict_names_the_activations_that_lost_less():
     assert text.startswith("ReLU6 loses more than ReLU, SiLU ("), text
     best = drops.assign(clean_accuracy_drop_points=[0.5, 0.2, -47.7, -0.2, -0.8])
     assert X.describe_relu6(best, test_images=2000).startswith("ReLU6 loses the least")
+
+
+def test_the_quick_plan_names_what_it_leaves_out():
+    from mnv2lib.analysis import deployment as X
+
+    quick = X.left_out(X.PLANS["quick"])
+    assert "SiLU" in quick and "Hardswish" in quick and "Triplet Attention" in quick
+    assert X.left_out(X.PLANS["gpu"]) == ""
