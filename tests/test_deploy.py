@@ -191,31 +191,20 @@ def test_deploy_targets_records_failures_by_exception(tmp_path, monkeypatch):
     assert isinstance(out[("executorch", "fp32")], D.DeployError)
 
 
-def test_fixed_batch_programs_split_and_pad():
-    calls = []
+@pytest.mark.parametrize("kind,batch,calls", [("fixed_batch", 6, [4, 4]), ("max_batch", 9, [4, 4, 1]),
+                                              ("max_batch", 3, [3])])
+def test_programs_of_static_or_bounded_batch_split_the_input(kind, batch, calls):
+    """A static-shape program gets padded pieces of its batch; a bounded one pieces up to its bound."""
+    seen = []
 
     def run(x):
-        calls.append(x.shape[0])
+        seen.append(x.shape[0])
         return x.flatten(1)[:, :2] * 2
 
-    deployed = D.DeployedModel("executorch", "fp32", run, 1, fixed_batch=4)
-    x = torch.randn(6, 3, 2, 2)
+    deployed = D.DeployedModel("executorch", "fp32", run, 1, **{kind: 4})
+    x = torch.randn(batch, 3, 2, 2)
     assert torch.equal(deployed(x), x.flatten(1)[:, :2] * 2)
-    assert calls == [4, 4]
-
-
-def test_bounded_batch_programs_split_without_padding():
-    calls = []
-
-    def run(x):
-        calls.append(x.shape[0])
-        return x.flatten(1)[:, :2] * 2
-
-    deployed = D.DeployedModel("executorch", "fp32", run, 1, max_batch=4)
-    x = torch.randn(9, 3, 2, 2)
-    assert torch.equal(deployed(x), x.flatten(1)[:, :2] * 2)
-    assert calls == [4, 4, 1]
-    assert deployed(x[:3]).shape[0] == 3 and calls[-1] == 3
+    assert seen == calls
 
 
 def test_executorch_program_with_a_bounded_dynamic_batch(tmp_path):
