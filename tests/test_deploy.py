@@ -161,8 +161,11 @@ def test_executorch_export_matches_pytorch(name, grad, tmp_path):
     check_against_pytorch(model, deployed, batch=3)  # three calls of the batch-1 program
 
 
-def test_int8_models_of_both_runtimes_run(tmp_path):
-    model = make_model("v1")
+@pytest.mark.parametrize("name", ["v1", "v2_cnsn"])
+def test_int8_models_of_both_runtimes_run(name, tmp_path):
+    """(CNSN's int8 ExecuTorch program once failed at run time: XNNPACK's int8 mean over (H, W) returned a
+    wrongly shaped tensor; SelfNorm's statistics are global average pooling now.)"""
+    model = make_model(name)
     calibration = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     fp32 = D.export_onnx(model, tmp_path / "m.onnx")
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(9))
@@ -171,7 +174,7 @@ def test_int8_models_of_both_runtimes_run(tmp_path):
     for int8 in (D.quantize_onnx(fp32.path, tmp_path / "m.int8.onnx", calibration),
                  D.quantize_executorch(model, calibration, tmp_path / "m.int8.pte")):
         assert int8.precision == "int8"
-        assert 0 < int8.size_bytes < 0.6 * fp32.size_bytes  # int8 weights
+        assert 0 < int8.size_bytes < 0.75 * fp32.size_bytes  # int8 weights (SelfNorm's small vectors stay fp32)
         out = int8(x)
         assert out.shape == expected.shape and torch.isfinite(out).all()
         # quantized, not another model: close to fp32 relative to the logits' range

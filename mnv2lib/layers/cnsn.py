@@ -52,8 +52,13 @@ def channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tens
         return mean[..., None, None], std[..., None, None]
     n = x.shape[2] * x.shape[3]
     xf = x.float()
-    mean = torch.mean(xf, dim=(2, 3), keepdim=True)
-    var = torch.var(xf, dim=(2, 3), keepdim=True, correction=1 if n > 1 else 0)
+    # Global average pooling rather than torch.mean/var over (H, W): the same statistics, and the reduction
+    # mobile runtimes implement best (ExecuTorch 1.5.1's XNNPACK int8 mean over (H, W) returns a wrongly
+    # shaped tensor at run time; its global average pooling is right).
+    mean = nn.functional.adaptive_avg_pool2d(xf, 1)
+    var = nn.functional.adaptive_avg_pool2d((xf - mean).square(), 1)
+    if n > 1:
+        var = var * (n / (n - 1))  # unbiased, as the official code's torch.var
     return mean, (var + eps).sqrt()
 
 
