@@ -9,18 +9,18 @@ which is short, is timed six times as often as training. Building an augmented t
 batch with ``mnv2lib.data.BatchLoader`` is timed in the same loop, so the data-handling share
 of a step is a ratio too. Writes ``reports/bench.json`` and ``reports/bench.md``.
 
-On glibc, a training step at batch 128 spends a large and variable part of its time in
-page faults (PyTorch's CPU allocator returns big activation buffers to the system and
-takes them back every step); ``--steady-allocator`` keeps freed memory in the process
-(``mallopt``), which makes training steps compute-bound and far less noisy. It is off
-by default, and the setting is recorded in the report.
+On glibc, a training step at batch 128 spends about half of its time in page faults with the
+system allocator's defaults (freed activation buffers go back to the kernel and come back every
+step), which makes every ratio depend on how much a variant allocates. The benchmark therefore
+runs with freed memory kept in the process, as training does (``mnv2lib.allocator``);
+``--allocator system`` measures glibc's defaults instead. The mode is recorded in the report.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -30,7 +30,7 @@ import torch
 import torchvision
 from torch import nn
 
-from . import paths
+from . import allocator, paths
 from .measure import make_eval_step, make_train_step, saved_activation_bytes
 from .models import build_model
 
@@ -93,16 +93,6 @@ def build_variants(names) -> dict[str, nn.Module]:
 
 
 EVAL_REPEATS_FACTOR = 6  # inference steps are ~20x shorter than training steps: time them more often
-
-
-def steady_allocator() -> bool:
-    """glibc only: keep freed memory in the process (no mmap for big blocks, no trimming)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def kernel_paths(device: torch.device) -> dict[str, str]:
@@ -175,7 +165,7 @@ def compiled_train_ratio(batch: int = 64, repeats: int = 9, channels_last: bool 
 
 def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: int = 2,
         variants: list[str] | None = None, device: str = "cpu", channels_last: bool = False,
-        allocator: str = "system", compiled: bool = True) -> dict:
+        compiled: bool = True) -> dict:
     names = variants or ["torchvision", *VARIANTS]
     dev = torch.device(device)
     models = {k: m.to(dev) for k, m in build_variants(names).items()}
@@ -220,7 +210,7 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: 
         "saved_activation_MiB_train_batch": activation_mb,
         "config": {**BASE, "input": [3, 32, 32], "train_batch": train_batch, "eval_batch": eval_batch,
                    "train_repeats": repeats, "eval_repeats": repeats * EVAL_REPEATS_FACTOR, "warmup": warmup,
-                   "channels_last": channels_last, "allocator": allocator},
+                   "channels_last": channels_last, "allocator": allocator.mode()},
         "kernels": kernel_paths(dev),
         "machine": {"device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -269,8 +259,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9, help="timed training steps per variant "
                         f"(inference: {EVAL_REPEATS_FACTOR}x as many)")
-    parser.add_argument("--steady-allocator", action="store_true",
-                        help="keep freed memory in the process (glibc mallopt): no page-fault noise in training steps")
+    parser.add_argument("--allocator", choices=allocator.CHOICES, default=None,
+                        help="steady: keep freed memory in the process, as training does (default, or "
+                             f"${allocator.ENV}); system: glibc's defaults (page faults in every step)")
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--eval-batch", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (kernels compile here)")
@@ -281,11 +272,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(paths.REPORTS_DIR / "bench.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    allocator = "system"
-    if args.steady_allocator:
-        allocator = "steady (mallopt: no mmap, no trim)" if steady_allocator() else "system (mallopt unavailable)"
+    if args.allocator is not None:
+        os.environ[allocator.ENV] = args.allocator
+    allocator.keep_freed_memory()
     result = run(train_batch=args.train_batch, eval_batch=args.eval_batch, repeats=args.repeats, warmup=args.warmup,
-                 variants=args.variants, device=args.device, channels_last=args.channels_last, allocator=allocator,
+                 variants=args.variants, device=args.device, channels_last=args.channels_last,
                  compiled=not args.no_compile)
     out = paths.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -162,7 +162,7 @@ def ray_init_kwargs(address: str | None, workers: int | None, threads: int) -> d
     of ``workers x threads`` CPUs (default: every core)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     # the workers import mnv2lib as this process does (a source checkout on PYTHONPATH included)
-    env = {k: os.environ[k] for k in ("PYTHONPATH", "MNV2_DATA_DIR", "MNV2_PROGRESS") if os.environ.get(k)}
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "MNV2_DATA_DIR", "MNV2_PROGRESS", "MNV2_ALLOCATOR") if os.environ.get(k)}
     kwargs = {"include_dashboard": False, "log_to_driver": False, "runtime_env": {"env_vars": env}}
     if address:
         return {"address": address, **kwargs}

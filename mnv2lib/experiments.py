@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 
 from . import paths
+from .allocator import keep_freed_memory
 from .checks import is_number
 from .data import save_atomic
 from .models import ModelConfig, build_model
@@ -452,6 +453,7 @@ def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int,
                 identity: dict, show_progress: bool, stop_after_epoch: int | None, writer: bool = True) -> dict:
     """Train and record run ``key`` while holding its lock (``writer``: this process writes; False for
     the ranks > 0 of a distributed run, which only train)."""
+    allocator = keep_freed_memory()  # training steps without page faults (see mnv2lib.allocator)
     run_dir = store.run_dir(key)
     if writer and run_dir.is_dir():  # temporary files of a writer killed mid-write (we hold the lock)
         for stale in run_dir.glob(".*.tmp"):
@@ -461,7 +463,8 @@ def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int,
         "label": model_config.label, "profile": profile.to_dict(), "profile_name": profile.name,
         "dataset": {**identity, "description": dataset.description}, "seed": seed,
         "started": _dt.datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": allocator,
+        "machine": platform.machine(),
     }
     if distributed_context()[1] > 1:
         record["world_size"] = distributed_context()[1]

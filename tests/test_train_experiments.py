@@ -1,12 +1,13 @@
 """Training and the experiment store: determinism, exact resume, the NaN guard, no recomputation."""
 import dataclasses
 import json
+import sys
 from datetime import datetime
 
 import pytest
 import torch
 
-from mnv2lib import build_model, experiments as E
+from mnv2lib import allocator, build_model, experiments as E
 from mnv2lib.data import load_dataset
 from mnv2lib.models import ModelConfig
 from mnv2lib.train import NonFiniteLossError, TrainConfig, _train_loader, train_model
@@ -97,6 +98,8 @@ def test_run_experiment_records_once_and_reads_back(dataset, tmp_path, monkeypat
     assert record["status"] == "finished" and len(record["history"]) == CONFIG.epochs
     assert 0.0 <= record["clean_accuracy"] <= 1.0
     assert set(record["corruption_accuracy"]) == {"gaussian_noise"}
+    assert record["allocator"] == allocator.mode()  # the process that trained kept its freed memory:
+    assert record["allocator"] == "steady" or allocator.requested() == "system" or sys.platform != "linux"
     assert record["costs"]["parameters"] == sum(p.numel() for p in build_model(config).parameters())
     assert json.loads(store.record_path(record["key"]).read_text())["key"] == record["key"]
     assert not list((tmp_path / "results").glob(".*.tmp"))  # written atomically

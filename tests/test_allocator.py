@@ -1,0 +1,61 @@
+"""Keeping freed memory in the process: no page faults for re-used big blocks, opt-out, clear errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mnv2lib import allocator
+
+# allocate and free 64 MiB a few times, then count the minor page faults of more rounds
+FAULTS = """
+import resource, sys, torch
+from mnv2lib import allocator
+mode = allocator.keep_freed_memory() if sys.argv[1] == "switch" else allocator.mode()
+def rounds(n):
+    for _ in range(n):
+        t = torch.ones(16 * 2**20)
+        del t
+rounds(2)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rounds(5)
+print(mode, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+
+
+def _faults(switch: bool, env: dict | None = None) -> tuple[str, int]:
+    result = subprocess.run([sys.executable, "-c", FAULTS, "switch" if switch else "leave"], capture_output=True,
+                            text=True, env={**os.environ, **(env or {})}, check=True)
+    mode, faults = result.stdout.split()
+    return mode, int(faults)
+
+
+@glibc
+def test_kept_memory_is_reused_without_page_faults():
+    mode, kept = _faults(switch=True, env={allocator.ENV: "steady"})
+    default_mode, default = _faults(switch=False)
+    assert (mode, default_mode) == ("steady", "system")
+    # 5 rounds of 16,384 fresh pages with glibc's defaults; (almost) none once memory is kept
+    assert default > 5 * 10_000
+    assert kept < default / 20
+
+
+@glibc
+def test_system_allocator_is_left_alone_on_request():
+    mode, faults = _faults(switch=True, env={allocator.ENV: "system"})
+    assert mode == "system" and faults > 5 * 10_000
+
+
+def test_importing_mnv2lib_changes_nothing():
+    result = subprocess.run([sys.executable, "-c", "import mnv2lib, mnv2lib.experiments, mnv2lib.bench\n"
+                             "from mnv2lib import allocator; print(allocator.mode())"],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "system"
+
+
+def test_unknown_mode_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setenv(allocator.ENV, "jemalloc")
+    with pytest.raises(ValueError, match=r"MNV2_ALLOCATOR: got 'jemalloc'; allowed: steady, system"):
+        allocator.requested()
