@@ -381,3 +381,44 @@ def test_selfnorm_inference_kernel_follows_parameter_changes(eager):
     fast.g_bn.eps = 0.5
     fast.eps = 1e-3
     check()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("two_gates", [False, True])
+def test_selfnorm_running_statistics_follow_batchnorm1d(momentum, two_gates):
+    """The gates' running averages, batch count included, as nn.BatchNorm1d keeps them fed the same gate
+    inputs; momentum None is the cumulative average (the native path and the PyTorch path alike)."""
+    sn = _randomized(SelfNorm(6, two_gates=two_gates)).train()
+    refs = {}
+    for name in ("g", "f") if two_gates else ("g",):
+        bn = getattr(sn, f"{name}_bn")
+        bn.momentum = momentum
+        refs[name] = torch.nn.BatchNorm1d(6, momentum=momentum)
+        refs[name].load_state_dict(bn.state_dict())
+    for _ in range(3):
+        x = torch.randn(4, 6, 5, 5) * 2 + 1
+        sn(x)
+        mean, std = channel_stats(x, sn.eps)
+        stats = torch.cat((mean, std), dim=-1).flatten(2)
+        with torch.no_grad():
+            for name, ref in refs.items():
+                ref(getattr(sn, f"{name}_fc")(stats))
+    for name, ref in refs.items():
+        bn = getattr(sn, f"{name}_bn")
+        assert int(bn.num_batches_tracked) == 3
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bn.running_var, ref.running_var, atol=1e-5, rtol=1e-5)
+
+
+def test_swa_update_bn_recalibrates_cnsn_models():
+    """torch.optim.swa_utils.update_bn (momentum None: cumulative averages) on a model with SelfNorm."""
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(0)
+    model = build_model(num_classes=10, width_mult=0.25, stem="cifar", cnsn="cnsn")
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    update_bn(batches, model)
+    selfnorms = [m for m in model.modules() if isinstance(m, SelfNorm)]
+    assert selfnorms and all(int(m.g_bn.num_batches_tracked) == len(batches) for m in selfnorms)
+    assert all(m.g_bn.momentum == 0.1 for m in selfnorms)  # restored by update_bn
+    assert all(torch.isfinite(m.g_bn.running_var).all() for m in selfnorms)

@@ -258,8 +258,13 @@ class SelfNorm(nn.Module):
         else:
             y = fc(stats)
         use_batch_stats = bn.training and y.shape[0] > 1
+        momentum = 0.0
+        if use_batch_stats and bn.track_running_stats:  # the running averages as nn.BatchNorm1d keeps them
+            bn.num_batches_tracked.add_(1)
+            # momentum None: cumulative average (torch.optim.swa_utils.update_bn recalibrates this way)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
         y = nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                     use_batch_stats, bn.momentum if use_batch_stats else 0.0, bn.eps)
+                                     use_batch_stats, momentum, bn.eps)
         return torch.sigmoid(y).unsqueeze(-1)  # (B, C, 1, 1)
 
     def _gate_modules(self):
@@ -299,9 +304,8 @@ class SelfNorm(nn.Module):
                 use_batch_stats = bn.training and x.shape[0] > 1  # one value per channel: running statistics
                 out, *_, batch_stats = torch.ops.mnv2.selfnorm(x, *tensors[0], use_batch_stats, bn.eps, self.eps)
                 if use_batch_stats:
-                    # (no batches-tracked count: the PyTorch path's functional batch_norm keeps none either)
-                    torch.ops.mnv2.batch_norm_update(batch_stats, [tensors[0][3]], [tensors[0][4]], [],
-                                                     bn.momentum)
+                    torch.ops.mnv2.batch_norm_update(batch_stats, [tensors[0][3]], [tensors[0][4]],
+                                                     [bn._buffers["num_batches_tracked"]], bn.momentum)
                 return out
         mean, std = channel_stats(x, self.eps)
         stats = torch.cat((mean, std), dim=-1).flatten(2)  # (B, C, 2)
