@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from mnv2lib import ModelConfig, build_model, summary
-from mnv2lib.layers import Mish, TripletAttention
+from mnv2lib.layers import CNSN, Mish, SelfNorm, TripletAttention
 from mnv2lib.models import InvertedResidual
 
 
@@ -81,6 +81,39 @@ def test_attention_positions(position):
             torch.testing.assert_close(out, x + block.attention(branch))
         elif position == "block_output":
             torch.testing.assert_close(out, block.attention(x + branch))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(attention="triplet", cnsn="cnsn"),
+    dict(attention="triplet", attention_position="after_depthwise", cnsn="sn", cnsn_position="residual"),
+    dict(attention="triplet", attention_position="block_output", shortcut="expansion"),
+    dict(cnsn="sn", cnsn_position="pre"),
+    dict(cnsn="cnsn", cnsn_position="identity"),
+], ids=["residual-post", "after_depthwise-residual", "block_output-expansion", "cnsn-pre", "cnsn-identity"])
+def test_blocks_let_modules_overwrite_only_the_blocks_own_tensors(kwargs):
+    torch.manual_seed(0)
+    model = build_model(num_classes=10, width_mult=0.5, stem="cifar", **kwargs).eval()
+    switches = [m for m in model.modules() if isinstance(m, (TripletAttention, SelfNorm, CNSN))]
+    own = kwargs.get("cnsn_position", "post") in ("post", "residual")
+    assert switches and all(m.inplace == (own or isinstance(m, TripletAttention)) for m in switches)
+    inputs = {}
+
+    def keep_input(block, args):
+        inputs[block] = (args[0], args[0].clone())
+
+    for block in model.blocks:
+        block.register_forward_pre_hook(keep_input)
+    x = torch.randn(3, 3, 32, 32)
+    x_before = x.clone()
+    with torch.no_grad():
+        y = model(x)
+        for m in switches:
+            m.inplace = False
+        y_out_of_place = model(x)
+    assert torch.equal(y, y_out_of_place)
+    assert torch.equal(x, x_before)
+    for block, (seen, copy) in inputs.items():  # no block's input was overwritten
+        assert torch.equal(seen, copy)
 
 
 def test_grayscale_and_mobilenet_v1():

@@ -53,8 +53,8 @@ def test_opcheck_every_operator(memory_format):
         args = [t.detach().clone().requires_grad_(t.is_floating_point() and i < 10)
                 for i, t in enumerate(_triplet_args(x, ta, training))]
         checks.append((torch.ops.mnv2.triplet_attention, (*args, training, 1e-5)))
-    checks.append((torch.ops.mnv2.triplet_attention_inference,
-                   (*[t.detach() for t in _triplet_args(x, ta, False)], 1e-5)))
+    for op in (torch.ops.mnv2.triplet_attention_inference, torch.ops.mnv2.triplet_attention_inference_):
+        checks.append((op, (x.clone(), *[t.detach() for t in _triplet_args(x, ta, False)[1:]], 1e-5)))
     checks.append((torch.ops.mnv2.channel_stats, (x.clone().requires_grad_(), 1e-5)))
     mean, std = torch.ops.mnv2.channel_stats(x, 1e-5)
     checks.append((torch.ops.mnv2.channel_stats_backward, (x, mean, std, torch.randn_like(mean),
@@ -64,15 +64,38 @@ def test_opcheck_every_operator(memory_format):
     for training in (True, False):
         checks.append((torch.ops.mnv2.selfnorm, (x.clone().requires_grad_(), *params, sn.g_bn.running_mean,
                                                  sn.g_bn.running_var, training, 1e-5, 1e-12)))
-    checks.append((torch.ops.mnv2.selfnorm_inference, (x, sn.g_fc.weight.detach(), sn.g_bn.weight.detach(),
-                                                       sn.g_bn.bias.detach(), sn.g_bn.running_mean,
-                                                       sn.g_bn.running_var, 1e-5, None, None, None, None, None,
-                                                       0.0, 1e-12)))
+    for op in (torch.ops.mnv2.selfnorm_inference, torch.ops.mnv2.selfnorm_inference_):
+        checks.append((op, (x.clone(), sn.g_fc.weight.detach(), sn.g_bn.weight.detach(), sn.g_bn.bias.detach(),
+                            sn.g_bn.running_mean, sn.g_bn.running_var, 1e-5, None, None, None, None, None, 0.0,
+                            1e-12)))
     checks.append((torch.ops.mnv2.batch_norm_update, (torch.rand(2, 3), [torch.zeros(1), torch.zeros(2)],
                                                       [torch.ones(1), torch.ones(2)], [torch.zeros((), dtype=torch.long)],
                                                       0.1)))
     for op, args in checks:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS)
+@pytest.mark.parametrize("kind", ["triplet", "selfnorm", "selfnorm_two_gates"])
+def test_inplace_inference_operators_write_the_functional_result_over_x(kind, memory_format):
+    torch.manual_seed(2)
+    x = (torch.randn(3, 8, 7, 5) * 2).contiguous(memory_format=memory_format)
+    module = _randomized({"triplet": lambda: TripletAttention(3), "selfnorm": lambda: SelfNorm(8),
+                          "selfnorm_two_gates": lambda: SelfNorm(8, two_gates=True)}[kind]()).eval()
+    with torch.no_grad():
+        expected = module(x)  # the functional operator: x untouched
+        before = x.clone()
+        torch.testing.assert_close(x, before, atol=0, rtol=0)
+        module.inplace = True
+        out = module(x)
+    assert out is x
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert not torch.equal(x, before)
+    with torch.enable_grad():  # autograd never overwrites its input
+        module.train()
+        y = x.clone()
+        z = module(y)
+        assert z is not y
 
 
 # ---- values and gradients against float64 references, NCHW and channels_last --------------------
@@ -182,6 +205,20 @@ def test_whole_model_compiles_in_one_graph_and_matches_eager():
     # CrossNorm switched on in every step: still one graph (random draws are tensor ops, blended with where)
     explanation = torch._dynamo.explain(_tiny_model(cn_prob=1.0).train())(x)
     assert explanation.break_reasons == []
+
+
+def test_inference_with_the_inplace_operators_compiles_in_one_graph():
+    model = _tiny_model().eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        explanation = torch._dynamo.explain(model)(x)
+        graph_ops = {str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"}
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert {"mnv2.triplet_attention_inference_", "mnv2.selfnorm_inference_"} <= graph_ops
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # functionalizes the mutations
+        torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_export_of_the_eval_model_holds_standard_operators_only():

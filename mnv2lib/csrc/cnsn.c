@@ -180,8 +180,9 @@ INLINE void gate_values(const float* restrict q, i64 C, i64 c0, i64 m, int two, 
     }
 }
 
-INLINE void sn_sample(const float* restrict xb, i64 C, const i64 n, float eps, const float* restrict q, int two,
-                      float* restrict st, float* restrict ob) {
+/* xb and ob may be the same memory (the in-place operator): no restrict on them */
+INLINE void sn_sample(const float* xb, i64 C, const i64 n, float eps, const float* restrict q, int two,
+                      float* restrict st, float* ob) {
     const i64 chunk = n >= 4096 ? 1 : 4096 / n;
     for (i64 c0 = 0; c0 < C; c0 += chunk) {
         const i64 m = C - c0 < chunk ? C - c0 : chunk;

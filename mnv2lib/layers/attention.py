@@ -70,13 +70,17 @@ class TripletAttention(nn.Module):
     tensors the module is the ``mnv2::triplet_attention`` operator (``..._inference`` without
     autograd); elsewhere, while exporting or tracing, with ``record=True`` or ``no_spatial=True``,
     the same broadcast-gate formulation runs as PyTorch ops.
+
+    ``inplace=True`` lets that inference operator write its result over x (like ``nn.ReLU(inplace=True)``);
+    the network's blocks turn it on for the tensors they own. Training and autograd never overwrite x.
     """
 
-    def __init__(self, kernel_size: int = 7, no_spatial: bool = False) -> None:
+    def __init__(self, kernel_size: int = 7, no_spatial: bool = False, inplace: bool = False) -> None:
         super().__init__()
         check_kernel_size(kernel_size)
         self.kernel_size = kernel_size
         self.no_spatial = no_spatial
+        self.inplace = inplace
         self.channel_width = AttentionGate(kernel_size)
         self.height_channel = AttentionGate(kernel_size)
         self.spatial = None if no_spatial else AttentionGate(kernel_size)
@@ -147,6 +151,9 @@ class TripletAttention(nn.Module):
         bn = bns[0]
         if not (bn.training or torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad
                                                                                    for t in tensors[:9]))):
+            if self.inplace:
+                torch.ops.mnv2.triplet_attention_inference_(x, *tensors, bn.eps)
+                return x
             return torch.ops.mnv2.triplet_attention_inference(x, *tensors, bn.eps)
         out, *_, batch_stats = torch.ops.mnv2.triplet_attention(x, *tensors, bn.training, bn.eps)
         if bn.training:

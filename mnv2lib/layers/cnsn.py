@@ -236,11 +236,14 @@ class SelfNorm(nn.Module):
     g rescales the std and f the mean, g * (x - mu) + f * mu. With batch size 1 in
     training, BatchNorm1d has a single value per channel; the gates then use its running
     statistics instead of failing.
+
+    ``inplace=True`` lets the CPU inference operator write its result over x (like
+    ``nn.ReLU(inplace=True)``); the network's blocks turn it on for the tensors they own.
     """
 
-    def __init__(self, channels: int, two_gates: bool = False, eps: float = 1e-12) -> None:
+    def __init__(self, channels: int, two_gates: bool = False, eps: float = 1e-12, inplace: bool = False) -> None:
         super().__init__()
-        self.channels, self.two_gates, self.eps = channels, two_gates, eps
+        self.channels, self.two_gates, self.eps, self.inplace = channels, two_gates, eps, inplace
         self.g_fc = nn.Conv1d(channels, channels, kernel_size=2, bias=False, groups=channels)
         self.g_bn = nn.BatchNorm1d(channels)
         if two_gates:
@@ -298,8 +301,11 @@ class SelfNorm(nn.Module):
             if not (self.training or torch.is_grad_enabled() and (
                     x.requires_grad or any(t.requires_grad for g in tensors for t in g[:3]))):
                 second = tensors[1] if len(tensors) == 2 else (None,) * 5
-                return torch.ops.mnv2.selfnorm_inference(x, *tensors[0], bn.eps, *second,
-                                                         gates[1][1].eps if len(gates) == 2 else 0.0, self.eps)
+                f_eps = gates[1][1].eps if len(gates) == 2 else 0.0
+                if self.inplace:
+                    torch.ops.mnv2.selfnorm_inference_(x, *tensors[0], bn.eps, *second, f_eps, self.eps)
+                    return x
+                return torch.ops.mnv2.selfnorm_inference(x, *tensors[0], bn.eps, *second, f_eps, self.eps)
             if len(gates) == 1:
                 use_batch_stats = bn.training and x.shape[0] > 1  # one value per channel: running statistics
                 out, *_, batch_stats = torch.ops.mnv2.selfnorm(x, *tensors[0], use_batch_stats, bn.eps, self.eps)
@@ -334,6 +340,16 @@ class CNSN(nn.Module):
         self.selfnorm = selfnorm
         self.record = False
         self.recorded: dict[str, torch.Tensor] = {}
+
+    @property
+    def inplace(self) -> bool:
+        """SelfNorm's ``inplace`` (CrossNorm, training only, always makes a new tensor)."""
+        return self.selfnorm is not None and self.selfnorm.inplace
+
+    @inplace.setter
+    def inplace(self, value: bool) -> None:
+        if self.selfnorm is not None:
+            self.selfnorm.inplace = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.record:

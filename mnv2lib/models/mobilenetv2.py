@@ -73,6 +73,12 @@ def init_mobilenet_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _allow_inplace(module: nn.Module | None) -> None:
+    """Turn on ``inplace`` for a module that has the switch (Triplet Attention, SelfNorm, CNSN)."""
+    if module is not None and isinstance(getattr(module, "inplace", None), bool):
+        module.inplace = True
+
+
 class InvertedResidual(nn.Module):
     """Expansion 1x1 -> depthwise 3x3 -> linear projection 1x1, shortcut when shapes allow.
 
@@ -161,6 +167,12 @@ class InvertedResidual(nn.Module):
         else:
             cnsn_channels = inp if cnsn_position in ("pre", "identity") else oup
         self.cnsn = cnsn_layer(cnsn_channels) if wants_cnsn else None
+        # The block owns the tensors it hands to the attention and to CNSN after the projection: let them be
+        # overwritten in inference, as torchvision's blocks build nn.ReLU(inplace=True). CNSN "pre" and
+        # "identity" see the block's input, which belongs to the caller.
+        _allow_inplace(self.attention)
+        if cnsn_position in ("post", "residual"):
+            _allow_inplace(self.cnsn)
 
     def _residual_branch(self, x: torch.Tensor, expanded: torch.Tensor | None = None) -> torch.Tensor:
         after_depthwise = self.attention is not None and self.attention_position == "after_depthwise"

@@ -7,9 +7,10 @@ tensors and plain numbers, never modules. This package is the only place that bu
 loads the C kernels (:mod:`.build`, :mod:`.kernels`).
 
 - ``mnv2::mish``, ``mnv2::mish_backward``, ``mnv2::mish_`` (in place)
-- ``mnv2::triplet_attention``, ``mnv2::triplet_attention_backward``, ``mnv2::triplet_attention_inference``
+- ``mnv2::triplet_attention``, ``mnv2::triplet_attention_backward``, ``mnv2::triplet_attention_inference``,
+  ``mnv2::triplet_attention_inference_`` (in place)
 - ``mnv2::channel_stats``, ``mnv2::channel_stats_backward``, ``mnv2::selfnorm``, ``mnv2::selfnorm_backward``,
-  ``mnv2::selfnorm_inference``, ``mnv2::batch_norm_update``
+  ``mnv2::selfnorm_inference``, ``mnv2::selfnorm_inference_`` (in place), ``mnv2::batch_norm_update``
 
 Python ``custom_op``s over ctypes rather than a C++ ``TORCH_LIBRARY`` extension, by measurement on
 the 2-core CI machine (numbers from the closing note of issue 15): one call of

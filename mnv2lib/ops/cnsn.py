@@ -5,7 +5,8 @@
 - ``mnv2::selfnorm``: SelfNorm with one gate in training (or with autograd): statistics, the gate
   ``sigmoid(BN1d(fc0 * mean + fc1 * std))`` (batch statistics, whose running averages it updates in
   place, or running statistics) and ``x * g``; returns what backward needs. ``mnv2::selfnorm_backward``.
-- ``mnv2::selfnorm_inference``: one or two gates with running statistics, one fused pass.
+- ``mnv2::selfnorm_inference``: one or two gates with running statistics, one fused pass;
+  ``mnv2::selfnorm_inference_`` writes the result over x.
 
 x: float32 CPU (B, C, H, W), contiguous or channels_last.
 """
@@ -162,26 +163,31 @@ def _selfnorm_backward(ctx, grad, *unused):
 selfnorm.register_autograd(_selfnorm_backward, setup_context=_selfnorm_setup)
 
 
+def _inference(x, gate, second, g_eps, f_eps, eps, out) -> None:
+    """SelfNorm of x with running statistics into ``out`` (x itself for the in-place operator: each plane's
+    statistics are taken before it is written)."""
+    check_feature_map("selfnorm_inference", "x", x)
+    batch, channels, n, nhwc = _layout(x)
+    _check_gate("selfnorm_inference", channels, gate[0], dict(zip(("g_gamma", "g_beta", "g_mean", "g_var"), gate[1:])))
+    if any(t is not None for t in second):
+        if any(t is None for t in second):
+            raise ValueError("mnv2::selfnorm_inference: give all of f_fc, f_gamma, f_beta, f_mean, f_var or none")
+        _check_gate("selfnorm_inference", channels, second[0],
+                    dict(zip(("f_gamma", "f_beta", "f_mean", "f_var"), second[1:])))
+        second = [t.contiguous() for t in second]
+    gate = [t.contiguous() for t in gate]
+    kernels.require("cnsn").sn_eval(x.data_ptr(), batch, channels, n, nhwc, eps, *[t.data_ptr() for t in gate], g_eps,
+                                    *[kernels.ptr(t) for t in second], f_eps, out.data_ptr(), kernels.threads())
+
+
 @torch.library.custom_op("mnv2::selfnorm_inference", mutates_args=(), device_types="cpu")
 def selfnorm_inference(x: Tensor, g_fc: Tensor, g_gamma: Tensor, g_beta: Tensor, g_mean: Tensor, g_var: Tensor,
                        g_eps: float, f_fc: Tensor | None, f_gamma: Tensor | None, f_beta: Tensor | None,
                        f_mean: Tensor | None, f_var: Tensor | None, f_eps: float, eps: float) -> Tensor:
     """SelfNorm with running statistics: ``x * g`` (one gate) or ``g * (x - mean) + f * mean`` (two)."""
-    check_feature_map("selfnorm_inference", "x", x)
-    batch, channels, n, nhwc = _layout(x)
-    gate = [g_fc, g_gamma, g_beta, g_mean, g_var]
-    _check_gate("selfnorm_inference", channels, g_fc, dict(zip(("g_gamma", "g_beta", "g_mean", "g_var"), gate[1:])))
-    second = [f_fc, f_gamma, f_beta, f_mean, f_var]
-    if any(t is not None for t in second):
-        if any(t is None for t in second):
-            raise ValueError("mnv2::selfnorm_inference: give all of f_fc, f_gamma, f_beta, f_mean, f_var or none")
-        _check_gate("selfnorm_inference", channels, f_fc,
-                    dict(zip(("f_gamma", "f_beta", "f_mean", "f_var"), second[1:])))
-        second = [t.contiguous() for t in second]
-    gate = [t.contiguous() for t in gate]
     out = torch.empty_like(x)
-    kernels.require("cnsn").sn_eval(x.data_ptr(), batch, channels, n, nhwc, eps, *[t.data_ptr() for t in gate], g_eps,
-                                    *[kernels.ptr(t) for t in second], f_eps, out.data_ptr(), kernels.threads())
+    _inference(x, [g_fc, g_gamma, g_beta, g_mean, g_var], [f_fc, f_gamma, f_beta, f_mean, f_var], g_eps, f_eps, eps,
+               out)
     return out
 
 
@@ -190,9 +196,24 @@ def _(x, *args):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("mnv2::selfnorm_inference_", mutates_args=("x",), device_types="cpu")
+def selfnorm_inference_(x: Tensor, g_fc: Tensor, g_gamma: Tensor, g_beta: Tensor, g_mean: Tensor, g_var: Tensor,
+                        g_eps: float, f_fc: Tensor | None, f_gamma: Tensor | None, f_beta: Tensor | None,
+                        f_mean: Tensor | None, f_var: Tensor | None, f_eps: float, eps: float) -> None:
+    """``selfnorm_inference`` written over x, for a tensor nobody else reads (a block's own output)."""
+    _inference(x, [g_fc, g_gamma, g_beta, g_mean, g_var], [f_fc, f_gamma, f_beta, f_mean, f_var], g_eps, f_eps, eps,
+               x)
+
+
+@selfnorm_inference_.register_fake
+def _(x, *args):
+    return None
+
+
 # Statistics, gates and gating are elementwise or reductions, which torch's FLOP counter does not count
 # (torch.var_mean, sigmoid, mul): the same here, so that counts do not depend on the implementation.
 @register_flop_formula([torch.ops.mnv2.channel_stats, torch.ops.mnv2.channel_stats_backward, torch.ops.mnv2.selfnorm,
-                        torch.ops.mnv2.selfnorm_backward, torch.ops.mnv2.selfnorm_inference])
+                        torch.ops.mnv2.selfnorm_backward, torch.ops.mnv2.selfnorm_inference,
+                        torch.ops.mnv2.selfnorm_inference_])
 def _(*args, **kwargs) -> int:
     return 0

@@ -7,6 +7,7 @@
 - ``mnv2::triplet_attention_backward``: gradients of x, conv weights and BN affine parameters, two
   passes over (x, grad).
 - ``mnv2::triplet_attention_inference``: running statistics, no autograd; one fused pass per sample.
+  ``mnv2::triplet_attention_inference_`` writes the result over x (for a network's own intermediates).
 
 Arguments per branch (channel_width, height_channel, spatial): conv weight (1, 2, k, k), BN weight,
 bias, running mean, running var, batches tracked (shape (1,) each). x: float32 CPU, (B, C, H, W),
@@ -225,15 +226,9 @@ def _backward(ctx, grad, *unused):
 triplet_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("mnv2::triplet_attention_inference", mutates_args=(), device_types="cpu")
-def triplet_attention_inference(
-        x: Tensor, w_cw: Tensor, w_hc: Tensor, w_s: Tensor,
-        gamma_cw: Tensor, gamma_hc: Tensor, gamma_s: Tensor, beta_cw: Tensor, beta_hc: Tensor, beta_s: Tensor,
-        mean_cw: Tensor, mean_hc: Tensor, mean_s: Tensor, var_cw: Tensor, var_hc: Tensor, var_s: Tensor, eps: float,
-) -> Tensor:
-    """Triplet Attention with BatchNorm's running statistics, one sample at a time while it is in cache."""
-    weights = (w_cw, w_hc, w_s)
-    bn = ((gamma_cw, beta_cw, mean_cw, var_cw), (gamma_hc, beta_hc, mean_hc, var_hc), (gamma_s, beta_s, mean_s, var_s))
+def _inference(x, weights, bn, eps, out) -> None:
+    """Triplet Attention of x with BatchNorm's running statistics into ``out`` (x itself for the in-place
+    operator: the kernel gates each element right after reading it, sample by sample)."""
     k = _check_params("triplet_attention_inference", x, weights, {
         "gamma": [b[0] for b in bn], "beta": [b[1] for b in bn], "mean": [b[2] for b in bn], "var": [b[3] for b in bn]})
     lib = kernels.require("triplet_attention")
@@ -242,15 +237,43 @@ def triplet_attention_inference(
     lane_weights = [weights[branch].contiguous() for branch, _ in lanes]
     pointers = (ctypes.c_void_p * 12)(*[t.data_ptr() for branch, _ in lanes for t in bn[branch]])
     mask = sum(int(transposed) << lane for lane, (_, transposed) in enumerate(lanes))
-    out = torch.empty_like(x)
     lib.ta_eval(xv.data_ptr(), batch, c, h, w, k, *[t.data_ptr() for t in lane_weights], pointers, eps, *flags, mask,
                 _view(out)[0].data_ptr(), kernels.threads())
+
+
+@torch.library.custom_op("mnv2::triplet_attention_inference", mutates_args=(), device_types="cpu")
+def triplet_attention_inference(
+        x: Tensor, w_cw: Tensor, w_hc: Tensor, w_s: Tensor,
+        gamma_cw: Tensor, gamma_hc: Tensor, gamma_s: Tensor, beta_cw: Tensor, beta_hc: Tensor, beta_s: Tensor,
+        mean_cw: Tensor, mean_hc: Tensor, mean_s: Tensor, var_cw: Tensor, var_hc: Tensor, var_s: Tensor, eps: float,
+) -> Tensor:
+    """Triplet Attention with BatchNorm's running statistics, one sample at a time while it is in cache."""
+    out = torch.empty_like(x)
+    _inference(x, (w_cw, w_hc, w_s), ((gamma_cw, beta_cw, mean_cw, var_cw), (gamma_hc, beta_hc, mean_hc, var_hc),
+                                      (gamma_s, beta_s, mean_s, var_s)), eps, out)
     return out
 
 
 @triplet_attention_inference.register_fake
 def _(x, *args):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("mnv2::triplet_attention_inference_", mutates_args=("x",), device_types="cpu")
+def triplet_attention_inference_(
+        x: Tensor, w_cw: Tensor, w_hc: Tensor, w_s: Tensor,
+        gamma_cw: Tensor, gamma_hc: Tensor, gamma_s: Tensor, beta_cw: Tensor, beta_hc: Tensor, beta_s: Tensor,
+        mean_cw: Tensor, mean_hc: Tensor, mean_s: Tensor, var_cw: Tensor, var_hc: Tensor, var_s: Tensor, eps: float,
+) -> None:
+    """``triplet_attention_inference`` written over x, for a tensor nobody else reads (a block's own
+    intermediate): the output's cache lines are the input's, already fetched, instead of a new tensor's."""
+    _inference(x, (w_cw, w_hc, w_s), ((gamma_cw, beta_cw, mean_cw, var_cw), (gamma_hc, beta_hc, mean_hc, var_hc),
+                                      (gamma_s, beta_s, mean_s, var_s)), eps, x)
+
+
+@triplet_attention_inference_.register_fake
+def _(x, *args):
+    return None
 
 
 def _conv_flops(x_shape, k: int) -> int:
@@ -263,7 +286,7 @@ def _(x_shape, w_cw_shape, *args, **kwargs) -> int:
     return _conv_flops(x_shape, w_cw_shape[-1])
 
 
-@register_flop_formula(torch.ops.mnv2.triplet_attention_inference)
+@register_flop_formula([torch.ops.mnv2.triplet_attention_inference, torch.ops.mnv2.triplet_attention_inference_])
 def _(x_shape, w_cw_shape, *args, **kwargs) -> int:
     return _conv_flops(x_shape, w_cw_shape[-1])
 
