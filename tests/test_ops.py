@@ -75,6 +75,19 @@ def test_opcheck_every_operator(memory_format):
         torch.library.opcheck(op, args)
 
 
+def test_mutating_operators_bump_the_version_of_what_they_write():
+    means, variances, counts = [torch.zeros(2)], [torch.ones(2)], [torch.zeros((), dtype=torch.long)]
+    before = [t._version for t in (*means, *variances, *counts)]
+    torch.ops.mnv2.batch_norm_update(torch.rand(2, 2), means, variances, counts, 0.1)
+    assert all(t._version > v for t, v in zip((*means, *variances, *counts), before))
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    y = x * 2
+    z = y.sin()  # saves y for its backward
+    torch.ops.mnv2.mish_(y)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+
+
 @pytest.mark.parametrize("memory_format", LAYOUTS)
 @pytest.mark.parametrize("kind", ["triplet", "selfnorm", "selfnorm_two_gates"])
 def test_inplace_inference_operators_write_the_functional_result_over_x(kind, memory_format):
@@ -87,8 +100,10 @@ def test_inplace_inference_operators_write_the_functional_result_over_x(kind, me
         before = x.clone()
         torch.testing.assert_close(x, before, atol=0, rtol=0)
         module.inplace = True
+        version = x._version
         out = module(x)
     assert out is x
+    assert x._version > version  # autograd sees the write
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     assert not torch.equal(x, before)
     with torch.enable_grad():  # autograd never overwrites its input

@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .library import define
 
-@torch.library.custom_op("mnv2::batch_norm_update", mutates_args=("running_means", "running_vars", "counts"),
-                         device_types="cpu")
+
+@define("mnv2::batch_norm_update", mutates_args=("running_means", "running_vars", "counts"),
+         device_types="cpu")
 def batch_norm_update(batch_stats: Tensor, running_means: list[Tensor], running_vars: list[Tensor],
                       counts: list[Tensor], momentum: float) -> None:
     sizes = [m.numel() for m in running_means]

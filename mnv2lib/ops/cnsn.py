@@ -18,6 +18,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import kernels
 from .checks import check_feature_map, check_float32_cpu, check_same_layout, is_channels_last, memory_format
+from .library import define
 
 
 def _layout(x: Tensor) -> tuple[int, int, int, int]:
@@ -25,7 +26,7 @@ def _layout(x: Tensor) -> tuple[int, int, int, int]:
     return batch, channels, height * width, int(is_channels_last(x))
 
 
-@torch.library.custom_op("mnv2::channel_stats", mutates_args=(), device_types="cpu")
+@define("mnv2::channel_stats", mutates_args=(), device_types="cpu")
 def channel_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     check_feature_map("channel_stats", "x", x)
     batch, channels, n, nhwc = _layout(x)
@@ -51,7 +52,7 @@ def _stats_dx(lib, x, mean, std, d_mean, d_std, grad=None, gate=None) -> Tensor:
     return dx
 
 
-@torch.library.custom_op("mnv2::channel_stats_backward", mutates_args=(), device_types="cpu")
+@define("mnv2::channel_stats_backward", mutates_args=(), device_types="cpu")
 def channel_stats_backward(x: Tensor, mean: Tensor, std: Tensor, d_mean: Tensor, d_std: Tensor) -> Tensor:
     check_feature_map("channel_stats_backward", "x", x)
     for name, t in (("mean", mean), ("std", std), ("d_mean", d_mean), ("d_std", d_std)):
@@ -84,7 +85,7 @@ def _check_gate(op: str, channels: int, fc: Tensor, vectors: dict[str, Tensor]) 
         check_float32_cpu(op, name, t, (channels,))
 
 
-@torch.library.custom_op("mnv2::selfnorm", mutates_args=(), device_types="cpu")
+@define("mnv2::selfnorm", mutates_args=(), device_types="cpu")
 def selfnorm(x: Tensor, fc: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor, running_var: Tensor,
              training: bool, bn_eps: float, eps: float,
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -115,7 +116,7 @@ def _(x, fc, *args):
     return (torch.empty_like(x), *stats, x.new_empty(x.shape[1]), x.new_empty(2, x.shape[1]))
 
 
-@torch.library.custom_op("mnv2::selfnorm_backward", mutates_args=(), device_types="cpu")
+@define("mnv2::selfnorm_backward", mutates_args=(), device_types="cpu")
 def selfnorm_backward(grad: Tensor, x: Tensor, fc: Tensor, gamma: Tensor, mean: Tensor, std: Tensor, g: Tensor,
                       xhat: Tensor, invstd: Tensor, training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad x, grad fc, grad BN weight, grad BN bias)."""
@@ -180,7 +181,7 @@ def _inference(x, gate, second, g_eps, f_eps, eps, out) -> None:
                                     *[kernels.ptr(t) for t in second], f_eps, out.data_ptr(), kernels.threads())
 
 
-@torch.library.custom_op("mnv2::selfnorm_inference", mutates_args=(), device_types="cpu")
+@define("mnv2::selfnorm_inference", mutates_args=(), device_types="cpu")
 def selfnorm_inference(x: Tensor, g_fc: Tensor, g_gamma: Tensor, g_beta: Tensor, g_mean: Tensor, g_var: Tensor,
                        g_eps: float, f_fc: Tensor | None, f_gamma: Tensor | None, f_beta: Tensor | None,
                        f_mean: Tensor | None, f_var: Tensor | None, f_eps: float, eps: float) -> Tensor:
@@ -196,7 +197,7 @@ def _(x, *args):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("mnv2::selfnorm_inference_", mutates_args=("x",), device_types="cpu")
+@define("mnv2::selfnorm_inference_", mutates_args=("x",), device_types="cpu")
 def selfnorm_inference_(x: Tensor, g_fc: Tensor, g_gamma: Tensor, g_beta: Tensor, g_mean: Tensor, g_var: Tensor,
                         g_eps: float, f_fc: Tensor | None, f_gamma: Tensor | None, f_beta: Tensor | None,
                         f_mean: Tensor | None, f_var: Tensor | None, f_eps: float, eps: float) -> None:

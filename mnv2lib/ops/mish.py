@@ -8,6 +8,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import kernels
 from .checks import check_float32_cpu, check_same_layout, is_dense, memory_format
+from .library import define
 
 
 def _check(op: str, x: Tensor) -> None:
@@ -16,7 +17,7 @@ def _check(op: str, x: Tensor) -> None:
         raise ValueError(f"mnv2::{op}: x must be contiguous or channels_last; got strides {x.stride()}")
 
 
-@torch.library.custom_op("mnv2::mish", mutates_args=(), device_types="cpu")
+@define("mnv2::mish", mutates_args=(), device_types="cpu")
 def mish(x: Tensor) -> Tensor:
     """x * tanh(softplus(x)) of a dense float32 CPU tensor (same layout out)."""
     _check("mish", x)
@@ -30,7 +31,7 @@ def _(x):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("mnv2::mish_backward", mutates_args=(), device_types="cpu")
+@define("mnv2::mish_backward", mutates_args=(), device_types="cpu")
 def mish_backward(x: Tensor, grad: Tensor) -> Tensor:
     """grad * mish'(x); grad with the layout of x."""
     _check("mish_backward", x)
@@ -58,7 +59,7 @@ def _backward(ctx, grad):
 mish.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("mnv2::mish_", mutates_args=("x",), device_types="cpu")
+@define("mnv2::mish_", mutates_args=("x",), device_types="cpu")
 def mish_(x: Tensor) -> None:
     """Mish in place (inference: no autograd graph may need x)."""
     _check("mish_", x)

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import kernels
 from .checks import check_feature_map, check_float32_cpu, check_same_layout, is_channels_last, memory_format
+from .library import define
 
 SLACK = 32  # zero floats after each pooled map: the C vector tiles read past a row's end
 
@@ -120,7 +121,7 @@ def _forward(x, weights, gammas, betas, means, variances, training, eps):
     return out, maps, gates, xhats, invstd, batch_stats
 
 
-@torch.library.custom_op("mnv2::triplet_attention", mutates_args=(), device_types="cpu")
+@define("mnv2::triplet_attention", mutates_args=(), device_types="cpu")
 def triplet_attention(
         x: Tensor, w_cw: Tensor, w_hc: Tensor, w_s: Tensor,
         gamma_cw: Tensor, gamma_hc: Tensor, gamma_s: Tensor, beta_cw: Tensor, beta_hc: Tensor, beta_s: Tensor,
@@ -146,7 +147,7 @@ def _(x, w_cw, *args):
             x.new_empty(2, 3))
 
 
-@torch.library.custom_op("mnv2::triplet_attention_backward", mutates_args=(), device_types="cpu")
+@define("mnv2::triplet_attention_backward", mutates_args=(), device_types="cpu")
 def triplet_attention_backward(
         grad: Tensor, x: Tensor, w_cw: Tensor, w_hc: Tensor, w_s: Tensor,
         gamma_cw: Tensor, gamma_hc: Tensor, gamma_s: Tensor,
@@ -241,7 +242,7 @@ def _inference(x, weights, bn, eps, out) -> None:
                 _view(out)[0].data_ptr(), kernels.threads())
 
 
-@torch.library.custom_op("mnv2::triplet_attention_inference", mutates_args=(), device_types="cpu")
+@define("mnv2::triplet_attention_inference", mutates_args=(), device_types="cpu")
 def triplet_attention_inference(
         x: Tensor, w_cw: Tensor, w_hc: Tensor, w_s: Tensor,
         gamma_cw: Tensor, gamma_hc: Tensor, gamma_s: Tensor, beta_cw: Tensor, beta_hc: Tensor, beta_s: Tensor,
@@ -259,7 +260,7 @@ def _(x, *args):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("mnv2::triplet_attention_inference_", mutates_args=("x",), device_types="cpu")
+@define("mnv2::triplet_attention_inference_", mutates_args=("x",), device_types="cpu")
 def triplet_attention_inference_(
         x: Tensor, w_cw: Tensor, w_hc: Tensor, w_s: Tensor,
         gamma_cw: Tensor, gamma_hc: Tensor, gamma_s: Tensor, beta_cw: Tensor, beta_hc: Tensor, beta_s: Tensor,
