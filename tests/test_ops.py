@@ -75,6 +75,13 @@ def test_opcheck_every_operator(memory_format):
         torch.library.opcheck(op, args)
 
 
+def test_an_operator_without_a_backward_formula_refuses_gradients_loudly():
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    y = torch.ops.mnv2.mish_backward(x, torch.randn(2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match="mnv2::mish_backward is not differentiable"):
+        y.sum().backward()
+
+
 def test_mutating_operators_bump_the_version_of_what_they_write():
     means, variances, counts = [torch.zeros(2)], [torch.ones(2)], [torch.zeros((), dtype=torch.long)]
     before = [t._version for t in (*means, *variances, *counts)]

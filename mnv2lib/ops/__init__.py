@@ -3,7 +3,8 @@
 Each operator is defined from a typed Python function (:mod:`.library`: ``torch.library.infer_schema``,
 ``Library.define`` and ``Library.impl``, the layer under ``torch.library.custom_op`` without its per-call
 wrapper) with a typed schema, a fake (meta) implementation,
-autograd registered (the backward is its own operator) and a FLOP formula, so ``torch.compile``,
+autograd registered (the backward is its own operator; operators without a formula refuse gradients with a
+clear error, as ``custom_op``'s do) and a FLOP formula, so ``torch.compile``,
 ``torch.profiler`` and ``torch.utils.flop_counter`` see ``mnv2::...`` by name. Operators take
 tensors and plain numbers, never modules. This package is the only place that builds, caches or
 loads the C kernels (:mod:`.build`, :mod:`.kernels`).
@@ -24,6 +25,9 @@ costs several times what a hot loop shows (the interpreter's code and data are e
 with ``custom_op``'s wrapper, 0.55 ms of a 42 ms Triplet Attention forward; hence :mod:`.library`.
 """
 from . import batch_norm, cnsn, mish, triplet  # noqa: F401  (registers the operators)
+from .library import refuse_gradients_where_unregistered
+
+refuse_gradients_where_unregistered()
 from .checks import is_channels_last, is_dense
 from .kernels import available, kernel_backend, set_kernel_backend
 

@@ -18,6 +18,7 @@ import torch
 NAMESPACE = "mnv2"
 _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", None: "CompositeExplicitAutograd"}
+_OPERATORS: list[Operator] = []
 
 
 class Operator:
@@ -30,11 +31,13 @@ class Operator:
         if device_types not in _DISPATCH_KEYS:
             raise ValueError(f"device_types: got {device_types!r}; allowed values are {tuple(_DISPATCH_KEYS)}")
         self.qualname = qualname
-        mutated = tuple(mutates_args)
+        self.has_autograd = False
+        mutated = self.mutates_args = tuple(mutates_args)
         _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=mutated))
         _LIBRARY.impl(name, _counting_writes(fn, mutated) if mutated else fn, _DISPATCH_KEYS[device_types])
         self._packet = getattr(getattr(torch.ops, NAMESPACE), name)
         functools.update_wrapper(self, fn)
+        _OPERATORS.append(self)
 
     def __call__(self, *args, **kwargs):
         return self._packet(*args, **kwargs)
@@ -45,6 +48,24 @@ class Operator:
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
         torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=_LIBRARY)
+        self.has_autograd = True
+
+
+def refuse_gradients_where_unregistered() -> None:
+    """Give every functional operator without a backward formula one that raises a clear error, as
+    ``custom_op`` does: the dispatcher's fallback would only warn and let gradients be silently wrong.
+    (Operators that write their inputs cannot have autograd registered; the modules call them only where
+    no gradient is recorded, and the version counters they bump make a later backward fail loudly.)"""
+    for op in _OPERATORS:
+        if not op.has_autograd and not op.mutates_args:
+            torch.library.register_autograd(op.qualname, _refusal(op.qualname), lib=_LIBRARY)
+            op.has_autograd = True
+
+
+def _refusal(qualname: str) -> Callable:
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{qualname} is not differentiable (no backward formula is registered for it)")
+    return backward
 
 
 def _counting_writes(fn: Callable, mutated: tuple[str, ...]) -> Callable:
