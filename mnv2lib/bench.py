@@ -165,7 +165,12 @@ def compiled_train_ratio(batch: int = 64, repeats: int = 9, channels_last: bool 
 
 def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: int = 2,
         variants: list[str] | None = None, device: str = "cpu", channels_last: bool = False,
-        compiled: bool = True) -> dict:
+        compiled: bool = True, rounds: int = 1) -> dict:
+    """Ratios of medians of interleaved timings; with ``rounds`` > 1 the interleaved measurement is repeated
+    and each ratio is the median of its per-round values, their range reported beside it (on a shared
+    machine a single measurement's ratios move by a few hundredths from one run to the next)."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds: got {rounds!r}; allowed values are integers >= 1")
     names = variants or ["torchvision", *VARIANTS]
     dev = torch.device(device)
     models = {k: m.to(dev) for k, m in build_variants(names).items()}
@@ -179,27 +184,33 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: 
              "eval": {k: make_eval_step(m, xe) for k, m in models.items()}}
     steps["train"][DATA] = make_data_step(train_batch, dev, channels_last)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    times: dict[str, dict[str, list[float]]] = {mode: {k: [] for k in fns} for mode, fns in steps.items()}
+    per_round: list[dict[str, dict[str, list[float]]]] = []
     start = time.time()
-    for mode, fns in steps.items():
-        for _ in range(warmup):  # warm-up, including the one-off compilation of kernels
-            for fn in fns.values():
-                fn()
-        gc.collect()
-        gc.disable()  # no collector pauses inside the timed steps
-        try:
-            for _ in range(repeats * (EVAL_REPEATS_FACTOR if mode == "eval" else 1)):
-                for name, fn in fns.items():  # interleaved: drifts in machine speed hit every variant alike
-                    sync()
-                    t0 = time.perf_counter()
+    for round_index in range(rounds):
+        times: dict[str, dict[str, list[float]]] = {mode: {k: [] for k in fns} for mode, fns in steps.items()}
+        for mode, fns in steps.items():
+            for _ in range(warmup if round_index == 0 else 0):  # warm-up, including compiling the kernels
+                for fn in fns.values():
                     fn()
-                    sync()
-                    times[mode][name].append(time.perf_counter() - t0)
-        finally:
-            gc.enable()
-    medians = {mode: {k: statistics.median(v) for k, v in per.items()} for mode, per in times.items()}
-    ratios = {key: medians[mode][a] / medians[mode][b] for key, a, b, mode in RATIOS
-              if a in medians[mode] and b in medians[mode]}
+            gc.collect()
+            gc.disable()  # no collector pauses inside the timed steps
+            try:
+                for _ in range(repeats * (EVAL_REPEATS_FACTOR if mode == "eval" else 1)):
+                    for name, fn in fns.items():  # interleaved: drifts in machine speed hit every variant alike
+                        sync()
+                        t0 = time.perf_counter()
+                        fn()
+                        sync()
+                        times[mode][name].append(time.perf_counter() - t0)
+            finally:
+                gc.enable()
+        per_round.append(times)
+    round_ratios = [_ratios({mode: {k: statistics.median(v) for k, v in per.items()} for mode, per in t.items()})
+                    for t in per_round]
+    pooled = {mode: {k: [s for t in per_round for s in t[mode][k]] for k in steps[mode]} for mode in steps}
+    medians = {mode: {k: statistics.median(v) for k, v in per.items()} for mode, per in pooled.items()}
+    ratios = _ratios(medians) if rounds == 1 else {
+        key: statistics.median(r[key] for r in round_ratios) for key in round_ratios[0]}
     activation_mb = {k: saved_activation_bytes(m, (train_batch, 3, 32, 32)) / 2**20 for k, m in models.items()}
     if compiled and dev.type == "cpu":
         ratios.update(compiled_train_ratio(channels_last=channels_last, repeats=repeats))
@@ -208,8 +219,10 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: 
         "targets": TARGETS,
         "median_seconds": medians,
         "saved_activation_MiB_train_batch": activation_mb,
+        **({"ratio_rounds": {key: [r[key] for r in round_ratios] for key in round_ratios[0]}} if rounds > 1 else {}),
         "config": {**BASE, "input": [3, 32, 32], "train_batch": train_batch, "eval_batch": eval_batch,
                    "train_repeats": repeats, "eval_repeats": repeats * EVAL_REPEATS_FACTOR, "warmup": warmup,
+                   "rounds": rounds,
                    "channels_last": channels_last, "allocator": allocator.mode()},
         "kernels": kernel_paths(dev),
         "machine": {"device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
@@ -220,6 +233,11 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: 
     }
 
 
+def _ratios(medians: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {key: medians[mode][a] / medians[mode][b] for key, a, b, mode in RATIOS
+            if a in medians[mode] and b in medians[mode]}
+
+
 def to_markdown(result: dict) -> str:
     config = result["config"]
     lines = [f"# Speed benchmark ({result['machine']['device']}, {result['machine']['threads']} threads, "
@@ -228,7 +246,9 @@ def to_markdown(result: dict) -> str:
              f"{config['train_batch']}, inference at batch {config['eval_batch']}; "
              f"ratios of medians of interleaved runs ({config.get('train_repeats', config.get('repeats'))} training "
              f"steps, {config.get('eval_repeats', '')} inference steps per variant; allocator: "
-             f"{config.get('allocator', 'system')}).", "",
+             f"{config.get('allocator', 'system')})"
+             + (f"; each ratio the median of {config['rounds']} such rounds, their range in brackets."
+                if config.get("rounds", 1) > 1 else "."), "",
              "Kernels: " + ", ".join(f"{k} {v}" for k, v in result.get("kernels", {}).items()), "",
              "| ratio | measured | target |", "|---|---|---|"]
     for key, *_ in RATIOS:
@@ -237,7 +257,9 @@ def to_markdown(result: dict) -> str:
             verdict = "" if target is None else (f"<= {target}" + (" ok" if result[key] <= target else " MISSED"))
             if key.startswith("baseline_vs") and target is not None:
                 verdict = f"1.00 +- 0.03" + (" ok" if abs(result[key] - 1) <= 0.03 else " MISSED")
-            lines.append(f"| {key} | {result[key]:.3f} | {verdict} |")
+            spread = result.get("ratio_rounds", {}).get(key)
+            measured = f"{result[key]:.3f}" + (f" [{min(spread):.3f}-{max(spread):.3f}]" if spread else "")
+            lines.append(f"| {key} | {measured} | {verdict} |")
     lines += ["", "| variant | train step (ms) | inference (ms) | saved activations (MiB) |", "|---|---|---|---|"]
     for name in result["median_seconds"]["eval"]:
         lines.append(f"| {name} | {1000 * result['median_seconds']['train'][name]:.1f} | "
@@ -265,6 +287,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--eval-batch", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (kernels compile here)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the interleaved measurement; each ratio is "
+                        "the median over rounds, its range reported (a few hundredths between runs here)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--variants", nargs="*")
@@ -277,7 +301,7 @@ def main(argv=None) -> int:
     allocator.keep_freed_memory()
     result = run(train_batch=args.train_batch, eval_batch=args.eval_batch, repeats=args.repeats, warmup=args.warmup,
                  variants=args.variants, device=args.device, channels_last=args.channels_last,
-                 compiled=not args.no_compile)
+                 compiled=not args.no_compile, rounds=args.rounds)
     out = paths.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

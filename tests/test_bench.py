@@ -2,6 +2,8 @@
 import json
 import math
 
+import pytest
+
 from mnv2lib import bench
 
 
@@ -23,3 +25,19 @@ def test_bench_reports_ratios_of_its_medians(tmp_path):
     assert result["machine"]["threads"] == 1 and result["kernels"]["triplet_attention"] in ("mnv2:: operators (C)", "PyTorch ops")
     markdown = out.with_suffix(".md").read_text()
     assert "| data_per_train_step_ratio |" in markdown and bench.DATA in markdown
+
+
+def test_bench_rounds_report_the_median_ratio_and_its_range(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--threads", "1", "--repeats", "1", "--warmup", "1", "--train-batch", "8", "--eval-batch", "4",
+                       "--no-compile", "--rounds", "3", "--variants", "baseline", "triplet", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["rounds"] == 3
+    for key, per_round in result["ratio_rounds"].items():
+        assert len(per_round) == 3
+        assert math.isclose(result[key], sorted(per_round)[1]), key  # the median of three
+    assert set(result["ratio_rounds"]) == {"triplet_train_ratio", "triplet_eval_ratio", "data_per_train_step_ratio"}
+    spread = result["ratio_rounds"]["triplet_eval_ratio"]
+    assert f"[{min(spread):.3f}-{max(spread):.3f}]" in out.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match=r"rounds: got 0; allowed values are integers >= 1"):
+        bench.run(rounds=0)
