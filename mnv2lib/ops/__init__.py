@@ -25,10 +25,10 @@ costs several times what a hot loop shows (the interpreter's code and data are e
 with ``custom_op``'s wrapper, 0.55 ms of a 42 ms Triplet Attention forward; hence :mod:`.library`.
 """
 from . import batch_norm, cnsn, mish, triplet  # noqa: F401  (registers the operators)
-from .library import refuse_gradients_where_unregistered
-
-refuse_gradients_where_unregistered()
 from .checks import is_channels_last, is_dense
 from .kernels import available, kernel_backend, set_kernel_backend
+from .library import refuse_gradients_where_unregistered
+
+refuse_gradients_where_unregistered()  # after every operator module has registered its formulas
 
 __all__ = ["available", "set_kernel_backend", "kernel_backend", "is_channels_last", "is_dense"]

@@ -267,7 +267,7 @@ def triplet_attention_inference_(
         mean_cw: Tensor, mean_hc: Tensor, mean_s: Tensor, var_cw: Tensor, var_hc: Tensor, var_s: Tensor, eps: float,
 ) -> None:
     """``triplet_attention_inference`` written over x, for a tensor nobody else reads (a block's own
-    intermediate): the output's cache lines are the input's, already fetched, instead of a new tensor's."""
+    intermediate): no new tensor."""
     _inference(x, (w_cw, w_hc, w_s), ((gamma_cw, beta_cw, mean_cw, var_cw), (gamma_hc, beta_hc, mean_hc, var_hc),
                                       (gamma_s, beta_s, mean_s, var_s)), eps, x)
 
