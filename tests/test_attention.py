@@ -217,7 +217,7 @@ def test_unavailable_compiler_falls_back_to_pytorch(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C compiler")
 
-    monkeypatch.setattr(build, "load", broken)
+    monkeypatch.setattr(build, "build", broken)
     monkeypatch.setattr(kernels, "_libraries", {})
     monkeypatch.setattr(kernels, "_failed", set())
     fast, ref = _pair()

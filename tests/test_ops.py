@@ -33,6 +33,7 @@ def _randomized(module):
 
 
 def _triplet_args(x, module, training):
+    assert ops.available("triplet_attention")  # (its C++ operators are defined when their library loads)
     branches = (module.channel_width, module.height_channel, module.spatial)
     bns = [b.bn for b in branches]
     return (x, *[b.conv.weight for b in branches], *[bn.weight for bn in bns], *[bn.bias for bn in bns],
@@ -300,6 +301,8 @@ def test_importing_the_library_installs_no_global_hooks():
 
 
 def test_every_kernel_source_compiles_with_warnings_as_errors(tmp_path):
+    # each library: its C kernels, and its C++ operators where it has them
+    assert build.operators_source("triplet_attention") is not None
     for source in sorted(build.SOURCE_DIR.glob("*.c")):
         build.compile_library(source.stem, tmp_path / f"{source.stem}.so", ("-Wall", "-Wextra", "-Werror"))
 

@@ -4,12 +4,18 @@
 None where the backend is "eager" or the library cannot be built or trusted (one warning per
 library); modules then run their PyTorch implementation. ``available(name)`` is the same test as a
 bool, treated by ``torch.compile`` as a constant (so building never happens inside a traced graph).
+
+A library with C++ operators (``csrc/<name>_ops.cpp``) defines them when it is loaded, once per process
+(a second copy would register them twice), and then runs the Python registrations given to
+:func:`on_load` (fake kernels, FLOP formulas): its ``torch.ops.mnv2`` operators exist from the first
+``get``/``available`` on.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -27,16 +33,7 @@ FUNCTIONS: dict[str, dict[str, list]] = {
         "mish_forward": [P, P, I64, INT],
         "mish_backward": [P, P, P, I64, INT],
     },
-    "triplet_attention": {
-        "ta_pool": [P, I64, I64, I64, I64, I64, P, INT, P, INT, P, INT, INT],
-        "ta_conv": [P, I64, I64, I64, I64, P, INT, P, INT],
-        "ta_combine": [P, I64, I64, I64, I64, P, INT, P, INT, P, INT, P, INT],
-        "ta_eval": [P, I64, I64, I64, I64, I64, P, P, P, P, DBL, INT, INT, INT, INT, P, INT],
-        "ta_backward_reduce": [P, P, I64, I64, I64, I64, I64, P, INT, P, INT, P, INT, P, P, P, P, P, P, INT],
-        "ta_conv_backward": [P, P, I64, I64, I64, I64, P, INT, P, P, INT],
-        "ta_backward_dx": [P, P, I64, I64, I64, I64, I64, P, P, P, P, P, P, INT, INT, INT, P, P, P, P, P, P, P, INT],
-        **_BN_SIGMOID,
-    },
+    "triplet_attention": {},  # called from its C++ operators only
     "cnsn": {
         "cn_stats": [P, I64, I64, I64, INT, DBL, P, P, INT],
         "sn_apply": [P, I64, I64, I64, INT, P, P, P, INT],
@@ -53,6 +50,27 @@ BACKENDS = ("auto", "compiled", "eager")
 _state = {"backend": os.environ.get("MNV2_KERNEL_BACKEND", "auto")}
 _libraries: dict[str, ctypes.CDLL] = {}
 _failed: set[str] = set()
+_operator_libraries: dict[str, ctypes.CDLL] = {}  # loaded with their operators: never again in this process
+_on_load: dict[str, list[Callable[[], None]]] = {}
+
+
+def on_load(name: str, register: Callable[[], None]) -> None:
+    """Run ``register()`` once the C++ operators of library ``name`` are defined (at once if they are)."""
+    _on_load.setdefault(name, []).append(register)
+    if name in _operator_libraries:
+        register()
+
+
+def _load(name: str) -> ctypes.CDLL:
+    if build.operators_source(name) is None:
+        return build.load(name, FUNCTIONS[name])
+    path = build.build(name)  # (built and verified even when loaded before: the cache's checks apply)
+    if name not in _operator_libraries:
+        torch.ops.load_library(str(path))
+        _operator_libraries[name] = ctypes.CDLL(str(path))
+        for register in _on_load.get(name, ()):
+            register()
+    return _operator_libraries[name]
 
 
 def set_kernel_backend(backend: str) -> None:
@@ -74,7 +92,7 @@ def get(name: str) -> ctypes.CDLL | None:
     lib = _libraries.get(name)
     if lib is None:
         try:
-            lib = _libraries[name] = build.load(name, FUNCTIONS[name])
+            lib = _libraries[name] = _load(name)
         except Exception as error:  # noqa: BLE001 - no compiler, no OpenMP, unsafe cache, read-only disk, ...
             if _state["backend"] == "compiled":
                 raise

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 NAMESPACE = "mnv2"
-_LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")  # (also holds registrations for the C++ operators)
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", None: "CompositeExplicitAutograd"}
 _OPERATORS: list[Operator] = []
 
@@ -33,8 +33,8 @@ class Operator:
         self.qualname = qualname
         self.has_autograd = False
         mutated = self.mutates_args = tuple(mutates_args)
-        _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=mutated))
-        _LIBRARY.impl(name, _counting_writes(fn, mutated) if mutated else fn, _DISPATCH_KEYS[device_types])
+        LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=mutated))
+        LIBRARY.impl(name, _counting_writes(fn, mutated) if mutated else fn, _DISPATCH_KEYS[device_types])
         self._packet = getattr(getattr(torch.ops, NAMESPACE), name)
         functools.update_wrapper(self, fn)
         _OPERATORS.append(self)
@@ -43,11 +43,11 @@ class Operator:
         return self._packet(*args, **kwargs)
 
     def register_fake(self, fn: Callable) -> Callable:
-        torch.library.register_fake(self.qualname, fn, lib=_LIBRARY)
+        torch.library.register_fake(self.qualname, fn, lib=LIBRARY)
         return fn
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
-        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=_LIBRARY)
+        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=LIBRARY)
         self.has_autograd = True
 
 
@@ -58,7 +58,7 @@ def refuse_gradients_where_unregistered() -> None:
     no gradient is recorded, and the version counters they bump make a later backward fail loudly.)"""
     for op in _OPERATORS:
         if not op.has_autograd and not op.mutates_args:
-            torch.library.register_autograd(op.qualname, _refusal(op.qualname), lib=_LIBRARY)
+            torch.library.register_autograd(op.qualname, _refusal(op.qualname), lib=LIBRARY)
             op.has_autograd = True
 
 
