@@ -88,7 +88,7 @@ def test_build_failure_falls_back_to_pytorch(monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(build, "load", broken)
+    monkeypatch.setattr(build, "build", broken)
     monkeypatch.setattr(kernels, "_libraries", {})
     x = torch.randn(100)
     with pytest.warns(RuntimeWarning, match="PyTorch implementation"):

@@ -5,20 +5,9 @@
  * glue in Python, the 17 Triplet Attention calls of a batch-128 MobileNetV2 training step spent some
  * 25 ms around 27 ms of kernels (checks of 18 tensors, allocations, the Python autograd wrapper);
  * here the step is 35-40 ms shorter (the closing note of issue 15). */
-#include <torch/library.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
-#include <torch/csrc/autograd/variable.h>
+#include "operators.h"
 
-#define OPNAME(name) "mnv2::" name
-
-using at::Tensor;
-using i64 = int64_t;
+using mnv2::i64;
 
 extern "C" {
 void ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W, i64 p, float* mcw, int tcw, float* mhc, int thc, float* ms,
@@ -37,56 +26,20 @@ void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
                     const float* ghc, const float* gs, const float* mcw, const float* mhc, const float* ms, int tcw,
                     int thc, int ts, const float* dcw, const float* dhc, const float* dsp, const float* ncw,
                     const float* nhc, const float* ns, float* dx, int nthreads);
-void bn_sigmoid_forward(const float* y, i64 B, i64 C, i64 inner, const float* gamma, const float* beta,
-                        const float* rm, const float* rv, int training, double eps, float* g, float* xhat,
-                        float* invstd, float* bmean, float* bvar);
-void bn_sigmoid_backward(const float* dg, const float* g, const float* xhat, i64 B, i64 C, i64 inner,
-                         const float* gamma, const float* invstd, int training, float* dy, float* dgamma,
-                         float* dbeta);
 }
 
 namespace {
 
+using namespace mnv2;
+
 constexpr i64 SLACK = 32;  // zero floats after each pooled map: the vector tiles read past a row's end
-
-const float* cptr(const Tensor& t) { return t.data_ptr<float>(); }
-float* mptr(const Tensor& t) { return t.data_ptr<float>(); }
-
-// sizes and strides as Python prints a tuple, as the project's other errors do: (1, 2, 3, 3), (1,)
-std::string tuple(at::IntArrayRef values) {
-  std::string text = "(";
-  for (size_t i = 0; i < values.size(); i++) text += (i ? ", " : "") + std::to_string(values[i]);
-  return text + (values.size() == 1 ? ",)" : ")");
-}
-
-bool is_channels_last(const Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-void check_float32_cpu(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.device().is_cpu(), OPNAME(""), op, ": ", name,
-                    " must be a float32 CPU tensor; got ", t.scalar_type(), " on ", t.device());
-}
-
-void check_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape) {
-  check_float32_cpu(op, name, t);
-  TORCH_CHECK_VALUE(t.sizes() == shape, OPNAME(""), op, ": ", name, " must have shape ", tuple(shape), "; got ", tuple(t.sizes()));
-}
-
-void check_feature_map(const char* op, const Tensor& x) {
-  check_float32_cpu(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() == 4, OPNAME(""), op, ": x must be 4-D (batch, channels, height, width); got shape ",
-                    tuple(x.sizes()));
-  TORCH_CHECK_VALUE(x.is_contiguous() || is_channels_last(x), OPNAME(""), op,
-                    ": x must be contiguous (NCHW) or channels_last; got strides ", tuple(x.strides()));
-}
 
 // the parameters of the three branches: conv weights (1, 2, k, k), per-branch vectors (1,)
 i64 check_params(const char* op, const Tensor& x, const Tensor* weights, std::initializer_list<const Tensor*> vectors,
                  std::initializer_list<const char*> names) {
   check_feature_map(op, x);
   const i64 k = weights[0].dim() == 4 ? weights[0].size(-1) : -1;
-  TORCH_CHECK_VALUE(k >= 1 && k % 2 == 1, OPNAME(""), op,
+  TORCH_CHECK_VALUE(k >= 1 && k % 2 == 1, "mnv2::", op,
                     ": conv weights must have shape (1, 2, k, k) with odd k; got ", tuple(weights[0].sizes()));
   const char* wnames[3] = {"w_cw", "w_hc", "w_s"};
   for (int i = 0; i < 3; i++) check_shape(op, wnames[i], weights[i], {1, 2, k, k});
@@ -94,7 +47,7 @@ i64 check_params(const char* op, const Tensor& x, const Tensor* weights, std::in
   for (const Tensor* branch : vectors) {
     for (int i = 0; i < 3; i++) {
       const std::string full = std::string(*name) + "_" + (i == 0 ? "cw" : i == 1 ? "hc" : "s");
-      check_shape(op, full.c_str(), branch[i], {1});
+      check_shape(op, full, branch[i], {1});
     }
     ++name;
   }
@@ -199,9 +152,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> triplet_attention_bac
   const char* op = "triplet_attention_backward";
   const Tensor weights[3] = {w_cw, w_hc, w_s}, gammas[3] = {gamma_cw, gamma_hc, gamma_s};
   const i64 k = check_params(op, x, weights, {gammas}, {"gamma"});
-  check_shape(op, "grad", grad, x.sizes());
-  TORCH_CHECK_VALUE(grad.strides() == x.strides(), OPNAME(""), op, ": grad must have the layout (strides ",
-                    tuple(x.strides()), ") of x; got strides ", tuple(grad.strides()));
+  check_same_layout(op, "grad", grad, x);
   const Geometry g = geometry(x, k);
   const int threads = at::get_num_threads();
   const Tensor gv = nchw_view(grad, g.nhwc);
@@ -289,9 +240,7 @@ class TripletAttentionFunction : public torch::autograd::Function<TripletAttenti
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, BRANCH_PARAMS, bool training, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow(OPNAME("triplet_attention"), "")
-                         .typed<decltype(triplet_attention_cpu)>();
+    static auto op = operator_handle<decltype(triplet_attention_cpu)>("mnv2::triplet_attention");
     auto result = op.call(x, BRANCH_ARGS, training, eps);
     variable_list outputs = {std::get<0>(result), std::get<1>(result), std::get<2>(result),  std::get<3>(result),
                              std::get<4>(result), std::get<5>(result), std::get<6>(result),  std::get<7>(result),
@@ -306,15 +255,12 @@ class TripletAttentionFunction : public torch::autograd::Function<TripletAttenti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow(OPNAME("triplet_attention_backward"), "")
-                         .typed<decltype(triplet_attention_backward_cpu)>();
+    static auto op = operator_handle<decltype(triplet_attention_backward_cpu)>("mnv2::triplet_attention_backward");
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
     variable_list result(18);
     if (!grads[0].defined()) return result;
-    const Tensor grad = grads[0].contiguous(is_channels_last(x) ? at::MemoryFormat::ChannelsLast
-                                                                 : at::MemoryFormat::Contiguous);
+    const Tensor grad = grads[0].contiguous(memory_format(x));
     auto [dx, dw_cw, dw_hc, dw_s, d_gamma, d_beta] =
         op.call(grad, x, saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], saved[8], saved[9],
                 saved[10], saved[11], saved[12], saved[13], saved[14], saved[15], saved[16],
@@ -328,27 +274,6 @@ class TripletAttentionFunction : public torch::autograd::Function<TripletAttenti
 Outputs triplet_attention_autograd(const Tensor& x, BRANCH_PARAMS, bool training, double eps) {
   auto o = TripletAttentionFunction::apply(x, BRANCH_ARGS, training, eps);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11]};
-}
-
-// Autograd kernel of an operator that writes its inputs: no gradient through it (a clear error where one
-// is asked for), and the written tensors' version counters bumped after the write, as PyTorch's own
-// in-place operators do (so that autograd refuses a saved tensor changed since)
-void write_without_gradient(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  const auto& schema = op.schema();
-  const size_t n = schema.arguments().size();
-  std::vector<Tensor> written;
-  for (size_t i = 0; i < n; i++) {
-    const c10::IValue& argument = (*stack)[stack->size() - n + i];
-    if (!argument.isTensor()) continue;
-    TORCH_CHECK(!(at::GradMode::is_enabled() && argument.toTensor().requires_grad()), schema.name(),
-                " writes its input and is not differentiable: call it without gradients (torch.no_grad)");
-    if (schema.is_mutable({c10::SchemaArgType::input, i})) written.push_back(argument.toTensor());
-  }
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
-  }
-  for (const Tensor& t : written) torch::autograd::impl::bump_version(t);
 }
 
 }  // namespace

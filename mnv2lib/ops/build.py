@@ -1,11 +1,10 @@
-"""Building, caching and loading the C kernels in ``mnv2lib/csrc`` (the only place that does).
+"""Building, caching and verifying the native libraries of ``mnv2lib/csrc`` (the only place that does).
 
-A library is compiled once per machine with the system C compiler (``cc -O3 -march=native
--fopenmp``, a second or a few per library) into the user's cache directory and loaded with ctypes.
-Where ``csrc/<name>_ops.cpp`` exists, the library also holds that file's C++ operators (their
-argument checks, allocations and autograd, registered with ``TORCH_LIBRARY``), compiled against the
-installed torch's headers (``c++ -std=c++20``, some 15 s once per machine) and linked with the C
-kernels; :mod:`.kernels` loads it once per process with ``torch.ops.load_library``.
+A library ``<name>`` is the C kernels of ``csrc/<name>.c`` (system C compiler, ``cc -O3 -march=native
+-fopenmp``) linked with the C++ operators of ``csrc/<name>_ops.cpp`` (their schemas, argument checks,
+allocations and autograd, registered with ``TORCH_LIBRARY``; ``c++ -std=c++20`` against the installed
+torch's headers, some 20 s), compiled once per machine into the user's cache directory;
+:mod:`.kernels` loads it once per process with ``torch.ops.load_library``.
 
 - cache: ``$MNV2_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mnv2lib``, else ``~/.cache/mnv2lib``; created
   with mode 0700. A cache directory or library owned by another user, or writable by group or
@@ -15,14 +14,11 @@ kernels; :mod:`.kernels` loads it once per process with ``torch.ops.load_library
   into place atomically; every load first checks the library against its sidecar, so a truncated or
   replaced file (which would crash the process with SIGBUS when mapped) is rebuilt instead.
 
-Plain C with Python operators where the Python per call is small against the kernel (Mish, CNSN); C++
-operators where it is not (Triplet Attention: 18 tensors per call, measured in the closing note of issue
-15). Commands are built here rather than by ``torch.utils.cpp_extension.load``, whose build directory
-has none of the cache's safety checks and which loads what it built before anything can verify it.
+The commands are built here rather than by ``torch.utils.cpp_extension.load``, whose build directory has
+none of the cache's safety checks and which loads what it built before anything can verify it.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import platform
@@ -32,8 +28,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
+
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-std=gnu11"]
 CXX_FLAGS = ["-O2", "-std=c++20", "-fPIC"]
 
 
@@ -72,27 +70,22 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def operators_source(name: str) -> Path | None:
-    """``csrc/<name>_ops.cpp``, the C++ operators over the library's kernels, where there is one."""
-    source = SOURCE_DIR / f"{name}_ops.cpp"
-    return source if source.exists() else None
+def sources(name: str) -> tuple[Path, Path]:
+    """``csrc/<name>.c`` (the C kernels) and ``csrc/<name>_ops.cpp`` (the C++ operators over them)."""
+    return SOURCE_DIR / f"{name}.c", SOURCE_DIR / f"{name}_ops.cpp"
 
 
 def _torch_dirs() -> tuple[Path, Path]:
-    import torch  # (only for libraries with C++ operators)
     root = Path(torch.__file__).resolve().parent
     return root / "include", root / "lib"
 
 
 def _source_text(name: str) -> str:
-    # the library's sources and every header in csrc (they are few and small): any change rebuilds
-    texts = [(SOURCE_DIR / f"{name}.c").read_text()]
+    # the library's sources, every header in csrc (they are few and small) and the torch the operators are
+    # compiled against: any change rebuilds
+    texts = [source.read_text() for source in sources(name)]
     texts += [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]
-    cpp = operators_source(name)
-    if cpp is not None:  # C++ operators: the torch they are compiled against, too
-        import torch
-        texts += [cpp.read_text(), os.environ.get("CXX", "c++"), *CXX_FLAGS, torch.__version__,
-                  str(_torch_dirs()[0])]
+    texts += [os.environ.get("CXX", "c++"), *CXX_FLAGS, torch.__version__, str(_torch_dirs()[0])]
     return "\0".join(texts)
 
 
@@ -119,26 +112,20 @@ def _compile(command: list[str], what: str) -> None:
 
 
 def compile_library(name: str, output: Path, extra_flags: tuple[str, ...] = ()) -> None:
-    """``csrc/<name>.c`` (and ``csrc/<name>_ops.cpp`` where it exists) into the shared library ``output``;
-    ``extra_flags`` go to both compilers (the tests add ``-Wall -Wextra -Werror``)."""
-    compiler = os.environ.get("CC", "cc")
-    cpp = operators_source(name)
-    if cpp is None:
-        _compile([compiler, *FLAGS, *extra_flags, f"-I{SOURCE_DIR}", str(SOURCE_DIR / f"{name}.c"), "-o", str(output),
-                  "-lm"], f"csrc/{name}.c")
-        return
-    import torch
+    """``csrc/<name>.c`` and ``csrc/<name>_ops.cpp`` into the shared library ``output``; ``extra_flags`` go to
+    both compilers (the tests add ``-Wall -Wextra -Werror``)."""
+    kernels_source, operators_source = sources(name)
     include, lib = _torch_dirs()
-    cxx = os.environ.get("CXX", "c++")
+    cc, cxx = os.environ.get("CC", "cc"), os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory(prefix=f"mnv2-{name}-") as scratch:
         kernels, operators = Path(scratch) / f"{name}.o", Path(scratch) / f"{name}_ops.o"
-        c_flags = [f for f in FLAGS if f != "-shared"]
-        _compile([compiler, *c_flags, *extra_flags, f"-I{SOURCE_DIR}", "-c", str(SOURCE_DIR / f"{name}.c"), "-o",
-                  str(kernels)], f"csrc/{name}.c")
+        _compile([cc, *FLAGS, *extra_flags, f"-I{SOURCE_DIR}", "-c",
+                  str(kernels_source), "-o", str(kernels)], f"csrc/{kernels_source.name}")
         # torch's headers as system headers: the warning flags are for this project's code
         _compile([cxx, *CXX_FLAGS, *extra_flags, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
                   "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
-                  f"-I{SOURCE_DIR}", "-c", str(cpp), "-o", str(operators)], f"csrc/{cpp.name}")
+                  f"-I{SOURCE_DIR}", "-c", str(operators_source), "-o", str(operators)],
+                 f"csrc/{operators_source.name}")
         _compile([cxx, "-shared", "-fopenmp", str(kernels), str(operators), "-o", str(output), f"-L{lib}",
                   f"-Wl,-rpath,{lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-lm"], f"the {name} library")
 
@@ -180,13 +167,3 @@ def build(name: str) -> Path:
     if not _verified(library):
         raise RuntimeError(f"{library} changed while it was being installed")
     return library
-
-
-def load(name: str, functions: dict[str, list]) -> ctypes.CDLL:
-    """Build (when needed), verify and load ``csrc/<name>.c``; set the argument types of ``functions``."""
-    library = build(name)
-    lib = ctypes.CDLL(str(library))
-    for function, argtypes in functions.items():
-        getattr(lib, function).argtypes = argtypes
-        getattr(lib, function).restype = None
-    return lib

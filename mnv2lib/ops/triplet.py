@@ -25,39 +25,23 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
-from . import kernels
 from .checks import is_channels_last
-from .library import LIBRARY
-
-# The shapes of what the operators return, for the fake kernels (the C++ code's `geometry`).
-def _view(x: Tensor) -> tuple[Tensor, bool]:
-    """x as the contiguous tensor the kernels read, and whether it is x's NHWC memory."""
-    nhwc = is_channels_last(x)
-    return (x.permute(0, 2, 3, 1) if nhwc else x), nhwc
+from .library import fake_inplace, register_when_loaded
 
 
-def _flags(c: int, h: int, w: int) -> tuple[bool, bool, bool]:
-    """Per lane plane (cw (C, W), hc (H, C), s (H, W)): stored transposed so its longer side is contiguous?"""
-    return c > w, h > c, h > w
 
-
-def _plane_shapes(c: int, h: int, w: int, flags) -> list[tuple[int, int]]:
-    official = ((c, w), (h, c), (h, w))
-    return [(q, r) if t else (r, q) for (r, q), t in zip(official, flags)]
-
-
-def _geometry(x: Tensor, k: int):
-    xv, nhwc = _view(x)
-    batch, c, h, w = xv.shape
-    flags = _flags(c, h, w)
-    return xv, nhwc, (batch, c, h, w), flags, _plane_shapes(c, h, w, flags), k // 2
+def _planes(x: Tensor) -> tuple[int, list[tuple[int, int]]]:
+    """The batch size and the stored (rows, cols) of each lane's gate plane (the C++ code's ``geometry``): a
+    channels_last x is read as (B, H, W, C); planes are stored with their longer side contiguous."""
+    batch, c, h, w = x.permute(0, 2, 3, 1).shape if is_channels_last(x) else x.shape
+    official, transposed = ((c, w), (h, c), (h, w)), (c > w, h > c, h > w)
+    return batch, [(q, r) if t else (r, q) for (r, q), t in zip(official, transposed)]
 
 
 def _fake_forward(x, w_cw, *args):
-    k = w_cw.shape[-1]
-    _, _, (batch, c, h, w), flags, shapes, pad = _geometry(x, k)
+    pad = w_cw.shape[-1] // 2
+    batch, shapes = _planes(x)
     maps = [x.new_empty(batch, 2, r + 2 * pad, q + 2 * pad) for r, q in shapes]
     planes = [x.new_empty(batch, r, q) for r, q in shapes]
     return (torch.empty_like(x), *maps, *planes, *[x.new_empty(batch, r, q) for r, q in shapes], x.new_empty(3),
@@ -74,10 +58,6 @@ def _fake_inference(x, *args):
     return torch.empty_like(x)
 
 
-def _fake_inference_(x, *args):
-    return None
-
-
 def _conv_flops(x_shape, k: int) -> int:
     batch, c, h, w = x_shape
     return 2 * batch * (c * w + h * c + h * w) * 2 * k * k  # three 2->1 k x k convolutions
@@ -91,16 +71,9 @@ def _backward_flops(grad_shape, x_shape, w_cw_shape, *args, **kwargs) -> int:
     return 2 * _conv_flops(x_shape, w_cw_shape[-1])  # gradients of the pooled maps and of the weights
 
 
-def _register() -> None:
-    """Fake kernels and FLOP formulas of the C++ operators, once they are defined."""
-    ops = torch.ops.mnv2
-    for name, fake in (("triplet_attention", _fake_forward), ("triplet_attention_backward", _fake_backward),
-                       ("triplet_attention_inference", _fake_inference),
-                       ("triplet_attention_inference_", _fake_inference_)):
-        torch.library.register_fake(f"mnv2::{name}", fake, lib=LIBRARY)
-    register_flop_formula([ops.triplet_attention, ops.triplet_attention_inference,
-                           ops.triplet_attention_inference_])(_forward_flops)
-    register_flop_formula(ops.triplet_attention_backward)(_backward_flops)
-
-
-kernels.on_load("triplet_attention", _register)
+register_when_loaded(
+    "triplet_attention",
+    {"triplet_attention": _fake_forward, "triplet_attention_backward": _fake_backward,
+     "triplet_attention_inference": _fake_inference, "triplet_attention_inference_": fake_inplace},
+    {_forward_flops: ("triplet_attention", "triplet_attention_inference", "triplet_attention_inference_"),
+     _backward_flops: ("triplet_attention_backward",)})
