@@ -243,29 +243,36 @@ static void corr12(const float* in, i64 psi, i64 ldi, i64 ulo, i64 uhi, int K, c
  * g: rows zero-padded to QT (a multiple of TQ); P: padded stored map (row stride ldi, slack after). */
 INLINE void gradw_impl(const float* P, i64 psi, i64 ldi, const float* g, i64 QT, i64 R, const int K, float* gw) {
     const i64 p = K / 2;  /* rows of P outside p .. p+R-1 are zero padding */
-    for (int c = 0; c < 2; c++)
-        for (int i = 0; i < K; i++) {
-            float acc[K][TQ];
+    for (int i = 0; i < K; i++) {  /* both channels at once: each gradient vector loaded once for 2K products */
+        float acc[2][K][TQ];
+        for (int c = 0; c < 2; c++)
             for (int j = 0; j < K; j++)
-                for (int q = 0; q < TQ; q++) acc[j][q] = 0.f;
-            const i64 ylo = p - i > 0 ? p - i : 0, yhi = p + R - i < R ? p + R - i : R;
-            for (i64 y = ylo; y < yhi; y++) {
-                const float* prow = P + c * psi + (y + i) * ldi;
-                const float* grow = g + y * QT;
-                for (i64 q0 = 0; q0 < QT; q0 += TQ)
-                    for (int j = 0; j < K; j++) {
-                        const float* pp = prow + q0 + j;
-                        const float* gg = grow + q0;
+                for (int q = 0; q < TQ; q++) acc[c][j][q] = 0.f;
+        const i64 ylo = p - i > 0 ? p - i : 0, yhi = p + R - i < R ? p + R - i : R;
+        for (i64 y = ylo; y < yhi; y++) {
+            const float* p0 = P + (y + i) * ldi;
+            const float* p1 = p0 + psi;
+            const float* grow = g + y * QT;
+            for (i64 q0 = 0; q0 < QT; q0 += TQ) {
+                const float* gg = grow + q0;
+                for (int j = 0; j < K; j++) {
+                    const float* a = p0 + q0 + j;
+                    const float* b = p1 + q0 + j;
 #pragma omp simd
-                        for (int q = 0; q < TQ; q++) acc[j][q] += gg[q] * pp[q];
+                    for (int q = 0; q < TQ; q++) {
+                        acc[0][j][q] += gg[q] * a[q];
+                        acc[1][j][q] += gg[q] * b[q];
                     }
-            }
-            for (int j = 0; j < K; j++) {
-                float s = 0.f;
-                for (int q = 0; q < TQ; q++) s += acc[j][q];
-                gw[(c * K + i) * K + j] += s;
+                }
             }
         }
+        for (int c = 0; c < 2; c++)
+            for (int j = 0; j < K; j++) {
+                float s = 0.f;
+                for (int q = 0; q < TQ; q++) s += acc[c][j][q];
+                gw[(c * K + i) * K + j] += s;
+            }
+    }
 }
 static void gradw(const float* P, i64 psi, i64 ldi, const float* g, i64 QT, i64 R, int K, float* gw) {
     switch (K) {
