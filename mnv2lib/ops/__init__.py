@@ -22,7 +22,7 @@ functions over ctypes, by measurement on the 2-core CI machine (closing notes of
 a call's Python costs several times what a hot loop shows (the interpreter's code and data are evicted
 between calls); the Python glue and autograd wrapper of the 17 Triplet Attention calls cost some 25 ms of a
 460 ms batch-128 training step, and in C++ the step is 35-40 ms shorter. The price is a C++ build against
-torch's headers, some 20 s per library once per machine.
+torch's headers, some 15 s per library once per machine.
 """
 from . import batch_norm, cnsn, mish, triplet  # noqa: F401  (registers the operators' Python parts)
 from .checks import is_channels_last, is_dense

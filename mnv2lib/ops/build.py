@@ -3,7 +3,7 @@
 A library ``<name>`` is the C kernels of ``csrc/<name>.c`` (system C compiler, ``cc -O3 -march=native
 -fopenmp``) linked with the C++ operators of ``csrc/<name>_ops.cpp`` (their schemas, argument checks,
 allocations and autograd, registered with ``TORCH_LIBRARY``; ``c++ -std=c++20`` against the installed
-torch's headers, some 20 s), compiled once per machine into the user's cache directory;
+torch's headers, some 15 s), compiled once per machine into the user's cache directory;
 :mod:`.kernels` loads it once per process with ``torch.ops.load_library``.
 
 - cache: ``$MNV2_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mnv2lib``, else ``~/.cache/mnv2lib``; created
@@ -29,10 +29,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-std=gnu11"]
-CXX_FLAGS = ["-O2", "-std=c++20", "-fPIC"]
+CXX_FLAGS = ["-O1", "-std=c++20", "-fPIC"]  # (checks and calls: -O2 builds a third longer)
 
 
 class UnsafeCacheError(RuntimeError):
@@ -146,9 +147,19 @@ def build(name: str) -> Path:
     library = library_path(name, directory)
     if _verified(library):
         return library
+    # one build of a library at a time: another process wanting it (a second test worker, notebook kernel or
+    # Ray worker) waits for this one's result instead of compiling the same thing beside it
+    with FileLock(directory / f".{library.name}.lock"):
+        if _verified(library):
+            return library
+        return _build(name, library)
+
+
+def _build(name: str, library: Path) -> Path:
+    directory = library.parent
     if library.exists():
         warnings.warn(f"kernel library {library} does not match its checksum (truncated or replaced): rebuilding",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
     fd, temporary = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=directory)
     os.close(fd)
     temporary = Path(temporary)
