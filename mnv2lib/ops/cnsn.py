@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from .library import fake_inplace, no_flops, register_when_loaded
+from .library import fake_inplace, fake_like_x, no_flops, register_when_loaded
 
 
 def _fake_channel_stats(x, eps):
     return x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
-
-
-def _fake_like_x(x, *args):
-    return torch.empty_like(x)
 
 
 def _fake_selfnorm(x, fc, *args):
@@ -38,8 +34,8 @@ def _fake_selfnorm_backward(grad, x, fc, gamma, *args):
     return torch.empty_like(x), torch.empty_like(fc), torch.empty_like(gamma), torch.empty_like(gamma)
 
 
-FAKES = {"channel_stats": _fake_channel_stats, "channel_stats_backward": _fake_like_x, "selfnorm": _fake_selfnorm,
-         "selfnorm_backward": _fake_selfnorm_backward, "selfnorm_inference": _fake_like_x,
+FAKES = {"channel_stats": _fake_channel_stats, "channel_stats_backward": fake_like_x, "selfnorm": _fake_selfnorm,
+         "selfnorm_backward": _fake_selfnorm_backward, "selfnorm_inference": fake_like_x,
          "selfnorm_inference_": fake_inplace}
 # statistics, gates and gating are elementwise or reductions
 register_when_loaded("cnsn", FAKES, {no_flops: tuple(FAKES)})

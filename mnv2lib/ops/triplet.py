@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .checks import is_channels_last
-from .library import fake_inplace, register_when_loaded
+from .library import fake_inplace, fake_like_x, register_when_loaded
 
 
 
@@ -54,10 +54,6 @@ def _fake_backward(grad, x, w_cw, w_hc, w_s, *args):
             torch.empty_like(w_s, memory_format=torch.contiguous_format), x.new_empty(3), x.new_empty(3))
 
 
-def _fake_inference(x, *args):
-    return torch.empty_like(x)
-
-
 def _conv_flops(x_shape, k: int) -> int:
     batch, c, h, w = x_shape
     return 2 * batch * (c * w + h * c + h * w) * 2 * k * k  # three 2->1 k x k convolutions
@@ -74,6 +70,6 @@ def _backward_flops(grad_shape, x_shape, w_cw_shape, *args, **kwargs) -> int:
 register_when_loaded(
     "triplet_attention",
     {"triplet_attention": _fake_forward, "triplet_attention_backward": _fake_backward,
-     "triplet_attention_inference": _fake_inference, "triplet_attention_inference_": fake_inplace},
+     "triplet_attention_inference": fake_like_x, "triplet_attention_inference_": fake_inplace},
     {_forward_flops: ("triplet_attention", "triplet_attention_inference", "triplet_attention_inference_"),
      _backward_flops: ("triplet_attention_backward",)})
