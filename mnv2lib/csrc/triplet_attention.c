@@ -194,54 +194,152 @@ static void gate_sample(const float* xb, i64 C, i64 H, i64 W, const float* cw, c
 
 /* ---- correlation in register tiles:
  * out[co][r][q] = sum_{ci, i, j} wt[((co * CI + ci) * K + i) * K + j] * in[ci][r + i][q + j]
- * in: CI zero-padded planes (plane stride psi, row stride ldi) whose data rows are ulo .. uhi-1
- * (uhi + K/2 rows in all); rows past the plane are clamped (their outputs are discarded). Columns are
- * read up to TQ - 1 past Q + K - 1 (finite values required: the caller's slack). */
-INLINE void corr_impl(const float* in, i64 psi, i64 ldi, i64 ulo, i64 uhi, const int CI, const int CO, const int K,
-                      const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) {
-    (void)ulo;  /* rows before ulo are read (zero padding); rows from uhi on only for discarded outputs */
-    for (i64 r0 = 0; r0 < R; r0 += RB)
-        for (i64 q0 = 0; q0 < Q; q0 += TQ)
-            for (int co = 0; co < CO; co++) {
-                float acc[RB][TQ];
-                for (int rb = 0; rb < RB; rb++)
-                    for (int q = 0; q < TQ; q++) acc[rb][q] = 0.f;
-                for (int ci = 0; ci < CI; ci++)
-                    for (int i = 0; i < K; i++) {
-                        const float* src[RB];
-                        for (int rb = 0; rb < RB; rb++) {
-                            i64 row = r0 + rb + i;
-                            row = row < uhi + K / 2 ? row : uhi + K / 2 - 1;  /* last row of the padded plane */
-                            src[rb] = in + ci * psi + row * ldi + q0;
-                        }
-                        const float* wr = wt + ((co * CI + ci) * K + i) * K;
-                        for (int j = 0; j < K; j++) {
-                            const float wv = wr[j];
-                            for (int rb = 0; rb < RB; rb++) {
-                                const float* sp = src[rb] + j;
-#pragma omp simd
-                                for (int q = 0; q < TQ; q++) acc[rb][q] += wv * sp[q];
-                            }
+ * in: CI zero-padded planes (plane stride psi, row stride ldi), data rows K/2 .. K/2 + R - 1. A tile is
+ * RT output rows x TQ columns: for each input channel and kernel column j, the K weights of that column
+ * are held in registers and each input row of the tile's window is loaded once for every output row it
+ * reaches (a load per K multiply-adds instead of one per multiply-add). With FULL (RT == R, small planes)
+ * the padding rows are not visited at all; otherwise rows past the padded plane are clamped to its last
+ * row (their outputs are discarded). Columns are read up to TQ - 1 past Q + K - 1 (finite values
+ * required: the caller's slack). Every loop over a constant bound is unrolled, so the accumulators
+ * stay in registers (the results are copied out, never addressed). */
+typedef float vtile __attribute__((vector_size(TQ * sizeof(float))));
+INLINE vtile load_tile(const float* p) { vtile v; memcpy(&v, p, sizeof v); return v; }
+INLINE void corr_impl(const float* in, i64 psi, i64 ldi, const int CI, const int CO, const int K, const int RT,
+                      const int FULL, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) {
+    const i64 last = R + K - 2;  /* the last row of the padded plane */
+    for (i64 r0 = 0; r0 < R; r0 += RT)
+        for (i64 q0 = 0; q0 < Q; q0 += TQ) {
+            vtile acc[CO][RT];
+#pragma GCC unroll 2
+            for (int co = 0; co < CO; co++)
+#pragma GCC unroll 16
+                for (int rb = 0; rb < RT; rb++) acc[co][rb] = (vtile){0};
+            for (int ci = 0; ci < CI; ci++)
+                for (int j = 0; j < K; j++) {
+                    float w[CO][K];
+#pragma GCC unroll 2
+                    for (int co = 0; co < CO; co++)
+#pragma GCC unroll 16
+                        for (int i = 0; i < K; i++) w[co][i] = wt[((co * CI + ci) * K + i) * K + j];
+                    const float* col = in + ci * psi + q0 + j;
+#pragma GCC unroll 32
+                    for (int u = 0; u < RT + K - 1; u++) {
+                        if (FULL && (u < K / 2 || u >= K / 2 + RT)) continue;  /* zero padding */
+                        i64 row = r0 + u;
+                        row = row < last ? row : last;
+                        const vtile v = load_tile(col + row * ldi);
+#pragma GCC unroll 16
+                        for (int rb = 0; rb < RT; rb++) {
+                            const int i = u - rb;
+                            if (i >= 0 && i < K)
+#pragma GCC unroll 2
+                                for (int co = 0; co < CO; co++) acc[co][rb] += w[co][i] * v;
                         }
                     }
-                const i64 nr = R - r0 < RB ? R - r0 : RB, nq = Q - q0 < TQ ? Q - q0 : TQ;
-                for (i64 rb = 0; rb < nr; rb++)
-                    for (i64 q = 0; q < nq; q++) out[co * pso + (r0 + rb) * ldo + q0 + q] = acc[rb][q];
-            }
+                }
+            const i64 nr = R - r0 < RT ? R - r0 : RT, nq = Q - q0 < TQ ? Q - q0 : TQ;
+            for (int co = 0; co < CO; co++)
+                for (i64 rb = 0; rb < nr; rb++) {
+                    float* o = out + co * pso + (r0 + rb) * ldo + q0;
+                    const vtile t = acc[co][rb];
+                    if (nq == TQ) memcpy(o, &t, sizeof t);
+                    else for (i64 q = 0; q < nq; q++) o[q] = t[q];
+                }
+        }
 }
+/* tiles: whole planes of 4 or 8 rows (no padding rows visited), else 8 rows (4 with two output channels);
+ * without AVX-512 (16 vector registers) half as many rows */
+#if defined(__AVX512F__)
+#define CORR_ROWS(CO) ((CO) == 1 ? 8 : 4)
+#define CORR_FULL(CI, CO, KK) \
+    if (R == 4) corr_impl(in, psi, ldi, CI, CO, KK, 4, 1, wt, out, pso, ldo, R, Q); \
+    else if (R == 8) corr_impl(in, psi, ldi, CI, CO, KK, 8, 1, wt, out, pso, ldo, R, Q); \
+    else corr_impl(in, psi, ldi, CI, CO, KK, CORR_ROWS(CO), 0, wt, out, pso, ldo, R, Q);
+#else
+#define CORR_ROWS(CO) ((CO) == 1 ? 4 : 2)
+#define CORR_FULL(CI, CO, KK) \
+    if (R == 4) corr_impl(in, psi, ldi, CI, CO, KK, 4, 1, wt, out, pso, ldo, R, Q); \
+    else corr_impl(in, psi, ldi, CI, CO, KK, CORR_ROWS(CO), 0, wt, out, pso, ldo, R, Q);
+#endif
 #define CORR_K(CI, CO) \
     switch (K) { \
-        case 3: corr_impl(in, psi, ldi, ulo, uhi, CI, CO, 3, wt, out, pso, ldo, R, Q); break; \
-        case 5: corr_impl(in, psi, ldi, ulo, uhi, CI, CO, 5, wt, out, pso, ldo, R, Q); break; \
-        case 7: corr_impl(in, psi, ldi, ulo, uhi, CI, CO, 7, wt, out, pso, ldo, R, Q); break; \
-        default: corr_impl(in, psi, ldi, ulo, uhi, CI, CO, K, wt, out, pso, ldo, R, Q); \
+        case 3: CORR_FULL(CI, CO, 3) break; \
+        case 5: CORR_FULL(CI, CO, 5) break; \
+        case 7: CORR_FULL(CI, CO, 7) break; \
+        default: corr_impl(in, psi, ldi, CI, CO, K, 1, 0, wt, out, pso, ldo, R, Q); \
     }
-static void corr21(const float* in, i64 psi, i64 ldi, i64 ulo, i64 uhi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) { CORR_K(2, 1) }
-static void corr12(const float* in, i64 psi, i64 ldi, i64 ulo, i64 uhi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) { CORR_K(1, 2) }
+static void corr21(const float* in, i64 psi, i64 ldi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) { CORR_K(2, 1) }
+static void corr12(const float* in, i64 psi, i64 ldi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) { CORR_K(1, 2) }
 
-/* ---- weight gradient of one sample: gw[c][i][j] += sum_{y, x} g[y][x] * P[c][y + i][x + j]
- * g: rows zero-padded to QT (a multiple of TQ); P: padded stored map (row stride ldi, slack after). */
-INLINE void gradw_impl(const float* P, i64 psi, i64 ldi, const float* g, i64 QT, i64 R, const int K, float* gw) {
+/* ---- weight gradient of one sample, as vectors (summed once at the end):
+ * gv[c][i][j] += sum_{y, x'} G[y][x' - j] * P[c][y + i][x'] (x' = x + j), whose lane sum is
+ * gw[c][i][j] = sum_{y, x} g[y][x] * P[c][y + i][x + j].
+ * G: the gradient rows at column K - 1 of rows of ldg floats, zeros around (so x' runs over whole tiles);
+ * P: padded stored map (row stride ldi, finite values up to TQ past its end). P's vectors are read
+ * unshifted and G's shifted: per gradient row and column tile the K shifted G vectors are loaded once
+ * for a block of IB kernel rows (IB * K multiply-adds per P vector, instead of one load per multiply-add). */
+#if defined(__AVX512F__)
+#define GRADW_ROWS 3   /* IB * K accumulators + K shifted vectors within 32 registers for K <= 7 */
+#else
+#define GRADW_ROWS 1
+#endif
+INLINE void gradw_impl(const float* P, i64 psi, i64 ldi, const float* G, i64 ldg, i64 R, i64 Qp, const int K,
+                       const int IB, vtile* gv) {
+    const int p = K / 2;
+    for (int c = 0; c < 2; c++)
+#pragma GCC unroll 8
+        for (int i0 = 0; i0 < K; i0 += IB) {
+            /* one accumulator array per kernel row (small arrays stay in registers) */
+            vtile a0[K], a1[K], a2[K];
+            const int n = K - i0 < IB ? K - i0 : IB;  /* kernel rows in this block (<= 3) */
+#pragma GCC unroll 16
+            for (int j = 0; j < K; j++) a0[j] = a1[j] = a2[j] = (vtile){0};
+            /* gradient rows y for which some P row y + i of the block is a data row */
+            const i64 ylo = p - (i0 + n - 1) > 0 ? p - (i0 + n - 1) : 0, yhi = p + R - i0 < R ? p + R - i0 : R;
+            for (i64 y = ylo; y < yhi; y++) {
+                const float* grow = G + y * ldg + (K - 1);
+                const float* prow = P + c * psi + (y + i0) * ldi;
+                for (i64 x0 = 0; x0 < Qp; x0 += TQ) {
+                    vtile gs[K];
+#pragma GCC unroll 16
+                    for (int j = 0; j < K; j++) gs[j] = load_tile(grow + x0 - j);
+                    const vtile p0 = load_tile(prow + x0);
+#pragma GCC unroll 16
+                    for (int j = 0; j < K; j++) a0[j] += gs[j] * p0;
+                    if (n > 1) {
+                        const vtile p1 = load_tile(prow + ldi + x0);
+#pragma GCC unroll 16
+                        for (int j = 0; j < K; j++) a1[j] += gs[j] * p1;
+                    }
+                    if (n > 2) {
+                        const vtile p2 = load_tile(prow + 2 * ldi + x0);
+#pragma GCC unroll 16
+                        for (int j = 0; j < K; j++) a2[j] += gs[j] * p2;
+                    }
+                }
+            }
+#pragma GCC unroll 16
+            for (int j = 0; j < K; j++) {
+                gv[(c * K + i0) * K + j] += a0[j];
+                if (n > 1) gv[(c * K + i0 + 1) * K + j] += a1[j];
+                if (n > 2) gv[(c * K + i0 + 2) * K + j] += a2[j];
+            }
+        }
+}
+static void gradw(const float* P, i64 psi, i64 ldi, const float* G, i64 ldg, i64 R, i64 Qp, int K, vtile* gv) {
+    switch (K) {
+        case 3: gradw_impl(P, psi, ldi, G, ldg, R, Qp, 3, GRADW_ROWS, gv); break;
+        case 5: gradw_impl(P, psi, ldi, G, ldg, R, Qp, 5, GRADW_ROWS, gv); break;
+        case 7: gradw_impl(P, psi, ldi, G, ldg, R, Qp, 7, GRADW_ROWS, gv); break;
+        default: gradw_impl(P, psi, ldi, G, ldg, R, Qp, K, 1, gv);  /* (variable-length arrays) */
+    }
+}
+
+/* ---- weight gradient of one sample, P's vectors shifted: gw[c][i][j] += sum_{y, x} g[y][x] * P[c][y + i][x + j]
+ * (lane sums added to gw[c][i][j]); g: rows of QT floats (a multiple of TQ), zeros after Q. One load per
+ * multiply-add, but over Q columns rather than Q + K - 1: cheaper where that saves a column tile. */
+INLINE void gradw_rows_impl(const float* P, i64 psi, i64 ldi, const float* g, i64 ldg, i64 QT, i64 R, const int K,
+                            float* gw) {
     const i64 p = K / 2;  /* rows of P outside p .. p+R-1 are zero padding */
     for (int i = 0; i < K; i++) {  /* both channels at once: each gradient vector loaded once for 2K products */
         float acc[2][K][TQ];
@@ -252,7 +350,7 @@ INLINE void gradw_impl(const float* P, i64 psi, i64 ldi, const float* g, i64 QT,
         for (i64 y = ylo; y < yhi; y++) {
             const float* p0 = P + (y + i) * ldi;
             const float* p1 = p0 + psi;
-            const float* grow = g + y * QT;
+            const float* grow = g + y * ldg;
             for (i64 q0 = 0; q0 < QT; q0 += TQ) {
                 const float* gg = grow + q0;
                 for (int j = 0; j < K; j++) {
@@ -274,11 +372,11 @@ INLINE void gradw_impl(const float* P, i64 psi, i64 ldi, const float* g, i64 QT,
             }
     }
 }
-static void gradw(const float* P, i64 psi, i64 ldi, const float* g, i64 QT, i64 R, int K, float* gw) {
+static void gradw_rows(const float* P, i64 psi, i64 ldi, const float* g, i64 ldg, i64 QT, i64 R, int K, float* gw) {
     switch (K) {
-        case 3: gradw_impl(P, psi, ldi, g, QT, R, 3, gw); break;
-        case 5: gradw_impl(P, psi, ldi, g, QT, R, 5, gw); break;
-        case 7: gradw_impl(P, psi, ldi, g, QT, R, 7, gw); break;
+        case 3: gradw_rows_impl(P, psi, ldi, g, ldg, QT, R, 3, gw); break;
+        case 5: gradw_rows_impl(P, psi, ldi, g, ldg, QT, R, 5, gw); break;
+        case 7: gradw_rows_impl(P, psi, ldi, g, ldg, QT, R, 7, gw); break;
         default: {  /* larger kernels: one tap at a time */
             for (int c = 0; c < 2; c++)
                 for (int i = 0; i < K; i++)
@@ -288,7 +386,7 @@ static void gradw(const float* P, i64 psi, i64 ldi, const float* g, i64 QT, i64 
                         for (i64 y = 0; y < R; y++)
                             for (i64 q0 = 0; q0 < QT; q0 += TQ) {
                                 const float* pp = P + c * psi + (y + i) * ldi + q0 + j;
-                                const float* gg = g + y * QT + q0;
+                                const float* gg = g + y * ldg + q0;
                                 for (int q = 0; q < TQ; q++) acc[q] += gg[q] * pp[q];
                             }
                         float s = 0.f;
@@ -339,7 +437,7 @@ void ta_conv(const float* maps, i64 B, i64 R, i64 Q, i64 k, const float* w, int 
     const i64 Rp = R + k - 1, Qp = Q + k - 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (i64 b = 0; b < B; b++)
-        corr21(maps + b * 2 * Rp * Qp, Rp * Qp, Qp, k / 2, k / 2 + R, (int)k, wl, z + b * R * Q, R * Q, Q, R, Q);
+        corr21(maps + b * 2 * Rp * Qp, Rp * Qp, Qp, (int)k, wl, z + b * R * Q, R * Q, Q, R, Q);
 }
 
 /* out = x * (g_cw + g_hc [+ g_s]) * weight; gates: stored planes (B, R, Q); gs NULL without spatial */
@@ -410,7 +508,7 @@ void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw
                 float* m = maps + moff[br];
                 float* g = gates + goff[br];
                 store_map(mx[br], su[br], A[br], N[br], nn[br], tr[br], p, m);
-                corr21(m, Rp * Qp, Qp, p, p + R[br], (int)k, wl[br], g, n, Q[br], R[br], Q[br]);
+                corr21(m, Rp * Qp, Qp, (int)k, wl[br], g, n, Q[br], R[br], Q[br]);
                 const float a = scale[br], c = shift[br];
 #pragma omp simd
                 for (i64 i = 0; i < n; i++) g[i] = 1.f / (1.f + vexpf(-(g[i] * a + c)));
@@ -533,39 +631,48 @@ void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i6
 void ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i64 k, const float* w, int t,
                       float* gmap, float* gw, int nthreads) {
     const i64 p = k / 2, Rp = R + k - 1, Qp = Q + k - 1, kk = 2 * k * k;
-    const i64 QT = (Q + TQ - 1) / TQ * TQ;
+    /* the gradient of one sample, zero-padded: rows of ldg floats, data at column k - 1 of rows p .. p+R-1
+     * (corr12 reads it from column k - 1 - p, gradw from column 0 of row p) */
+    const i64 ldg = k - 1 + (Qp + TQ - 1) / TQ * TQ + TQ;
     float wl[kk], wf[kk];
     local_weight(w, k, t, wl);
     for (i64 c = 0; c < 2; c++)  /* flipped: the gradient is a correlation with the rotated kernel */
         for (i64 i = 0; i < k; i++)
             for (i64 j = 0; j < k; j++) wf[(c * k + i) * k + j] = wl[(c * k + (k - 1 - i)) * k + (k - 1 - j)];
-    float* partial = calloc((size_t)nthreads * kk, sizeof(float));
+    /* weight gradient with G's vectors shifted (a third of a load per multiply-add) unless reading P
+     * unshifted, over Q + k - 1 columns, takes one more column tile than over Q */
+    const i64 QT = (Q + TQ - 1) / TQ * TQ;
+    const int shift_g = (Qp + TQ - 1) / TQ * TQ == QT;
+    vtile* partial = aligned_alloc(sizeof(vtile), (size_t)nthreads * kk * sizeof(vtile));
+    memset(partial, 0, (size_t)nthreads * kk * sizeof(vtile));
+    float* partial_rows = calloc((size_t)nthreads * kk, sizeof(float));
 #pragma omp parallel num_threads(nthreads)
     {
-        float* acc = partial + (i64)omp_get_thread_num() * kk;
-        float* gzp = calloc((size_t)(Rp * Qp + SLACK), sizeof(float));   /* zero-padded gradient */
-        float* gzt = calloc((size_t)(R * QT), sizeof(float));            /* rows zero-padded to QT */
+        vtile* acc = partial + (i64)omp_get_thread_num() * kk;
+        float* acc_rows = partial_rows + (i64)omp_get_thread_num() * kk;
+        float* gpad = calloc((size_t)((Rp + 1) * ldg + SLACK), sizeof(float));
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
             const float* g = gz + b * R * Q;
-            for (i64 r = 0; r < R; r++) {
-                memcpy(gzp + (r + p) * Qp + p, g + r * Q, sizeof(float) * Q);
-                memcpy(gzt + r * QT, g + r * Q, sizeof(float) * Q);
-            }
-            corr12(gzp, 0, Qp, p, p + R, (int)k, wf, gmap + b * 2 * R * Q, R * Q, Q, R, Q);
-            gradw(maps + b * 2 * Rp * Qp, Rp * Qp, Qp, gzt, QT, R, (int)k, acc);
+            for (i64 r = 0; r < R; r++) memcpy(gpad + (r + p) * ldg + k - 1, g + r * Q, sizeof(float) * Q);
+            corr12(gpad + k - 1 - p, 0, ldg, (int)k, wf, gmap + b * 2 * R * Q, R * Q, Q, R, Q);
+            if (shift_g) gradw(maps + b * 2 * Rp * Qp, Rp * Qp, Qp, gpad + p * ldg, ldg, R, Qp, (int)k, acc);
+            else gradw_rows(maps + b * 2 * Rp * Qp, Rp * Qp, Qp, gpad + p * ldg + k - 1, ldg, QT, R, (int)k, acc_rows);
         }
-        free(gzp);
-        free(gzt);
+        free(gpad);
     }
     for (i64 c = 0; c < 2; c++)
         for (i64 i = 0; i < k; i++)
             for (i64 j = 0; j < k; j++) {
                 float s = 0.f;
-                for (int th = 0; th < nthreads; th++) s += partial[th * kk + (c * k + i) * k + j];
+                for (int th = 0; th < nthreads; th++) {
+                    for (int q = 0; q < TQ; q++) s += partial[th * kk + (c * k + i) * k + j][q];
+                    s += partial_rows[th * kk + (c * k + i) * k + j];
+                }
                 if (t) gw[(c * k + j) * k + i] = s; else gw[(c * k + i) * k + j] = s;
             }
     free(partial);
+    free(partial_rows);
 }
 
 /* Pass 2: grad x = grad * mean(gates) + the ZPool backward of every branch (the max part shared
