@@ -96,7 +96,8 @@ SelfNormOutputs selfnorm_cpu(const Tensor& x, const Tensor& fc, const Tensor& ga
   sn_gate_input(cptr(mean), cptr(std), cptr(fc.contiguous()), l.batch, l.channels, mptr(y));
   bn_sigmoid_forward(cptr(y), l.batch, l.channels, 1, cptr(gamma.contiguous()), cptr(beta.contiguous()),
                      cptr(running_mean.contiguous()), cptr(running_var.contiguous()), training, bn_eps, mptr(g),
-                     mptr(xhat), mptr(invstd), mptr(batch_stats), mptr(batch_stats) + l.channels);
+                     mptr(xhat), mptr(invstd), mptr(batch_stats), mptr(batch_stats) + l.channels,
+                     1 /* (a few values per channel) */);
   Tensor out = at::empty_like(x);
   sn_apply(cptr(x), l.batch, l.channels, l.n, l.nhwc, cptr(g), nullptr, mptr(out), threads);
   return {out, mean, std, g, xhat, invstd, batch_stats};
@@ -126,7 +127,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selfnorm_backward_cpu(const Tensor& g
   Tensor d_gamma = at::empty({l.channels}, options), d_beta = at::empty({l.channels}, options);
   Tensor d_fc = at::empty({l.channels, 1, 2}, options);
   bn_sigmoid_backward(cptr(d_gate), cptr(g), cptr(xhat), l.batch, l.channels, 1, cptr(gamma.contiguous()),
-                      cptr(invstd.contiguous()), training, mptr(dy), mptr(d_gamma), mptr(d_beta));
+                      cptr(invstd.contiguous()), training, mptr(dy), mptr(d_gamma), mptr(d_beta), 1);
   Tensor d_mean = at::zeros(shape, options), d_std = at::zeros(shape, options);
   sn_gate_input_backward(cptr(dy), cptr(mean), cptr(std), cptr(weights), l.batch, l.channels, mptr(d_mean),
                          mptr(d_std), mptr(d_fc));

@@ -20,10 +20,10 @@
 extern "C" {  // csrc/bn_sigmoid.h, compiled into each C library that includes it
 void bn_sigmoid_forward(const float* y, int64_t B, int64_t C, int64_t inner, const float* gamma, const float* beta,
                         const float* rm, const float* rv, int training, double eps, float* g, float* xhat,
-                        float* invstd, float* bmean, float* bvar);
+                        float* invstd, float* bmean, float* bvar, int nthreads);
 void bn_sigmoid_backward(const float* dg, const float* g, const float* xhat, int64_t B, int64_t C, int64_t inner,
                          const float* gamma, const float* invstd, int training, float* dy, float* dgamma,
-                         float* dbeta);
+                         float* dbeta, int nthreads);
 }
 
 namespace mnv2 {

@@ -135,7 +135,8 @@ Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, bool training, dou
     xhats[lane] = at::empty({g.batch, r, q}, x.options());
     ta_conv(cptr(maps[lane]), g.batch, r, q, k, cptr(weight), g.flags[lane] ^ g.transposed[lane], mptr(z), threads);
     bn_sigmoid_forward(cptr(z), g.batch, 1, r * q, cptr(gammas[b]), cptr(betas[b]), cptr(means[b]), cptr(vars[b]),
-                       training, eps, mptr(gates[lane]), mptr(xhats[lane]), mptr(invstd) + lane, bs + b, bs + 3 + b);
+                       training, eps, mptr(gates[lane]), mptr(xhats[lane]), mptr(invstd) + lane, bs + b, bs + 3 + b,
+                       threads);
   }
   Tensor out = at::empty_like(x);
   ta_combine(cptr(g.xv), g.batch, g.c, g.h, g.w, cptr(gates[0]), g.flags[0], cptr(gates[1]), g.flags[1],
@@ -189,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> triplet_attention_bac
     Tensor dz = at::empty({g.batch, r, q}, x.options());
     bn_sigmoid_backward(cptr(d_gates[lane]), cptr(gates[lane]), cptr(xhats[lane]), g.batch, 1, r * q,
                         cptr(gammas[b]), cptr(invstd) + lane, training, mptr(dz), mptr(d_gamma) + b,
-                        mptr(d_beta) + b);
+                        mptr(d_beta) + b, threads);
     Tensor weight = weights[b].contiguous();
     d_maps[lane] = at::empty({g.batch, 2, r, q}, x.options());
     d_weights[b] = at::empty({1, 2, k, k}, x.options());
