@@ -7,8 +7,9 @@
  * A plane is stored (R rows, Q cols) as its official orientation or the transpose (flag t),
  * whichever puts the longer side in the contiguous columns; `tr` says whether the stored plane
  * is the transpose of the natural layout (cw: t, hc: !t, s: t).
- * Pooled maps: zero-padded stored planes (2, R+k-1, Q+k-1) per sample (max, mean), followed by
- * SLACK zero floats at the end of the whole buffer (the vector tiles read past a row's end).
+ * Pooled maps: stored planes (2, R, Q) per sample (max, mean). The convolutions copy a sample's maps
+ * into a zero-padded (2, R+k-1, Q+k-1) buffer followed by SLACK zero floats (the vector tiles read past
+ * a row's end): the batch's maps, kept for backward, are not padded.
  * Convolution weights are given in the official orientation (2, k, k).
  */
 #include <stdint.h>
@@ -49,6 +50,28 @@ typedef int64_t i64;
 
 
 #include "vexpf.h"
+
+typedef float vtile __attribute__((vector_size(TQ * sizeof(float))));  /* a register tile's row */
+INLINE vtile load_tile(const float* p) { vtile v; memcpy(&v, p, sizeof v); return v; }
+
+/* rows reduced 8 floats at a time, the 8 partials then as a tree (a loop's own reduction adds its lanes
+ * one after another: a chain of dependent additions per row) */
+typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
+typedef int32_t v8i __attribute__((vector_size(8 * sizeof(int32_t))));
+INLINE v8 load8(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+INLINE void store8(float* p, v8 v) { memcpy(p, &v, sizeof v); }
+INLINE v8 max8(v8 a, v8 b) { const v8i m = a > b; return (v8)(((v8i)a & m) | ((v8i)b & ~m)); }
+INLINE float sum8(v8 v) {
+    v = v + __builtin_shuffle(v, (v8i){4, 5, 6, 7, 0, 1, 2, 3});
+    v = v + __builtin_shuffle(v, (v8i){2, 3, 0, 1, 6, 7, 4, 5});
+    return v[0] + v[1];
+}
+INLINE float fold_max8(v8 v) {
+    v = max8(v, __builtin_shuffle(v, (v8i){4, 5, 6, 7, 0, 1, 2, 3}));
+    v = max8(v, __builtin_shuffle(v, (v8i){2, 3, 0, 1, 6, 7, 4, 5}));
+    return v[0] > v[1] ? v[0] : v[1];
+}
+
 
 /* natural (A x N) <-> stored plane with row stride ld, first element at off */
 static void gather(const float* src, i64 off, i64 ld, int tr, i64 A, i64 N, float* dst) {
@@ -123,6 +146,21 @@ INLINE void pool_impl(const float* restrict xb, i64 C, const i64 H, const i64 W,
                 for (i64 h = 1; h < H; h++) { const float v = xc[h * W + w]; m = v > m ? v : m; a += v; }
                 cm[w] = m;
                 cs[w] = a;
+            }
+        } else if (W % 8 == 0) {
+            for (i64 w = 0; w < W; w++) { cm[w] = xc[w]; cs[w] = 0.f; }
+            for (i64 h = 0; h < H; h++) {
+                const float* row = xc + h * W;
+                v8 rm = load8(row), rs = (v8){0};
+                for (i64 w = 0; w < W; w += 8) {
+                    const v8 v = load8(row + w);
+                    rm = max8(rm, v);
+                    rs += v;
+                    store8(cm + w, max8(load8(cm + w), v));
+                    store8(cs + w, load8(cs + w) + v);
+                }
+                hcm[c * H + h] = fold_max8(rm);
+                hcs[c * H + h] = sum8(rs);
             }
         } else {
             for (i64 w = 0; w < W; w++) { cm[w] = xc[w]; cs[w] = 0.f; }
@@ -202,8 +240,6 @@ static void gate_sample(const float* xb, i64 C, i64 H, i64 W, const float* cw, c
  * row (their outputs are discarded). Columns are read up to TQ - 1 past Q + K - 1 (finite values
  * required: the caller's slack). Every loop over a constant bound is unrolled, so the accumulators
  * stay in registers (the results are copied out, never addressed). */
-typedef float vtile __attribute__((vector_size(TQ * sizeof(float))));
-INLINE vtile load_tile(const float* p) { vtile v; memcpy(&v, p, sizeof v); return v; }
 INLINE void corr_impl(const float* in, i64 psi, i64 ldi, const int CI, const int CO, const int K, const int RT,
                       const int FULL, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) {
     const i64 last = R + K - 2;  /* the last row of the padded plane */
@@ -404,10 +440,17 @@ static void local_weight(const float* w, i64 k, int t, float* wl) {
                 wl[(c * k + i) * k + j] = t ? w[(c * k + j) * k + i] : w[(c * k + i) * k + j];
 }
 
+/* one sample's stored maps (2, R, Q) into the interior of a zero-padded (2, R+k-1, Q+k-1) buffer */
+static void pad_maps(const float* maps, i64 R, i64 Q, i64 k, float* padded) {
+    const i64 p = k / 2, Rp = R + k - 1, Qp = Q + k - 1;
+    for (i64 c = 0; c < 2; c++)
+        for (i64 r = 0; r < R; r++) memcpy(padded + c * Rp * Qp + (r + p) * Qp + p, maps + (c * R + r) * Q, sizeof(float) * Q);
+}
+
 /* ---------------- training forward ---------------- */
 
-/* pooled maps of all branches into zero-initialised padded buffers; ms NULL without spatial */
-void ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W, i64 p,
+/* pooled maps of all branches (B, 2, R, Q) each; ms NULL without spatial */
+void ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W,
              float* mcw, int tcw, float* mhc, int thc, float* ms, int ts, int nthreads) {
     const int spatial = ms != NULL;
     i64 A[3], N[3], R[3], Q[3]; int tr[3];
@@ -421,23 +464,30 @@ void ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W, i64 p,
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
             pool_sample(x + b * C * H * W, C, H, W, spatial, cwm, cws, hcm, hcs, sm, ss);
-            store_map(cwm, cws, A[0], N[0], (float)H, tr[0], p, mcw + b * 2 * (R[0] + 2 * p) * (Q[0] + 2 * p));
-            store_map(hcm, hcs, A[1], N[1], (float)W, tr[1], p, mhc + b * 2 * (R[1] + 2 * p) * (Q[1] + 2 * p));
+            store_map(cwm, cws, A[0], N[0], (float)H, tr[0], 0, mcw + b * 2 * R[0] * Q[0]);
+            store_map(hcm, hcs, A[1], N[1], (float)W, tr[1], 0, mhc + b * 2 * R[1] * Q[1]);
             if (spatial)
-                store_map(sm, ss, A[2], N[2], (float)C, tr[2], p, ms + b * 2 * (R[2] + 2 * p) * (Q[2] + 2 * p));
+                store_map(sm, ss, A[2], N[2], (float)C, tr[2], 0, ms + b * 2 * R[2] * Q[2]);
         }
         free(buf);
     }
 }
 
-/* conv outputs of one branch: maps (B, 2, R+k-1, Q+k-1) [+ slack] -> z (B, R, Q) */
+/* conv outputs of one branch: maps (B, 2, R, Q) -> z (B, R, Q) */
 void ta_conv(const float* maps, i64 B, i64 R, i64 Q, i64 k, const float* w, int t, float* z, int nthreads) {
     float wl[2 * k * k];
     local_weight(w, k, t, wl);
     const i64 Rp = R + k - 1, Qp = Q + k - 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (i64 b = 0; b < B; b++)
-        corr21(maps + b * 2 * Rp * Qp, Rp * Qp, Qp, (int)k, wl, z + b * R * Q, R * Q, Q, R, Q);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* padded = calloc((size_t)(2 * Rp * Qp + SLACK), sizeof(float));
+#pragma omp for schedule(static)
+        for (i64 b = 0; b < B; b++) {
+            pad_maps(maps + b * 2 * R * Q, R, Q, k, padded);
+            corr21(padded, Rp * Qp, Qp, (int)k, wl, z + b * R * Q, R * Q, Q, R, Q);
+        }
+        free(padded);
+    }
 }
 
 /* out = x * (g_cw + g_hc [+ g_s]) * weight; gates: stored planes (B, R, Q); gs NULL without spatial */
@@ -589,7 +639,7 @@ INLINE void reduce_impl(const float* xb, const float* gb, i64 C, const i64 H, co
     }
 }
 
-void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, i64 p,
+void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
                         const float* mcw, int tcw, const float* mhc, int thc, const float* ms, int ts,
                         float* dcw, float* dhc, float* ds, float* ncw, float* nhc, float* ns, int nthreads) {
     const int spatial = ms != NULL;
@@ -606,10 +656,9 @@ void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i6
         float* tmp = nsd + H * W;
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
-            const i64 Qp0 = Q[0] + 2 * p, Qp1 = Q[1] + 2 * p, Qp2 = Q[2] + 2 * p;
-            gather(mcw + b * 2 * (R[0] + 2 * p) * Qp0, p * Qp0 + p, Qp0, tr[0], A[0], N[0], xcw);
-            gather(mhc + b * 2 * (R[1] + 2 * p) * Qp1, p * Qp1 + p, Qp1, tr[1], A[1], N[1], xhc);
-            if (spatial) gather(ms + b * 2 * (R[2] + 2 * p) * Qp2, p * Qp2 + p, Qp2, tr[2], A[2], N[2], xs);
+            gather(mcw, b * 2 * R[0] * Q[0], Q[0], tr[0], A[0], N[0], xcw);  /* the max maps */
+            gather(mhc, b * 2 * R[1] * Q[1], Q[1], tr[1], A[1], N[1], xhc);
+            if (spatial) gather(ms, b * 2 * R[2] * Q[2], Q[2], tr[2], A[2], N[2], xs);
             float* n_s = spatial ? ns + b * H * W : nsd;
             const float* xb = x + b * C * H * W;
             const float* gb = go + b * C * H * W;
@@ -626,7 +675,7 @@ void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i6
     }
 }
 
-/* Gradients of one branch's convolution: for the (unpadded) pooled map, stored plane (B, 2, R, Q),
+/* Gradients of one branch's convolution, from its maps (B, 2, R, Q): for the maps (stored planes (B, 2, R, Q)),
  * and for the weight, official orientation (2, k, k), summed over the batch. */
 void ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i64 k, const float* w, int t,
                       float* gmap, float* gw, int nthreads) {
@@ -651,15 +700,18 @@ void ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i
         vtile* acc = partial + (i64)omp_get_thread_num() * kk;
         float* acc_rows = partial_rows + (i64)omp_get_thread_num() * kk;
         float* gpad = calloc((size_t)((Rp + 1) * ldg + SLACK), sizeof(float));
+        float* padded = calloc((size_t)(2 * Rp * Qp + SLACK), sizeof(float));  /* the sample's maps */
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
             const float* g = gz + b * R * Q;
             for (i64 r = 0; r < R; r++) memcpy(gpad + (r + p) * ldg + k - 1, g + r * Q, sizeof(float) * Q);
             corr12(gpad + k - 1 - p, 0, ldg, (int)k, wf, gmap + b * 2 * R * Q, R * Q, Q, R, Q);
-            if (shift_g) gradw(maps + b * 2 * Rp * Qp, Rp * Qp, Qp, gpad + p * ldg, ldg, R, Qp, (int)k, acc);
-            else gradw_rows(maps + b * 2 * Rp * Qp, Rp * Qp, Qp, gpad + p * ldg + k - 1, ldg, QT, R, (int)k, acc_rows);
+            pad_maps(maps + b * 2 * R * Q, R, Q, k, padded);
+            if (shift_g) gradw(padded, Rp * Qp, Qp, gpad + p * ldg, ldg, R, Qp, (int)k, acc);
+            else gradw_rows(padded, Rp * Qp, Qp, gpad + p * ldg + k - 1, ldg, QT, R, (int)k, acc_rows);
         }
         free(gpad);
+        free(padded);
     }
     for (i64 c = 0; c < 2; c++)
         for (i64 i = 0; i < k; i++)
@@ -699,7 +751,7 @@ INLINE void dx_impl(const float* xb, const float* gb, float* db, i64 C, const i6
         }
 }
 
-void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, i64 p,
+void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
                     const float* gcw, const float* ghc, const float* gs,
                     const float* mcw, const float* mhc, const float* ms, int tcw, int thc, int ts,
                     const float* dcw, const float* dhc, const float* dsp,
@@ -732,9 +784,8 @@ void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
                     for (i64 i = 0; i < sz[2]; i++) { gate[2][i] = 0.f; share[2][i] = 0.f; even[2][i] = 0.f; peak[2][i] = NAN; }
                     continue;
                 }
-                const i64 Qp = Q[br] + 2 * p, msize = 2 * (R[br] + 2 * p) * Qp;
                 gather(gsrc[br], b * R[br] * Q[br], Q[br], tr[br], A[br], N[br], gate[br]);
-                gather(msrc[br], b * msize + p * Qp + p, Qp, tr[br], A[br], N[br], peak[br]);
+                gather(msrc[br], b * 2 * R[br] * Q[br], Q[br], tr[br], A[br], N[br], peak[br]);
                 gather(dsrc[br], b * 2 * R[br] * Q[br], Q[br], tr[br], A[br], N[br], share[br]);
                 gather(dsrc[br], (b * 2 + 1) * R[br] * Q[br], Q[br], tr[br], A[br], N[br], even[br]);
                 const float* cnt = nsrc[br] + b * sz[br];

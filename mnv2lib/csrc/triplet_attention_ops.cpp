@@ -10,19 +10,19 @@
 using mnv2::i64;
 
 extern "C" {
-void ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W, i64 p, float* mcw, int tcw, float* mhc, int thc, float* ms,
-             int ts, int nthreads);
+void ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W, float* mcw, int tcw, float* mhc, int thc, float* ms, int ts,
+             int nthreads);
 void ta_conv(const float* maps, i64 B, i64 R, i64 Q, i64 k, const float* w, int t, float* z, int nthreads);
 void ta_combine(const float* x, i64 B, i64 C, i64 H, i64 W, const float* gcw, int tcw, const float* ghc, int thc,
                 const float* gs, int ts, float* out, int nthreads);
 void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw, const float* whc, const float* ws,
              const float* const* bn, double eps, int tcw, int thc, int ts, int wt, float* out, int nthreads);
-void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, i64 p, const float* mcw, int tcw,
+void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, const float* mcw, int tcw,
                         const float* mhc, int thc, const float* ms, int ts, float* dcw, float* dhc, float* ds,
                         float* ncw, float* nhc, float* ns, int nthreads);
 void ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i64 k, const float* w, int t,
                       float* gmap, float* gw, int nthreads);
-void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, i64 p, const float* gcw,
+void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, const float* gcw,
                     const float* ghc, const float* gs, const float* mcw, const float* mhc, const float* ms, int tcw,
                     int thc, int ts, const float* dcw, const float* dhc, const float* dsp, const float* ncw,
                     const float* nhc, const float* ns, float* dx, int nthreads);
@@ -31,8 +31,6 @@ void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
 namespace {
 
 using namespace mnv2;
-
-constexpr i64 SLACK = 32;  // zero floats after each pooled map: the vector tiles read past a row's end
 
 // the parameters of the three branches: conv weights (1, 2, k, k), per-branch vectors (1,)
 i64 check_params(const char* op, const Tensor& x, const Tensor* weights, std::initializer_list<const Tensor*> vectors,
@@ -58,18 +56,18 @@ i64 check_params(const char* op, const Tensor& x, const Tensor* weights, std::in
 struct Geometry {
   Tensor xv;
   bool nhwc;
-  i64 batch, c, h, w, pad;
+  i64 batch, c, h, w;
   int flags[3];
   i64 rows[3], cols[3];
   int branch[3];      // lane -> branch of x (0 cw, 1 hc, 2 s)
   int transposed[3];  // lane -> that branch's weight read transposed
 };
 
-Geometry geometry(const Tensor& x, i64 k) {
+Geometry geometry(const Tensor& x) {
   Geometry g;
   g.nhwc = is_channels_last(x);
   g.xv = g.nhwc ? x.permute({0, 2, 3, 1}) : x;
-  g.batch = g.xv.size(0), g.c = g.xv.size(1), g.h = g.xv.size(2), g.w = g.xv.size(3), g.pad = k / 2;
+  g.batch = g.xv.size(0), g.c = g.xv.size(1), g.h = g.xv.size(2), g.w = g.xv.size(3);
   g.flags[0] = g.c > g.w, g.flags[1] = g.h > g.c, g.flags[2] = g.h > g.w;
   const i64 official[3][2] = {{g.c, g.w}, {g.h, g.c}, {g.h, g.w}};
   for (int i = 0; i < 3; i++) {
@@ -79,20 +77,6 @@ Geometry geometry(const Tensor& x, i64 k) {
   static const int lanes[2][3][2] = {{{0, 0}, {1, 0}, {2, 0}}, {{1, 0}, {2, 1}, {0, 1}}};
   for (int i = 0; i < 3; i++) g.branch[i] = lanes[g.nhwc][i][0], g.transposed[i] = lanes[g.nhwc][i][1];
   return g;
-}
-
-Tensor padded_maps(const Tensor& like, i64 batch, i64 rows, i64 cols) {
-  const i64 n = batch * 2 * rows * cols;
-  return at::zeros({n + SLACK}, like.options()).narrow(0, 0, n).view({batch, 2, rows, cols});
-}
-
-Tensor with_slack(const Tensor& maps) {
-  if (maps.is_contiguous() && maps.storage_offset() == 0 &&
-      maps.storage().nbytes() >= static_cast<size_t>((maps.numel() + SLACK) * 4))
-    return maps;
-  Tensor padded = padded_maps(maps, maps.size(0), maps.size(2), maps.size(3));
-  padded.copy_(maps);
-  return padded;
 }
 
 Tensor nchw_view(const Tensor& t, bool nhwc) { return nhwc ? t.permute({0, 2, 3, 1}) : t; }
@@ -117,11 +101,11 @@ Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, bool training, dou
   BRANCH_TABLES
   const i64 k = check_params("triplet_attention", x, weights, {gammas, betas, means, vars},
                              {"gamma", "beta", "mean", "var"});
-  const Geometry g = geometry(x, k);
+  const Geometry g = geometry(x);
   const int threads = at::get_num_threads();
   Tensor maps[3], gates[3], xhats[3];
-  for (int i = 0; i < 3; i++) maps[i] = padded_maps(x, g.batch, g.rows[i] + 2 * g.pad, g.cols[i] + 2 * g.pad);
-  ta_pool(cptr(g.xv), g.batch, g.c, g.h, g.w, g.pad, mptr(maps[0]), g.flags[0], mptr(maps[1]), g.flags[1],
+  for (int i = 0; i < 3; i++) maps[i] = at::empty({g.batch, 2, g.rows[i], g.cols[i]}, x.options());
+  ta_pool(cptr(g.xv), g.batch, g.c, g.h, g.w, mptr(maps[0]), g.flags[0], mptr(maps[1]), g.flags[1],
           mptr(maps[2]), g.flags[2], threads);
   Tensor invstd = at::empty({3}, x.options());
   Tensor batch_stats = at::zeros({2, 3}, x.options());  // left zero without batch statistics
@@ -154,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> triplet_attention_bac
   const Tensor weights[3] = {w_cw, w_hc, w_s}, gammas[3] = {gamma_cw, gamma_hc, gamma_s};
   const i64 k = check_params(op, x, weights, {gammas}, {"gamma"});
   check_same_layout(op, "grad", grad, x);
-  const Geometry g = geometry(x, k);
+  const Geometry g = geometry(x);
   const int threads = at::get_num_threads();
   const Tensor gv = nchw_view(grad, g.nhwc);
   const Tensor maps_in[3] = {maps_0, maps_1, maps_2}, gates_in[3] = {gates_0, gates_1, gates_2},
@@ -165,10 +149,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> triplet_attention_bac
   const char* xnames[3] = {"xhat_0", "xhat_1", "xhat_2"};
   for (int lane = 0; lane < 3; lane++) {
     const i64 r = g.rows[lane], q = g.cols[lane];
-    check_shape(op, mnames[lane], maps_in[lane], {g.batch, 2, r + 2 * g.pad, q + 2 * g.pad});
+    check_shape(op, mnames[lane], maps_in[lane], {g.batch, 2, r, q});
     check_shape(op, gnames[lane], gates_in[lane], {g.batch, r, q});
     check_shape(op, xnames[lane], xhats_in[lane], {g.batch, r, q});
-    maps[lane] = with_slack(maps_in[lane]);
+    maps[lane] = maps_in[lane].contiguous();
     gates[lane] = gates_in[lane].contiguous();
     xhats[lane] = xhats_in[lane].contiguous();
   }
@@ -179,7 +163,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> triplet_attention_bac
   ties[0] = at::empty({g.batch, g.c, g.w}, x.options());
   ties[1] = at::empty({g.batch, g.c, g.h}, x.options());
   ties[2] = at::empty({g.batch, g.h, g.w}, x.options());
-  ta_backward_reduce(cptr(g.xv), cptr(gv), g.batch, g.c, g.h, g.w, g.pad, cptr(maps[0]), g.flags[0], cptr(maps[1]),
+  ta_backward_reduce(cptr(g.xv), cptr(gv), g.batch, g.c, g.h, g.w, cptr(maps[0]), g.flags[0], cptr(maps[1]),
                      g.flags[1], cptr(maps[2]), g.flags[2], mptr(d_gates[0]), mptr(d_gates[1]), mptr(d_gates[2]),
                      mptr(ties[0]), mptr(ties[1]), mptr(ties[2]), threads);
   Tensor d_gamma = at::empty({3}, x.options()), d_beta = at::empty({3}, x.options());
@@ -198,7 +182,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> triplet_attention_bac
                      mptr(d_maps[lane]), mptr(d_weights[b]), threads);
   }
   Tensor dx = at::empty_like(x);
-  ta_backward_dx(cptr(g.xv), cptr(gv), g.batch, g.c, g.h, g.w, g.pad, cptr(gates[0]), cptr(gates[1]), cptr(gates[2]),
+  ta_backward_dx(cptr(g.xv), cptr(gv), g.batch, g.c, g.h, g.w, cptr(gates[0]), cptr(gates[1]), cptr(gates[2]),
                  cptr(maps[0]), cptr(maps[1]), cptr(maps[2]), g.flags[0], g.flags[1], g.flags[2], cptr(d_maps[0]),
                  cptr(d_maps[1]), cptr(d_maps[2]), cptr(ties[0]), cptr(ties[1]), cptr(ties[2]),
                  mptr(nchw_view(dx, g.nhwc)), threads);
@@ -209,7 +193,7 @@ void inference(const Tensor& x, BRANCH_PARAMS, double eps, const Tensor& out) {
   BRANCH_TABLES
   const i64 k = check_params("triplet_attention_inference", x, weights, {gammas, betas, means, vars},
                              {"gamma", "beta", "mean", "var"});
-  const Geometry g = geometry(x, k);
+  const Geometry g = geometry(x);
   Tensor lane_weights[3];
   const float* bn[12];  // per lane: BN weight, bias, running mean, running var
   int mask = 0;

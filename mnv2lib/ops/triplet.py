@@ -40,9 +40,8 @@ def _planes(x: Tensor) -> tuple[int, list[tuple[int, int]]]:
 
 
 def _fake_forward(x, w_cw, *args):
-    pad = w_cw.shape[-1] // 2
     batch, shapes = _planes(x)
-    maps = [x.new_empty(batch, 2, r + 2 * pad, q + 2 * pad) for r, q in shapes]
+    maps = [x.new_empty(batch, 2, r, q) for r, q in shapes]
     planes = [x.new_empty(batch, r, q) for r, q in shapes]
     return (torch.empty_like(x), *maps, *planes, *[x.new_empty(batch, r, q) for r, q in shapes], x.new_empty(3),
             x.new_empty(2, 3))
