@@ -589,7 +589,26 @@ INLINE void reduce_impl(const float* xb, const float* gb, i64 C, const i64 H, co
         const float* mc = xcw + c * W;
         float* a = gcw + c * W;
         float* nc = n_cw + c * W;
-        if (W < 16) {  /* narrow rows: products first, row sums four rows at a time */
+        if (W % 8 == 0) {  /* rows of 8k floats (channels_last: the channels): 8 at a time, then a tree */
+            const v8 one = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+            for (i64 h = 0; h < H; h++) {
+                const float* xr = xc + h * W;
+                const float* gr = gc + h * W;
+                float* pr = prod + h * W;
+                const float mh = xhc[c * H + h];
+                v8 acc = {0}, cnt = {0};
+                for (i64 w = 0; w < W; w += 8) {
+                    const v8 v = load8(xr + w), t = load8(gr + w) * v;
+                    store8(pr + w, t);
+                    acc += t;
+                    store8(a + w, load8(a + w) + t);
+                    cnt += (v8)((v8i)one & (v == mh));
+                    store8(nc + w, load8(nc + w) + (v8)((v8i)one & (v == load8(mc + w))));
+                }
+                ghc[c * H + h] = sum8(acc);
+                n_hc[c * H + h] = sum8(cnt);
+            }
+        } else if (W < 16) {  /* narrow rows: products first, row sums four rows at a time */
             for (i64 h = 0; h < H; h++) {
                 const float* xr = xc + h * W;
                 const float* gr = gc + h * W;
