@@ -4,8 +4,8 @@
  *   channel-width  natural (C, W) [max/mean over H], official (C, W)
  *   height-channel natural (C, H) [over W],          official (H, C)
  *   spatial        natural (H, W) [over C],          official (H, W)
- * A plane is stored (R rows, Q cols) as its official orientation or the transpose (flag t),
- * whichever puts the longer side in the contiguous columns; `tr` says whether the stored plane
+ * A plane is stored (R rows, Q cols) as its official orientation or the transpose (flag t, chosen by
+ * the caller: the fewer tile positions, else no transposing); `tr` says whether the stored plane
  * is the transpose of the natural layout (cw: t, hc: !t, s: t).
  * Pooled maps: stored planes (2, R, Q) per sample (max, mean). The convolutions copy a sample's maps
  * into a zero-padded (2, R+k-1, Q+k-1) buffer followed by SLACK zero floats (the vector tiles read past

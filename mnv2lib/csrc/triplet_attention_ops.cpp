@@ -63,13 +63,22 @@ struct Geometry {
   int transposed[3];  // lane -> that branch's weight read transposed
 };
 
+// A plane is stored as its official orientation or the transpose, whichever the convolution's tiles of
+// TILE columns cover with fewer positions (the longer side in the columns); on a tie the pooling's
+// natural layout (official for cw and s, the transpose for hc), which needs no transposing copies.
+constexpr i64 TILE = 16;  // TQ of triplet_attention.c
+int stored_transposed(i64 rows, i64 cols, bool natural_is_transposed) {
+  const i64 as_is = rows * ((cols + TILE - 1) / TILE), transposed = cols * ((rows + TILE - 1) / TILE);
+  return as_is == transposed ? natural_is_transposed : transposed < as_is;
+}
+
 Geometry geometry(const Tensor& x) {
   Geometry g;
   g.nhwc = is_channels_last(x);
   g.xv = g.nhwc ? x.permute({0, 2, 3, 1}) : x;
   g.batch = g.xv.size(0), g.c = g.xv.size(1), g.h = g.xv.size(2), g.w = g.xv.size(3);
-  g.flags[0] = g.c > g.w, g.flags[1] = g.h > g.c, g.flags[2] = g.h > g.w;
   const i64 official[3][2] = {{g.c, g.w}, {g.h, g.c}, {g.h, g.w}};
+  for (int i = 0; i < 3; i++) g.flags[i] = stored_transposed(official[i][0], official[i][1], i == 1);
   for (int i = 0; i < 3; i++) {
     g.rows[i] = g.flags[i] ? official[i][1] : official[i][0];
     g.cols[i] = g.flags[i] ? official[i][0] : official[i][1];

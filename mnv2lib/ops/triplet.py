@@ -11,8 +11,8 @@
 
 Arguments per branch (channel_width, height_channel, spatial): conv weight (1, 2, k, k), BN weight,
 bias, running mean, running var, batches tracked (shape (1,) each). x: float32 CPU, (B, C, H, W),
-contiguous or channels_last. Planes are stored with their longer side contiguous; a channels_last x
-is read in place as the contiguous (B, H, W, C) tensor y: Triplet Attention of y is that of x with the
+contiguous or channels_last. Planes are stored as they are or transposed, whichever the convolutions'
+tiles cover with fewer positions (on a tie the pooling's natural layout); a channels_last x is read in place as the contiguous (B, H, W, C) tensor y: Triplet Attention of y is that of x with the
 branches rotated (y's channel-width plane is x's height-channel plane, y's height-channel plane x's spatial
 plane transposed, y's spatial plane x's channel-width plane transposed; the "lanes" of the C++ code).
 
@@ -29,13 +29,22 @@ from torch import Tensor
 from .checks import is_channels_last
 from .library import fake_inplace, fake_like_x, register_when_loaded
 
+_TILE = 16  # the convolution kernels' tile width (TQ in csrc/triplet_attention.c)
+
+
+def _stored_transposed(rows: int, cols: int, natural_is_transposed: bool) -> bool:
+    """The C++ code's ``stored_transposed``: the orientation whose columns the tiles cover with fewer positions,
+    on a tie the pooling's natural one."""
+    as_is, transposed = rows * -(-cols // _TILE), cols * -(-rows // _TILE)
+    return natural_is_transposed if as_is == transposed else transposed < as_is
 
 
 def _planes(x: Tensor) -> tuple[int, list[tuple[int, int]]]:
     """The batch size and the stored (rows, cols) of each lane's gate plane (the C++ code's ``geometry``): a
-    channels_last x is read as (B, H, W, C); planes are stored with their longer side contiguous."""
+    channels_last x is read as (B, H, W, C)."""
     batch, c, h, w = x.permute(0, 2, 3, 1).shape if is_channels_last(x) else x.shape
-    official, transposed = ((c, w), (h, c), (h, w)), (c > w, h > c, h > w)
+    official = ((c, w), (h, c), (h, w))
+    transposed = [_stored_transposed(r, q, natural_is_transposed=i == 1) for i, (r, q) in enumerate(official)]
     return batch, [(q, r) if t else (r, q) for (r, q), t in zip(official, transposed)]
 
 
