@@ -78,6 +78,12 @@ static void gather(const float* src, i64 off, i64 ld, int tr, i64 A, i64 N, floa
     if (tr) { for (i64 a = 0; a < A; a++) for (i64 n = 0; n < N; n++) dst[a * N + n] = src[off + n * ld + a]; }
     else { for (i64 a = 0; a < A; a++) for (i64 n = 0; n < N; n++) dst[a * N + n] = src[off + a * ld + n]; }
 }
+/* a stored plane (rows of ld = N floats) as its natural layout: in place unless transposed (then gathered into dst) */
+static const float* as_natural(const float* src, i64 off, i64 ld, int tr, i64 A, i64 N, float* dst) {
+    if (!tr && ld == N) return src + off;
+    gather(src, off, ld, tr, A, N, dst);
+    return dst;
+}
 static void scatter(const float* src, i64 A, i64 N, float scale, float* dst, i64 off, i64 ld, int tr) {
     if (tr) { for (i64 a = 0; a < A; a++) for (i64 n = 0; n < N; n++) dst[off + n * ld + a] = src[a * N + n] * scale; }
     else { for (i64 a = 0; a < A; a++) for (i64 n = 0; n < N; n++) dst[off + a * ld + n] = src[a * N + n] * scale; }
@@ -501,11 +507,12 @@ void ta_combine(const float* x, i64 B, i64 C, i64 H, i64 W, const float* gcw, in
         float *cw = buf, *hc = cw + C * W, *s = hc + C * H;
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
-            gather(gcw, b * C * W, tcw ? C : W, tcw, C, W, cw);
-            gather(ghc, b * C * H, thc ? H : C, !thc, C, H, hc);
-            if (spatial) gather(gs, b * H * W, ts ? H : W, ts, H, W, s);
+            const float* gate_cw = as_natural(gcw, b * C * W, tcw ? C : W, tcw, C, W, cw);
+            const float* gate_hc = as_natural(ghc, b * C * H, thc ? H : C, !thc, C, H, hc);
+            const float* gate_s = s;
+            if (spatial) gate_s = as_natural(gs, b * H * W, ts ? H : W, ts, H, W, s);
             else for (i64 i = 0; i < H * W; i++) s[i] = 0.f;
-            gate_sample(x + b * C * H * W, C, H, W, cw, hc, s, weight, out + b * C * H * W);
+            gate_sample(x + b * C * H * W, C, H, W, gate_cw, gate_hc, gate_s, weight, out + b * C * H * W);
         }
         free(buf);
     }
@@ -549,6 +556,7 @@ void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw
         const float* su[3] = {cws, hcs, ss};
         const float nn[3] = {(float)H, (float)W, (float)C};
         float* nat[3] = {ncw, nhc, ns};
+        const float* gate[3] = {ncw, nhc, ns};
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
             const float* xb = x + b * C * H * W;
@@ -562,10 +570,10 @@ void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw
                 const float a = scale[br], c = shift[br];
 #pragma omp simd
                 for (i64 i = 0; i < n; i++) g[i] = 1.f / (1.f + vexpf(-(g[i] * a + c)));
-                gather(g, 0, Q[br], tr[br], A[br], N[br], nat[br]);
+                gate[br] = as_natural(g, 0, Q[br], tr[br], A[br], N[br], nat[br]);
             }
             if (!spatial) for (i64 i = 0; i < H * W; i++) ns[i] = 0.f;
-            gate_sample(xb, C, H, W, ncw, nhc, ns, weight, out + b * C * H * W);
+            gate_sample(xb, C, H, W, gate[0], gate[1], gate[2], weight, out + b * C * H * W);
         }
         free(buf);
     }
@@ -675,15 +683,16 @@ void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i6
         float* tmp = nsd + H * W;
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
-            gather(mcw, b * 2 * R[0] * Q[0], Q[0], tr[0], A[0], N[0], xcw);  /* the max maps */
-            gather(mhc, b * 2 * R[1] * Q[1], Q[1], tr[1], A[1], N[1], xhc);
-            if (spatial) gather(ms, b * 2 * R[2] * Q[2], Q[2], tr[2], A[2], N[2], xs);
+            /* the max maps */
+            const float* mx_cw = as_natural(mcw, b * 2 * R[0] * Q[0], Q[0], tr[0], A[0], N[0], xcw);
+            const float* mx_hc = as_natural(mhc, b * 2 * R[1] * Q[1], Q[1], tr[1], A[1], N[1], xhc);
+            const float* mx_s = spatial ? as_natural(ms, b * 2 * R[2] * Q[2], Q[2], tr[2], A[2], N[2], xs) : xs;
             float* n_s = spatial ? ns + b * H * W : nsd;
             const float* xb = x + b * C * H * W;
             const float* gb = go + b * C * H * W;
             float* n_cw = ncw + b * C * W;
             float* n_hc = nhc + b * C * H;
-            #define REDUCE_CALL(HH, WW) reduce_impl(xb, gb, C, HH, WW, spatial, xcw, xhc, xs, gcw, ghc, gsp, n_cw, n_hc, n_s, tmp)
+            #define REDUCE_CALL(HH, WW) reduce_impl(xb, gb, C, HH, WW, spatial, mx_cw, mx_hc, mx_s, gcw, ghc, gsp, n_cw, n_hc, n_s, tmp)
             HW_DISPATCH(REDUCE_CALL)
             #undef REDUCE_CALL
             scatter(gcw, A[0], N[0], weight, dcw + b * R[0] * Q[0], 0, Q[0], tr[0]);
@@ -749,7 +758,7 @@ void ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i
 /* Pass 2: grad x = grad * mean(gates) + the ZPool backward of every branch (the max part shared
  * equally by tied maxima, as amax does; the mean part spread evenly). */
 INLINE void dx_impl(const float* xb, const float* gb, float* db, i64 C, const i64 H, const i64 W, float weight,
-                    float* const* gate, float* const* peak, float* const* share, float* const* even) {
+                    const float* const* gate, const float* const* peak, float* const* share, float* const* even) {
     for (i64 c = 0; c < C; c++)
         for (i64 h = 0; h < H; h++) {
             const i64 row = (c * H + h) * W;
@@ -796,6 +805,8 @@ void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
         const float* dsrc[3] = {dcw, dhc, dsp};
         const float* nsrc[3] = {ncw, nhc, ns};
         const float nn[3] = {(float)H, (float)W, (float)C};
+        const float* gate_in[3] = {gate[0], gate[1], gate[2]};
+        const float* peak_in[3] = {peak[0], peak[1], peak[2]};
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
             for (int br = 0; br < 3; br++) {
@@ -803,8 +814,8 @@ void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
                     for (i64 i = 0; i < sz[2]; i++) { gate[2][i] = 0.f; share[2][i] = 0.f; even[2][i] = 0.f; peak[2][i] = NAN; }
                     continue;
                 }
-                gather(gsrc[br], b * R[br] * Q[br], Q[br], tr[br], A[br], N[br], gate[br]);
-                gather(msrc[br], b * 2 * R[br] * Q[br], Q[br], tr[br], A[br], N[br], peak[br]);
+                gate_in[br] = as_natural(gsrc[br], b * R[br] * Q[br], Q[br], tr[br], A[br], N[br], gate[br]);
+                peak_in[br] = as_natural(msrc[br], b * 2 * R[br] * Q[br], Q[br], tr[br], A[br], N[br], peak[br]);
                 gather(dsrc[br], b * 2 * R[br] * Q[br], Q[br], tr[br], A[br], N[br], share[br]);
                 gather(dsrc[br], (b * 2 + 1) * R[br] * Q[br], Q[br], tr[br], A[br], N[br], even[br]);
                 const float* cnt = nsrc[br] + b * sz[br];
@@ -813,7 +824,7 @@ void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
             const float* xb = x + b * C * H * W;
             const float* gb = go + b * C * H * W;
             float* db = dx + b * C * H * W;
-            #define DX_CALL(HH, WW) dx_impl(xb, gb, db, C, HH, WW, weight, gate, peak, share, even)
+            #define DX_CALL(HH, WW) dx_impl(xb, gb, db, C, HH, WW, weight, gate_in, peak_in, share, even)
             HW_DISPATCH(DX_CALL)
             #undef DX_CALL
         }
