@@ -20,7 +20,6 @@
 
 typedef int64_t i64;
 #define TQ 16   /* columns per register tile */
-#define RB 4    /* rows per register tile */
 #define SLACK 32
 #define INLINE static inline __attribute__((always_inline))
 /* per-sample loops are compiled for the common square planes with constant H = W (unrolled,
@@ -71,7 +70,6 @@ INLINE float fold_max8(v8 v) {
     v = max8(v, __builtin_shuffle(v, (v8i){2, 3, 0, 1, 6, 7, 4, 5}));
     return v[0] > v[1] ? v[0] : v[1];
 }
-
 
 /* natural (A x N) <-> stored plane with row stride ld, first element at off */
 static void gather(const float* src, i64 off, i64 ld, int tr, i64 A, i64 N, float* dst) {
