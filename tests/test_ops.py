@@ -58,7 +58,8 @@ def test_opcheck_every_operator(memory_format):
     for training in (True, False):
         args = [t.detach().clone().requires_grad_(t.is_floating_point() and i < 10)
                 for i, t in enumerate(_triplet_args(x, ta, training))]
-        checks.append((torch.ops.mnv2.triplet_attention, (*args, training, 1e-5)))
+        counts = [b.bn.num_batches_tracked.clone() for b in (ta.channel_width, ta.height_channel, ta.spatial)]
+        checks.append((torch.ops.mnv2.triplet_attention, (*args, *counts, training, 1e-5, 0.1)))
     for op in (torch.ops.mnv2.triplet_attention_inference, torch.ops.mnv2.triplet_attention_inference_):
         checks.append((op, (x.clone(), *[t.detach() for t in _triplet_args(x, ta, False)[1:]], 1e-5)))
     checks.append((torch.ops.mnv2.channel_stats, (x.clone().requires_grad_(), 1e-5)))
@@ -68,15 +69,13 @@ def test_opcheck_every_operator(memory_format):
     sn = _randomized(SelfNorm(6))
     params = [t.detach().clone().requires_grad_() for t in (sn.g_fc.weight, sn.g_bn.weight, sn.g_bn.bias)]
     for training in (True, False):
-        checks.append((torch.ops.mnv2.selfnorm, (x.clone().requires_grad_(), *params, sn.g_bn.running_mean,
-                                                 sn.g_bn.running_var, training, 1e-5, 1e-12)))
+        checks.append((torch.ops.mnv2.selfnorm, (x.clone().requires_grad_(), *params, sn.g_bn.running_mean.clone(),
+                                                 sn.g_bn.running_var.clone(), sn.g_bn.num_batches_tracked.clone(),
+                                                 training, 1e-5, 1e-12, 0.1)))
     for op in (torch.ops.mnv2.selfnorm_inference, torch.ops.mnv2.selfnorm_inference_):
         checks.append((op, (x.clone(), sn.g_fc.weight.detach(), sn.g_bn.weight.detach(), sn.g_bn.bias.detach(),
                             sn.g_bn.running_mean, sn.g_bn.running_var, 1e-5, None, None, None, None, None, 0.0,
                             1e-12)))
-    checks.append((torch.ops.mnv2.batch_norm_update, (torch.rand(2, 3), [torch.zeros(1), torch.zeros(2)],
-                                                      [torch.ones(1), torch.ones(2)], [torch.zeros((), dtype=torch.long)],
-                                                      0.1)))
     for op, args in checks:
         torch.library.opcheck(op, args)
 
@@ -91,10 +90,16 @@ def test_an_operator_without_a_backward_formula_refuses_gradients_loudly():
 
 
 def test_mutating_operators_bump_the_version_of_what_they_write():
-    means, variances, counts = [torch.zeros(2)], [torch.ones(2)], [torch.zeros((), dtype=torch.long)]
-    before = [t._version for t in (*means, *variances, *counts)]
-    torch.ops.mnv2.batch_norm_update(torch.rand(2, 2), means, variances, counts, 0.1)
-    assert all(t._version > v for t, v in zip((*means, *variances, *counts), before))
+    ta = TripletAttention(3)
+    buffers = [b for name, b in ta.named_buffers() if "running" in name or "num_batches" in name]
+    before = [t._version for t in buffers]
+    ta(torch.randn(2, 4, 5, 5, requires_grad=True))  # training: the running statistics are written
+    assert len(buffers) == 9 and all(t._version > v for t, v in zip(buffers, before))
+    sn = SelfNorm(4)
+    buffers = [sn.g_bn.running_mean, sn.g_bn.running_var, sn.g_bn.num_batches_tracked]
+    before = [t._version for t in buffers]
+    sn(torch.randn(2, 4, 5, 5, requires_grad=True))
+    assert all(t._version > v for t, v in zip(buffers, before))
     w, y = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4)
     z = w * y  # saves y for its backward
     with torch.no_grad():
@@ -187,7 +192,8 @@ def test_bad_input_to_an_operator_raises_a_clear_error():
     sn = SelfNorm(4)
     with pytest.raises(ValueError, match=r"fc must have shape \(5, 1, 2\)"):
         torch.ops.mnv2.selfnorm(torch.randn(2, 5, 3, 3), sn.g_fc.weight, sn.g_bn.weight, sn.g_bn.bias,
-                                sn.g_bn.running_mean, sn.g_bn.running_var, True, 1e-5, 1e-12)
+                                sn.g_bn.running_mean, sn.g_bn.running_var, sn.g_bn.num_batches_tracked, True, 1e-5,
+                                1e-12, 0.1)
 
 
 # ---- compile, export, profiler, FLOPs ------------------------------------------------------------

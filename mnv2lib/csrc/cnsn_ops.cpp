@@ -76,11 +76,12 @@ Tensor channel_stats_backward_cpu(const Tensor& x, const Tensor& mean, const Ten
   return stats_dx(x, mean.contiguous(), std.contiguous(), d_mean, d_std);
 }
 
-using SelfNormOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using SelfNormOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
+// in training the gate's running statistics move towards the batch's (nn.BatchNorm1d's update)
 SelfNormOutputs selfnorm_cpu(const Tensor& x, const Tensor& fc, const Tensor& gamma, const Tensor& beta,
-                             const Tensor& running_mean, const Tensor& running_var, bool training, double bn_eps,
-                             double eps) {
+                             const Tensor& running_mean, const Tensor& running_var, const Tensor& count,
+                             bool training, double bn_eps, double eps, double momentum) {
   const char* op = "selfnorm";
   check_feature_map(op, x);
   const Layout l = layout(x);
@@ -91,16 +92,19 @@ SelfNormOutputs selfnorm_cpu(const Tensor& x, const Tensor& fc, const Tensor& ga
   Tensor mean = at::empty({l.batch, l.channels}, options), std = at::empty({l.batch, l.channels}, options);
   Tensor y = at::empty({l.batch, l.channels}, options), g = at::empty({l.batch, l.channels}, options);
   Tensor xhat = at::empty({l.batch, l.channels}, options), invstd = at::empty({l.channels}, options);
-  Tensor batch_stats = at::zeros({2, l.channels}, options);  // (zero without batch statistics)
+  std::vector<float> batch_stats(2 * l.channels);  // batch means and unbiased variances
   cn_stats(cptr(x), l.batch, l.channels, l.n, l.nhwc, eps, mptr(mean), mptr(std), threads);
   sn_gate_input(cptr(mean), cptr(std), cptr(fc.contiguous()), l.batch, l.channels, mptr(y));
   bn_sigmoid_forward(cptr(y), l.batch, l.channels, 1, cptr(gamma.contiguous()), cptr(beta.contiguous()),
                      cptr(running_mean.contiguous()), cptr(running_var.contiguous()), training, bn_eps, mptr(g),
-                     mptr(xhat), mptr(invstd), mptr(batch_stats), mptr(batch_stats) + l.channels,
+                     mptr(xhat), mptr(invstd), batch_stats.data(), batch_stats.data() + l.channels,
                      1 /* (a few values per channel) */);
   Tensor out = at::empty_like(x);
   sn_apply(cptr(x), l.batch, l.channels, l.n, l.nhwc, cptr(g), nullptr, mptr(out), threads);
-  return {out, mean, std, g, xhat, invstd, batch_stats};
+  if (training)
+    update_running_stats(op, "", running_mean, running_var, count, batch_stats.data(), batch_stats.data() + l.channels,
+                         momentum);
+  return {out, mean, std, g, xhat, invstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> selfnorm_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& fc,
@@ -207,21 +211,26 @@ class SelfNormFunction : public torch::autograd::Function<SelfNormFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& fc, const Tensor& gamma,
                                const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
-                               bool training, double bn_eps, double eps) {
-    at::AutoDispatchBelowADInplaceOrView guard;
+                               const Tensor& count, bool training, double bn_eps, double eps, double momentum) {
     static auto op = operator_handle<decltype(selfnorm_cpu)>("mnv2::selfnorm");
-    auto [out, mean, std, g, xhat, invstd, batch_stats] =
-        op.call(x, fc, gamma, beta, running_mean, running_var, training, bn_eps, eps);
+    SelfNormOutputs result;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      result = op.call(x, fc, gamma, beta, running_mean, running_var, count, training, bn_eps, eps, momentum);
+    }
+    if (training)  // written in place: their version counters move, as after PyTorch's own in-place ops
+      for (const Tensor& t : {running_mean, running_var, count}) torch::autograd::impl::bump_version(t);
+    auto [out, mean, std, g, xhat, invstd] = result;
     ctx->saved_data["training"] = training;
     ctx->save_for_backward({x, fc, gamma, mean, std, g, xhat, invstd});
-    ctx->mark_non_differentiable({mean, std, g, xhat, invstd, batch_stats});  // saved state, not results
+    ctx->mark_non_differentiable({mean, std, g, xhat, invstd});  // saved state, not results
     ctx->set_materialize_grads(false);
-    return {out, mean, std, g, xhat, invstd, batch_stats};
+    return {out, mean, std, g, xhat, invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = operator_handle<decltype(selfnorm_backward_cpu)>("mnv2::selfnorm_backward");
-    variable_list result(9);
+    variable_list result(11);  // one per forward argument
     if (!grads[0].defined()) return result;
     const auto s = ctx->get_saved_variables();
     const Tensor grad = grads[0].contiguous(memory_format(s[0]));
@@ -233,10 +242,11 @@ class SelfNormFunction : public torch::autograd::Function<SelfNormFunction> {
 };
 
 SelfNormOutputs selfnorm_autograd(const Tensor& x, const Tensor& fc, const Tensor& gamma, const Tensor& beta,
-                                  const Tensor& running_mean, const Tensor& running_var, bool training,
-                                  double bn_eps, double eps) {
-  auto o = SelfNormFunction::apply(x, fc, gamma, beta, running_mean, running_var, training, bn_eps, eps);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+                                  const Tensor& running_mean, const Tensor& running_var, const Tensor& count,
+                                  bool training, double bn_eps, double eps, double momentum) {
+  auto o = SelfNormFunction::apply(x, fc, gamma, beta, running_mean, running_var, count, training, bn_eps, eps,
+                                   momentum);
+  return {o[0], o[1], o[2], o[3], o[4], o[5]};
 }
 
 }  // namespace
@@ -244,8 +254,9 @@ SelfNormOutputs selfnorm_autograd(const Tensor& x, const Tensor& fc, const Tenso
 TORCH_LIBRARY_FRAGMENT(mnv2, m) {
   m.def("channel_stats(Tensor x, float eps) -> (Tensor, Tensor)");
   m.def("channel_stats_backward(Tensor x, Tensor mean, Tensor std, Tensor d_mean, Tensor d_std) -> Tensor");
-  m.def("selfnorm(Tensor x, Tensor fc, Tensor gamma, Tensor beta, Tensor running_mean, Tensor running_var, "
-        "bool training, float bn_eps, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("selfnorm(Tensor x, Tensor fc, Tensor gamma, Tensor beta, Tensor(a!) running_mean, Tensor(b!) running_var, "
+        "Tensor(c!) count, bool training, float bn_eps, float eps, float momentum) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor)");
   m.def("selfnorm_backward(Tensor grad, Tensor x, Tensor fc, Tensor gamma, Tensor mean, Tensor std, Tensor g, "
         "Tensor xhat, Tensor invstd, bool training) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("selfnorm_inference(Tensor x, Tensor g_fc, Tensor g_gamma, Tensor g_beta, Tensor g_mean, Tensor g_var, "

@@ -77,6 +77,27 @@ inline void check_same_layout(const char* op, const char* name, const Tensor& t,
                     tuple(x.strides()), ") of x; got strides ", tuple(t.strides()));
 }
 
+// BatchNorm's running averages, as nn.BatchNorm keeps them, from the batch mean and unbiased variance of
+// its channels: running = lerp(running, batch, momentum) (torch.lerp's formula), one more batch counted
+inline void update_running_stats(const char* op, const std::string& branch, const Tensor& running_mean,
+                                 const Tensor& running_var, const Tensor& count, const float* batch_mean,
+                                 const float* batch_var, double momentum) {
+  TORCH_CHECK_VALUE(count.scalar_type() == at::kLong && count.device().is_cpu() && count.numel() == 1, "mnv2::", op,
+                    ": count", branch, " must be an int64 CPU tensor of one element (num_batches_tracked); got ",
+                    dtype(count), " of shape ", tuple(count.sizes()), " on ", count.device());
+  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(), "mnv2::", op,
+                    ": running statistics must be contiguous");
+  float* mean = mptr(running_mean);
+  float* var = mptr(running_var);
+  const float w = static_cast<float>(momentum);
+  const auto lerp = [w](float from, float to) { return w < 0.5f ? from + w * (to - from) : to - (to - from) * (1.f - w); };
+  for (i64 c = 0; c < running_mean.numel(); c++) {
+    mean[c] = lerp(mean[c], batch_mean[c]);
+    var[c] = lerp(var[c], batch_var[c]);
+  }
+  count.data_ptr<int64_t>()[0] += 1;
+}
+
 // The operator `name` as a typed handle, to call through the dispatcher (autograd kernels do: under
 // torch.compile the call reaches the fake kernel, not the CPU one)
 template <typename Signature>

@@ -96,6 +96,9 @@ Tensor nchw_view(const Tensor& t, bool nhwc) { return nhwc ? t.permute({0, 2, 3,
       const Tensor &gamma_s, const Tensor &beta_cw, const Tensor &beta_hc, const Tensor &beta_s,                 \
       const Tensor &mean_cw, const Tensor &mean_hc, const Tensor &mean_s, const Tensor &var_cw,                  \
       const Tensor &var_hc, const Tensor &var_s
+// BatchNorm's num_batches_tracked of each branch (written, with the running statistics, in training)
+#define BRANCH_COUNTS const Tensor &count_cw, const Tensor &count_hc, const Tensor &count_s
+#define COUNT_ARGS count_cw, count_hc, count_s
 #define BRANCH_TABLES                                                                                     \
   const Tensor weights[3] = {w_cw, w_hc, w_s}, gammas[3] = {gamma_cw, gamma_hc, gamma_s},                \
                betas[3] = {beta_cw, beta_hc, beta_s}, means[3] = {mean_cw, mean_hc, mean_s},             \
@@ -103,10 +106,11 @@ Tensor nchw_view(const Tensor& t, bool nhwc) { return nhwc ? t.permute({0, 2, 3,
 #define BRANCH_ARGS \
   w_cw, w_hc, w_s, gamma_cw, gamma_hc, gamma_s, beta_cw, beta_hc, beta_s, mean_cw, mean_hc, mean_s, var_cw, var_hc, var_s
 
-using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                           Tensor>;
+using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, bool training, double eps) {
+// in training the branches' running statistics move towards the batch's (nn.BatchNorm2d's update)
+Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, BRANCH_COUNTS, bool training, double eps,
+                              double momentum) {
   BRANCH_TABLES
   const i64 k = check_params("triplet_attention", x, weights, {gammas, betas, means, vars},
                              {"gamma", "beta", "mean", "var"});
@@ -117,8 +121,7 @@ Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, bool training, dou
   ta_pool(cptr(g.xv), g.batch, g.c, g.h, g.w, mptr(maps[0]), g.flags[0], mptr(maps[1]), g.flags[1],
           mptr(maps[2]), g.flags[2], threads);
   Tensor invstd = at::empty({3}, x.options());
-  Tensor batch_stats = at::zeros({2, 3}, x.options());  // left zero without batch statistics
-  float* bs = mptr(batch_stats);
+  float bs[6] = {0};  // batch means and unbiased variances of the branches (cw, hc, s)
   for (int lane = 0; lane < 3; lane++) {
     const int b = g.branch[lane];
     const i64 r = g.rows[lane], q = g.cols[lane];
@@ -134,8 +137,13 @@ Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, bool training, dou
   Tensor out = at::empty_like(x);
   ta_combine(cptr(g.xv), g.batch, g.c, g.h, g.w, cptr(gates[0]), g.flags[0], cptr(gates[1]), g.flags[1],
              cptr(gates[2]), g.flags[2], mptr(nchw_view(out, g.nhwc)), threads);
-  return {out, maps[0], maps[1], maps[2], gates[0], gates[1], gates[2], xhats[0], xhats[1], xhats[2], invstd,
-          batch_stats};
+  if (training) {
+    const Tensor counts[3] = {count_cw, count_hc, count_s};
+    const char* names[3] = {"_cw", "_hc", "_s"};
+    for (int b = 0; b < 3; b++)
+      update_running_stats("triplet_attention", names[b], means[b], vars[b], counts[b], bs + b, bs + 3 + b, momentum);
+  }
+  return {out, maps[0], maps[1], maps[2], gates[0], gates[1], gates[2], xhats[0], xhats[1], xhats[2], invstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> triplet_attention_backward_cpu(
@@ -232,13 +240,20 @@ using torch::autograd::variable_list;
 
 class TripletAttentionFunction : public torch::autograd::Function<TripletAttentionFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, BRANCH_PARAMS, bool training, double eps) {
-    at::AutoDispatchBelowADInplaceOrView guard;
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, BRANCH_PARAMS, BRANCH_COUNTS, bool training,
+                               double eps, double momentum) {
     static auto op = operator_handle<decltype(triplet_attention_cpu)>("mnv2::triplet_attention");
-    auto result = op.call(x, BRANCH_ARGS, training, eps);
-    variable_list outputs = {std::get<0>(result), std::get<1>(result), std::get<2>(result),  std::get<3>(result),
-                             std::get<4>(result), std::get<5>(result), std::get<6>(result),  std::get<7>(result),
-                             std::get<8>(result), std::get<9>(result), std::get<10>(result), std::get<11>(result)};
+    Outputs result;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      result = op.call(x, BRANCH_ARGS, COUNT_ARGS, training, eps, momentum);
+    }
+    if (training)  // written in place: their version counters move, as after PyTorch's own in-place ops
+      for (const Tensor& t : {mean_cw, mean_hc, mean_s, var_cw, var_hc, var_s, count_cw, count_hc, count_s})
+        torch::autograd::impl::bump_version(t);
+    variable_list outputs = {std::get<0>(result), std::get<1>(result), std::get<2>(result), std::get<3>(result),
+                             std::get<4>(result), std::get<5>(result), std::get<6>(result), std::get<7>(result),
+                             std::get<8>(result), std::get<9>(result), std::get<10>(result)};
     ctx->saved_data["training"] = training;
     ctx->save_for_backward({x, w_cw, w_hc, w_s, gamma_cw, gamma_hc, gamma_s, outputs[1], outputs[2], outputs[3],
                             outputs[4], outputs[5], outputs[6], outputs[7], outputs[8], outputs[9], outputs[10]});
@@ -252,7 +267,7 @@ class TripletAttentionFunction : public torch::autograd::Function<TripletAttenti
     static auto op = operator_handle<decltype(triplet_attention_backward_cpu)>("mnv2::triplet_attention_backward");
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
-    variable_list result(18);
+    variable_list result(22);  // one per forward argument
     if (!grads[0].defined()) return result;
     const Tensor grad = grads[0].contiguous(memory_format(x));
     auto [dx, dw_cw, dw_hc, dw_s, d_gamma, d_beta] =
@@ -265,18 +280,20 @@ class TripletAttentionFunction : public torch::autograd::Function<TripletAttenti
   }
 };
 
-Outputs triplet_attention_autograd(const Tensor& x, BRANCH_PARAMS, bool training, double eps) {
-  auto o = TripletAttentionFunction::apply(x, BRANCH_ARGS, training, eps);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11]};
+Outputs triplet_attention_autograd(const Tensor& x, BRANCH_PARAMS, BRANCH_COUNTS, bool training, double eps,
+                                   double momentum) {
+  auto o = TripletAttentionFunction::apply(x, BRANCH_ARGS, COUNT_ARGS, training, eps, momentum);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mnv2, m) {
   m.def("triplet_attention(Tensor x, Tensor w_cw, Tensor w_hc, Tensor w_s, Tensor gamma_cw, Tensor gamma_hc, "
-        "Tensor gamma_s, Tensor beta_cw, Tensor beta_hc, Tensor beta_s, Tensor mean_cw, Tensor mean_hc, "
-        "Tensor mean_s, Tensor var_cw, Tensor var_hc, Tensor var_s, bool training, float eps) -> (Tensor, Tensor, "
-        "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor gamma_s, Tensor beta_cw, Tensor beta_hc, Tensor beta_s, Tensor(a!) mean_cw, Tensor(b!) mean_hc, "
+        "Tensor(c!) mean_s, Tensor(d!) var_cw, Tensor(e!) var_hc, Tensor(f!) var_s, Tensor(g!) count_cw, "
+        "Tensor(h!) count_hc, Tensor(i!) count_s, bool training, float eps, float momentum) -> (Tensor, Tensor, "
+        "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("triplet_attention_backward(Tensor grad, Tensor x, Tensor w_cw, Tensor w_hc, Tensor w_s, Tensor gamma_cw, "
         "Tensor gamma_hc, Tensor gamma_s, Tensor maps_0, Tensor maps_1, Tensor maps_2, Tensor gates_0, "
         "Tensor gates_1, Tensor gates_2, Tensor xhat_0, Tensor xhat_1, Tensor xhat_2, Tensor invstd, "

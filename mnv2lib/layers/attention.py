@@ -155,11 +155,8 @@ class TripletAttention(nn.Module):
                 torch.ops.mnv2.triplet_attention_inference_(x, *tensors, bn.eps)
                 return x
             return torch.ops.mnv2.triplet_attention_inference(x, *tensors, bn.eps)
-        out, *_, batch_stats = torch.ops.mnv2.triplet_attention(x, *tensors, bn.training, bn.eps)
-        if bn.training:
-            torch.ops.mnv2.batch_norm_update(batch_stats, tensors[9:12], tensors[12:15],
-                                             [b.num_batches_tracked for b in bns], bn.momentum)
-        return out
+        counts = [b._buffers["num_batches_tracked"] for b in bns]  # (updated with the running statistics)
+        return torch.ops.mnv2.triplet_attention(x, *tensors, *counts, bn.training, bn.eps, bn.momentum)[0]
 
 
 class TripletAttentionReference(TripletAttention):

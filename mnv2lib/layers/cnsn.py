@@ -308,11 +308,8 @@ class SelfNorm(nn.Module):
                 return torch.ops.mnv2.selfnorm_inference(x, *tensors[0], bn.eps, *second, f_eps, self.eps)
             if len(gates) == 1:
                 use_batch_stats = bn.training and x.shape[0] > 1  # one value per channel: running statistics
-                out, *_, batch_stats = torch.ops.mnv2.selfnorm(x, *tensors[0], use_batch_stats, bn.eps, self.eps)
-                if use_batch_stats:
-                    torch.ops.mnv2.batch_norm_update(batch_stats, [tensors[0][3]], [tensors[0][4]],
-                                                     [bn._buffers["num_batches_tracked"]], bn.momentum)
-                return out
+                return torch.ops.mnv2.selfnorm(x, *tensors[0], bn._buffers["num_batches_tracked"], use_batch_stats,
+                                               bn.eps, self.eps, bn.momentum)[0]
         mean, std = channel_stats(x, self.eps)
         stats = torch.cat((mean, std), dim=-1).flatten(2)  # (B, C, 2)
         g = self._gate(self.g_fc, self.g_bn, stats.to(self.g_fc.weight.dtype))

@@ -11,8 +11,6 @@ loads the native code (:mod:`.build`, :mod:`.kernels`).
   ``mnv2::triplet_attention_inference_`` (in place)
 - ``mnv2::channel_stats``, ``mnv2::channel_stats_backward``, ``mnv2::selfnorm``, ``mnv2::selfnorm_backward``,
   ``mnv2::selfnorm_inference``, ``mnv2::selfnorm_inference_`` (in place)
-- ``mnv2::batch_norm_update`` (BatchNorm running averages from the batch statistics the operators return;
-  a ``torch.library.custom_op`` over ATen ops)
 
 The operators of a library are C++ (``csrc/<name>_ops.cpp``: ``TORCH_LIBRARY`` schemas, argument checks,
 allocation, autograd as a ``torch::autograd::Function``, as torchvision's ``csrc/ops``) around the C kernels of
@@ -24,7 +22,7 @@ between calls); the Python glue and autograd wrapper of the 17 Triplet Attention
 460 ms batch-128 training step, and in C++ the step is 35-40 ms shorter. The price is a C++ build against
 torch's headers, some 15 s per library once per machine.
 """
-from . import batch_norm, cnsn, mish, triplet  # noqa: F401  (registers the operators' Python parts)
+from . import cnsn, mish, triplet  # noqa: F401  (registers the operators' Python parts)
 from .checks import is_channels_last, is_dense
 from .kernels import available, kernel_backend, set_kernel_backend
 

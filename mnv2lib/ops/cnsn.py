@@ -3,8 +3,9 @@
 - ``mnv2::channel_stats(x, eps) -> (mean, std)``, (B, C) each: mean and sqrt(unbiased var + eps) over
   H x W (variance 0 for a single pixel); ``mnv2::channel_stats_backward``.
 - ``mnv2::selfnorm``: SelfNorm with one gate in training (or with autograd): statistics, the gate
-  ``sigmoid(BN1d(fc0 * mean + fc1 * std))`` (batch statistics or running statistics) and ``x * g``; returns
-  what backward needs and the batch statistics (2, C) for ``mnv2::batch_norm_update``.
+  ``sigmoid(BN1d(fc0 * mean + fc1 * std))`` (batch statistics, whose running averages and batch count it
+  updates in place with ``momentum`` as nn.BatchNorm1d does, or running statistics) and ``x * g``; returns
+  what backward needs.
   ``mnv2::selfnorm_backward``.
 - ``mnv2::selfnorm_inference``: one or two gates with running statistics, one fused pass;
   ``mnv2::selfnorm_inference_`` writes the result over x.
@@ -27,7 +28,7 @@ def _fake_channel_stats(x, eps):
 
 def _fake_selfnorm(x, fc, *args):
     stats = [x.new_empty(x.shape[:2]) for _ in range(4)]
-    return (torch.empty_like(x), *stats, x.new_empty(x.shape[1]), x.new_empty(2, x.shape[1]))
+    return (torch.empty_like(x), *stats, x.new_empty(x.shape[1]))
 
 
 def _fake_selfnorm_backward(grad, x, fc, gamma, *args):

@@ -2,18 +2,19 @@
 
 - ``mnv2::triplet_attention``: the whole module in training (or with autograd): ZPool of the three
   branches in one pass over x, the three 2->1 k x k convolutions, BatchNorm (batch statistics, whose
-  running averages it updates in place, or running statistics) and sigmoid of the small gate planes,
-  and the gating ``x * (g_cw + g_hc + g_s) / 3``. It returns the output and what backward needs.
+  running averages and batch counts it updates in place with ``momentum`` as nn.BatchNorm2d does, or
+  running statistics) and sigmoid of the small gate planes, and the gating ``x * (g_cw + g_hc + g_s) / 3``.
+  It returns the output and what backward needs.
 - ``mnv2::triplet_attention_backward``: gradients of x, conv weights and BN affine parameters, two
   passes over (x, grad).
 - ``mnv2::triplet_attention_inference``: running statistics, no autograd; one fused pass per sample.
   ``mnv2::triplet_attention_inference_`` writes the result over x (for a network's own intermediates).
 
 Arguments per branch (channel_width, height_channel, spatial): conv weight (1, 2, k, k), BN weight,
-bias, running mean, running var, batches tracked (shape (1,) each). x: float32 CPU, (B, C, H, W),
-contiguous or channels_last. Planes are stored as they are or transposed, whichever the convolutions'
-tiles cover with fewer positions (on a tie the pooling's natural layout); a channels_last x is read in place as the contiguous (B, H, W, C) tensor y: Triplet Attention of y is that of x with the
-branches rotated (y's channel-width plane is x's height-channel plane, y's height-channel plane x's spatial
+bias, running mean, running var (shape (1,) each), batches tracked (int64, shape ()). x: float32 CPU,
+(B, C, H, W), contiguous or channels_last. Planes are stored as they are or transposed, whichever the convolutions'
+tiles cover with fewer positions (on a tie the pooling's natural layout); a channels_last x is read in
+place as the contiguous (B, H, W, C) tensor y: Triplet Attention of y is that of x with the branches rotated (y's channel-width plane is x's height-channel plane, y's height-channel plane x's spatial
 plane transposed, y's spatial plane x's channel-width plane transposed; the "lanes" of the C++ code).
 
 The operators, their CPU kernels and autograd are C++ (``TORCH_LIBRARY``), defined when the library is
@@ -52,8 +53,7 @@ def _fake_forward(x, w_cw, *args):
     batch, shapes = _planes(x)
     maps = [x.new_empty(batch, 2, r, q) for r, q in shapes]
     planes = [x.new_empty(batch, r, q) for r, q in shapes]
-    return (torch.empty_like(x), *maps, *planes, *[x.new_empty(batch, r, q) for r, q in shapes], x.new_empty(3),
-            x.new_empty(2, 3))
+    return (torch.empty_like(x), *maps, *planes, *[x.new_empty(batch, r, q) for r, q in shapes], x.new_empty(3))
 
 
 def _fake_backward(grad, x, w_cw, w_hc, w_s, *args):
