@@ -194,6 +194,13 @@ def test_bad_input_to_an_operator_raises_a_clear_error():
         torch.ops.mnv2.selfnorm(torch.randn(2, 5, 3, 3), sn.g_fc.weight, sn.g_bn.weight, sn.g_bn.bias,
                                 sn.g_bn.running_mean, sn.g_bn.running_var, sn.g_bn.num_batches_tracked, True, 1e-5,
                                 1e-12, 0.1)
+    # a bad batch count is refused before any running statistic is written
+    args = list(_triplet_args(x, ta, True))
+    counts = [torch.zeros((), dtype=torch.long), torch.zeros(()), torch.zeros((), dtype=torch.long)]
+    before = [t.clone() for t in args[10:16]]
+    with pytest.raises(ValueError, match=r"count_hc must be an int64 CPU tensor.*got torch.float32"):
+        torch.ops.mnv2.triplet_attention(*args, *counts, True, 1e-5, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(args[10:16], before)) and int(counts[0]) == 0
 
 
 # ---- compile, export, profiler, FLOPs ------------------------------------------------------------

@@ -87,6 +87,7 @@ SelfNormOutputs selfnorm_cpu(const Tensor& x, const Tensor& fc, const Tensor& ga
   const Layout l = layout(x);
   check_gate(op, l.channels, fc, {{"gamma", &gamma}, {"beta", &beta}, {"running_mean", &running_mean},
                                   {"running_var", &running_var}});
+  if (training) check_running_stats(op, "", running_mean, running_var, count);
   const int threads = at::get_num_threads();
   const auto options = x.options();
   Tensor mean = at::empty({l.batch, l.channels}, options), std = at::empty({l.batch, l.channels}, options);
@@ -102,7 +103,7 @@ SelfNormOutputs selfnorm_cpu(const Tensor& x, const Tensor& fc, const Tensor& ga
   Tensor out = at::empty_like(x);
   sn_apply(cptr(x), l.batch, l.channels, l.n, l.nhwc, cptr(g), nullptr, mptr(out), threads);
   if (training)
-    update_running_stats(op, "", running_mean, running_var, count, batch_stats.data(), batch_stats.data() + l.channels,
+    update_running_stats(running_mean, running_var, count, batch_stats.data(), batch_stats.data() + l.channels,
                          momentum);
   return {out, mean, std, g, xhat, invstd};
 }
@@ -218,8 +219,7 @@ class SelfNormFunction : public torch::autograd::Function<SelfNormFunction> {
       at::AutoDispatchBelowADInplaceOrView guard;
       result = op.call(x, fc, gamma, beta, running_mean, running_var, count, training, bn_eps, eps, momentum);
     }
-    if (training)  // written in place: their version counters move, as after PyTorch's own in-place ops
-      for (const Tensor& t : {running_mean, running_var, count}) torch::autograd::impl::bump_version(t);
+    if (training) bump_versions({running_mean, running_var, count});
     auto [out, mean, std, g, xhat, invstd] = result;
     ctx->saved_data["training"] = training;
     ctx->save_for_backward({x, fc, gamma, mean, std, g, xhat, invstd});

@@ -77,25 +77,38 @@ inline void check_same_layout(const char* op, const char* name, const Tensor& t,
                     tuple(x.strides()), ") of x; got strides ", tuple(t.strides()));
 }
 
+// A BatchNorm's running statistics and batch count as an operator updates them in training: checked
+// before any work, so that bad buffers raise before anything is written
+inline void check_running_stats(const char* op, const std::string& suffix, const Tensor& running_mean,
+                                const Tensor& running_var, const Tensor& count) {
+  TORCH_CHECK_VALUE(count.scalar_type() == at::kLong && count.device().is_cpu() && count.numel() == 1, "mnv2::", op,
+                    ": count", suffix, " must be an int64 CPU tensor of one element (num_batches_tracked); got ",
+                    dtype(count), " of shape ", tuple(count.sizes()), " on ", count.device());
+  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(), "mnv2::", op, ": mean", suffix,
+                    " and var", suffix, " must be contiguous to be updated in place");
+}
+
 // BatchNorm's running averages, as nn.BatchNorm keeps them, from the batch mean and unbiased variance of
 // its channels: running = lerp(running, batch, momentum) (torch.lerp's formula), one more batch counted
-inline void update_running_stats(const char* op, const std::string& branch, const Tensor& running_mean,
-                                 const Tensor& running_var, const Tensor& count, const float* batch_mean,
-                                 const float* batch_var, double momentum) {
-  TORCH_CHECK_VALUE(count.scalar_type() == at::kLong && count.device().is_cpu() && count.numel() == 1, "mnv2::", op,
-                    ": count", branch, " must be an int64 CPU tensor of one element (num_batches_tracked); got ",
-                    dtype(count), " of shape ", tuple(count.sizes()), " on ", count.device());
-  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(), "mnv2::", op,
-                    ": running statistics must be contiguous");
+inline void update_running_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& count,
+                                 const float* batch_mean, const float* batch_var, double momentum) {
   float* mean = mptr(running_mean);
   float* var = mptr(running_var);
   const float w = static_cast<float>(momentum);
-  const auto lerp = [w](float from, float to) { return w < 0.5f ? from + w * (to - from) : to - (to - from) * (1.f - w); };
+  const auto lerp = [w](float from, float to) {
+    return w < 0.5f ? from + w * (to - from) : to - (to - from) * (1.f - w);
+  };
   for (i64 c = 0; c < running_mean.numel(); c++) {
     mean[c] = lerp(mean[c], batch_mean[c]);
     var[c] = lerp(var[c], batch_var[c]);
   }
   count.data_ptr<int64_t>()[0] += 1;
+}
+
+// After an operator wrote these tensors: their version counters move, as after PyTorch's own in-place ops
+// (so that autograd refuses a saved tensor changed since)
+inline void bump_versions(at::ArrayRef<Tensor> written) {
+  for (const Tensor& t : written) torch::autograd::impl::bump_version(t);
 }
 
 // The operator `name` as a typed handle, to call through the dispatcher (autograd kernels do: under
@@ -106,8 +119,7 @@ c10::TypedOperatorHandle<Signature> operator_handle(const char* name) {
 }
 
 // Autograd kernel of an operator that writes its inputs: no gradient through it (a clear error where one
-// is asked for), and the written tensors' version counters bumped after the write, as PyTorch's own
-// in-place operators do (so that autograd refuses a saved tensor changed since)
+// is asked for), and the written tensors' version counters bumped after the write
 inline void write_without_gradient(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& schema = op.schema();
   const size_t n = schema.arguments().size();
@@ -123,7 +135,7 @@ inline void write_without_gradient(const c10::OperatorHandle& op, c10::DispatchK
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const Tensor& t : written) torch::autograd::impl::bump_version(t);
+  bump_versions(written);
 }
 
 }  // namespace mnv2

@@ -448,7 +448,8 @@ static void local_weight(const float* w, i64 k, int t, float* wl) {
 static void pad_maps(const float* maps, i64 R, i64 Q, i64 k, float* padded) {
     const i64 p = k / 2, Rp = R + k - 1, Qp = Q + k - 1;
     for (i64 c = 0; c < 2; c++)
-        for (i64 r = 0; r < R; r++) memcpy(padded + c * Rp * Qp + (r + p) * Qp + p, maps + (c * R + r) * Q, sizeof(float) * Q);
+        for (i64 r = 0; r < R; r++)
+            memcpy(padded + c * Rp * Qp + (r + p) * Qp + p, maps + (c * R + r) * Q, sizeof(float) * Q);
 }
 
 /* ---------------- training forward ---------------- */

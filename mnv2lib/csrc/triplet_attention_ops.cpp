@@ -114,6 +114,10 @@ Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, BRANCH_COUNTS, boo
   BRANCH_TABLES
   const i64 k = check_params("triplet_attention", x, weights, {gammas, betas, means, vars},
                              {"gamma", "beta", "mean", "var"});
+  const Tensor counts[3] = {count_cw, count_hc, count_s};
+  const char* suffixes[3] = {"_cw", "_hc", "_s"};
+  if (training)
+    for (int b = 0; b < 3; b++) check_running_stats("triplet_attention", suffixes[b], means[b], vars[b], counts[b]);
   const Geometry g = geometry(x);
   const int threads = at::get_num_threads();
   Tensor maps[3], gates[3], xhats[3];
@@ -137,12 +141,8 @@ Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, BRANCH_COUNTS, boo
   Tensor out = at::empty_like(x);
   ta_combine(cptr(g.xv), g.batch, g.c, g.h, g.w, cptr(gates[0]), g.flags[0], cptr(gates[1]), g.flags[1],
              cptr(gates[2]), g.flags[2], mptr(nchw_view(out, g.nhwc)), threads);
-  if (training) {
-    const Tensor counts[3] = {count_cw, count_hc, count_s};
-    const char* names[3] = {"_cw", "_hc", "_s"};
-    for (int b = 0; b < 3; b++)
-      update_running_stats("triplet_attention", names[b], means[b], vars[b], counts[b], bs + b, bs + 3 + b, momentum);
-  }
+  if (training)
+    for (int b = 0; b < 3; b++) update_running_stats(means[b], vars[b], counts[b], bs + b, bs + 3 + b, momentum);
   return {out, maps[0], maps[1], maps[2], gates[0], gates[1], gates[2], xhats[0], xhats[1], xhats[2], invstd};
 }
 
@@ -248,9 +248,7 @@ class TripletAttentionFunction : public torch::autograd::Function<TripletAttenti
       at::AutoDispatchBelowADInplaceOrView guard;
       result = op.call(x, BRANCH_ARGS, COUNT_ARGS, training, eps, momentum);
     }
-    if (training)  // written in place: their version counters move, as after PyTorch's own in-place ops
-      for (const Tensor& t : {mean_cw, mean_hc, mean_s, var_cw, var_hc, var_s, count_cw, count_hc, count_s})
-        torch::autograd::impl::bump_version(t);
+    if (training) bump_versions({mean_cw, mean_hc, mean_s, var_cw, var_hc, var_s, count_cw, count_hc, count_s});
     variable_list outputs = {std::get<0>(result), std::get<1>(result), std::get<2>(result), std::get<3>(result),
                              std::get<4>(result), std::get<5>(result), std::get<6>(result), std::get<7>(result),
                              std::get<8>(result), std::get<9>(result), std::get<10>(result)};

@@ -12,10 +12,11 @@
 
 Arguments per branch (channel_width, height_channel, spatial): conv weight (1, 2, k, k), BN weight,
 bias, running mean, running var (shape (1,) each), batches tracked (int64, shape ()). x: float32 CPU,
-(B, C, H, W), contiguous or channels_last. Planes are stored as they are or transposed, whichever the convolutions'
-tiles cover with fewer positions (on a tie the pooling's natural layout); a channels_last x is read in
-place as the contiguous (B, H, W, C) tensor y: Triplet Attention of y is that of x with the branches rotated (y's channel-width plane is x's height-channel plane, y's height-channel plane x's spatial
-plane transposed, y's spatial plane x's channel-width plane transposed; the "lanes" of the C++ code).
+(B, C, H, W), contiguous or channels_last. Planes are stored as they are or transposed, whichever the
+convolutions' tiles cover with fewer positions (on a tie the pooling's natural layout); a channels_last x is
+read in place as the contiguous (B, H, W, C) tensor y: Triplet Attention of y is that of x with the branches
+rotated (y's channel-width plane is x's height-channel plane, y's height-channel plane x's spatial plane
+transposed, y's spatial plane x's channel-width plane transposed; the "lanes" of the C++ code).
 
 The operators, their CPU kernels and autograd are C++ (``TORCH_LIBRARY``), defined when the library is
 first loaded (``mnv2lib.ops.available("triplet_attention")``); this module registers what PyTorch takes
