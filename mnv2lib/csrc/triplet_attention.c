@@ -51,7 +51,9 @@ typedef int64_t i64;
 #include "vexpf.h"
 
 typedef float vtile __attribute__((vector_size(TQ * sizeof(float))));  /* a register tile's row */
-INLINE vtile load_tile(const float* p) { vtile v; memcpy(&v, p, sizeof v); return v; }
+/* a statement expression, not a function: without AVX-512, GCC warns that returning a 64-byte vector
+ * changes the ABI (-Wpsabi) at every call, although every call is inlined */
+#define LOAD_TILE(p) ({ vtile tile_; memcpy(&tile_, (p), sizeof tile_); tile_; })
 
 /* rows reduced 8 floats at a time, the 8 partials then as a tree (a loop's own reduction adds its lanes
  * one after another: a chain of dependent additions per row) */
@@ -267,7 +269,7 @@ INLINE void corr_impl(const float* in, i64 psi, i64 ldi, const int CI, const int
                         if (FULL && (u < K / 2 || u >= K / 2 + RT)) continue;  /* zero padding */
                         i64 row = r0 + u;
                         row = row < last ? row : last;
-                        const vtile v = load_tile(col + row * ldi);
+                        const vtile v = LOAD_TILE(col + row * ldi);
 #pragma GCC unroll 16
                         for (int rb = 0; rb < RT; rb++) {
                             const int i = u - rb;
@@ -342,17 +344,17 @@ INLINE void gradw_impl(const float* P, i64 psi, i64 ldi, const float* G, i64 ldg
                 for (i64 x0 = 0; x0 < Qp; x0 += TQ) {
                     vtile gs[K];
 #pragma GCC unroll 16
-                    for (int j = 0; j < K; j++) gs[j] = load_tile(grow + x0 - j);
-                    const vtile p0 = load_tile(prow + x0);
+                    for (int j = 0; j < K; j++) gs[j] = LOAD_TILE(grow + x0 - j);
+                    const vtile p0 = LOAD_TILE(prow + x0);
 #pragma GCC unroll 16
                     for (int j = 0; j < K; j++) a0[j] += gs[j] * p0;
                     if (n > 1) {
-                        const vtile p1 = load_tile(prow + ldi + x0);
+                        const vtile p1 = LOAD_TILE(prow + ldi + x0);
 #pragma GCC unroll 16
                         for (int j = 0; j < K; j++) a1[j] += gs[j] * p1;
                     }
                     if (n > 2) {
-                        const vtile p2 = load_tile(prow + 2 * ldi + x0);
+                        const vtile p2 = LOAD_TILE(prow + 2 * ldi + x0);
 #pragma GCC unroll 16
                         for (int j = 0; j < K; j++) a2[j] += gs[j] * p2;
                     }
