@@ -4,9 +4,40 @@ import os
 import pytest
 import torch
 
-# one thread per worker when pytest-xdist runs two workers on the two cores
-_default_threads = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
-torch.set_num_threads(int(os.environ.get("MNV2_TEST_THREADS", _default_threads)))
+# One thread per worker when pytest-xdist runs two workers on the two cores, and in the processes a test
+# starts (notebook kernels, export and training workers): a two-thread OpenMP team beside the other worker
+# spins for a core it does not get (notebooks ran 3-4x slower than alone).
+_threads = os.environ.get("MNV2_TEST_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+torch.set_num_threads(int(_threads))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = _threads
+
+# Files that take minutes, longest first. `make test` hands whole files to the two workers in collection
+# order (--dist loadfile --no-loadscope-reorder), so these start first and the short ones fill in beside them.
+_LONG_FILES = ("test_notebooks.py", "test_deploy.py", "test_browser.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order in a file
+
+
+# Three stages of MobileNetV2's table (t = 1 and t = 6 blocks, stride 1 and 2, a residual block, the last width):
+# every kind of layer of the 17-block network, traced, exported and lowered in a fraction of the time
+SHALLOW_V2_TABLE = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 320, 1, 2]]
+
+
+def build_shallow_v2(**config):
+    """``build_model(**config)`` of a MobileNetV2 with ``SHALLOW_V2_TABLE``'s blocks (tests import it)."""
+    from unittest import mock
+
+    from mnv2lib import build_model
+    from mnv2lib.models import mobilenetv2
+
+    with mock.patch.object(mobilenetv2, "INVERTED_RESIDUAL_SETTING", SHALLOW_V2_TABLE):
+        model = build_model(**config)
+    assert len(model.features) == 1 + sum(n for _, _, n, _ in SHALLOW_V2_TABLE) + 1  # stem, blocks, last 1x1
+    return model
 
 
 @pytest.fixture(autouse=True)

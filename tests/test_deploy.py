@@ -12,6 +12,9 @@ from torch import nn
 
 from mnv2lib import build_model
 from mnv2lib import deploy as D
+from mnv2lib.layers import SelfNorm
+
+from conftest import build_shallow_v2
 
 SMOKE = dict(width_mult=0.25, stem="cifar_lite", num_classes=10)
 VARIANTS = {
@@ -25,11 +28,16 @@ VARIANTS = {
 }
 
 
-def make_model(name: str) -> nn.Module:
+def make_model(name: str, shallow: bool = False) -> nn.Module:
     """A smoke-sized model whose outputs are far from zero (random BN statistics and classifier), so
-    that a 1e-4 tolerance means something."""
+    that a 1e-4 tolerance means something; ``shallow``: a MobileNetV2 of three stages (conftest.py), whose
+    XNNPACK lowering and ONNX export take a fraction of the 17 blocks' time (1-4 min a smoke network)."""
     torch.manual_seed(0)
-    model = build_model(**VARIANTS[name])
+    if shallow:
+        assert name.startswith("v2"), name
+        model = build_shallow_v2(**VARIANTS[name])
+    else:
+        model = build_model(**VARIANTS[name])
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -49,7 +57,7 @@ _ONNX = {}
 def onnx_export(name, grad, tmp_path_factory):
     """(model, DeployedModel) of a variant exported by the dynamo exporter under the grad mode; cached."""
     if (name, grad) not in _ONNX:
-        model = make_model(name)
+        model = make_model(name, shallow=name.startswith("v2"))
         path = tmp_path_factory.mktemp("onnx") / f"{name}.onnx"
         with torch.set_grad_enabled(grad):
             _ONNX[(name, grad)] = model, D.export_onnx(model, path)
@@ -101,11 +109,35 @@ def test_mish_exports_compactly(tmp_path_factory):
 
 def test_selfnorm_exports_without_var_mean(tmp_path_factory):
     """SelfNorm's statistics are Core ATen ops (ExecuTorch lowers them): no var_mean in the exported program."""
-    model = make_model("v2_cnsn")
+    model = make_model("v2_cnsn", shallow=True)
     program = torch.export.export(model, (torch.randn(1, 3, 32, 32),)).run_decompositions({})
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not [t for t in targets if "var_mean" in t], targets
     assert not [t for t in targets if not t.startswith("aten.") and "getitem" not in t], targets
+
+
+def test_selfnorm_inference_exports_without_batch_norm():
+    """In inference SelfNorm's gate BatchNorm is folded into its two taps: no BatchNorm without a convolution
+    before it in the exported graph (for which PT2E int8 export searches conv-BN patterns, ~50 s a program),
+    and the same outputs as the eager module (the C operator) and as the gates' BatchNorm modules."""
+    torch.manual_seed(0)
+    module = SelfNorm(8, two_gates=True).eval()
+    with torch.no_grad():
+        for bn in (module.g_bn, module.f_bn):
+            bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_(1.0, 0.3), bn.bias.normal_(0.0, 0.3)
+    x = torch.randn(3, 8, 5, 5)
+    program = torch.export.export(module, (x,)).run_decompositions({})
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "batch_norm" in t], targets
+    with torch.no_grad():
+        eager = module(x)
+        mean, std = x.mean((2, 3)), x.flatten(2).var(-1, unbiased=True).add(module.eps).sqrt()
+        gates = [torch.sigmoid(bn(fc(torch.stack((mean, std), -1)))).unsqueeze(-1)
+                 for fc, bn in ((module.g_fc, module.g_bn), (module.f_fc, module.f_bn))]
+        reference = gates[0] * (x - mean[..., None, None]) + gates[1] * mean[..., None, None]
+    torch.testing.assert_close(program.module()(x), eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager, reference, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
@@ -144,8 +176,8 @@ def test_a_wrong_export_is_caught():
         D.check_parity(D.DeployedModel("onnxruntime", "fp32", no_input, 0), model, torch.randn(2, 3, 32, 32))
 
 
-# XNNPACK lowering takes 8-80 s per model on the 2-core machine, so the suite lowers CNSN (whose var_mean
-# once failed to lower) and V1; MNV2_FULL_DEPLOY_TESTS=1 adds every improvement at once and V4 (~100 s more)
+# XNNPACK lowering takes 8-80 s per model on the 2-core machine, so the suite lowers a shallow CNSN network
+# (whose var_mean once failed to lower) and V1; MNV2_FULL_DEPLOY_TESTS=1 adds every improvement at once and V4
 ET_CASES = [("v2_cnsn", False), ("v1", True)]
 if os.environ.get("MNV2_FULL_DEPLOY_TESTS") == "1":
     ET_CASES += [("v2_all", True), ("v4", False)]
@@ -154,18 +186,22 @@ if os.environ.get("MNV2_FULL_DEPLOY_TESTS") == "1":
 @pytest.mark.parametrize("name,grad", ET_CASES, ids=[f"{n}-{'grad' if g else 'no_grad'}" for n, g in ET_CASES])
 def test_executorch_export_matches_pytorch(name, grad, tmp_path):
     """The model lowers to XNNPACK and its ExecuTorch program matches PyTorch."""
-    model = make_model(name)
+    model = make_model(name, shallow=name == "v2_cnsn")
     with torch.set_grad_enabled(grad):
         deployed = D.export_executorch(model, tmp_path / "model.pte")
     assert deployed.size_bytes == (tmp_path / "model.pte").stat().st_size > 0
     check_against_pytorch(model, deployed, batch=3)  # three calls of the batch-1 program
 
 
-@pytest.mark.parametrize("name", ["v1", "v2_cnsn"])
+INT8_CASES = ["v2_cnsn"] + (["v1"] if os.environ.get("MNV2_FULL_DEPLOY_TESTS") == "1" else [])
+
+
+@pytest.mark.parametrize("name", INT8_CASES)
 def test_int8_models_of_both_runtimes_run(name, tmp_path):
     """(CNSN's int8 ExecuTorch program once failed at run time: XNNPACK's int8 mean over (H, W) returned a
-    wrongly shaped tensor; SelfNorm's statistics are global average pooling now.)"""
-    model = make_model(name)
+    wrongly shaped tensor; SelfNorm's statistics are global average pooling now.) The bounded-batch test
+    below quantizes MobileNetV2 for ExecuTorch too."""
+    model = make_model(name, shallow=name.startswith("v2"))
     calibration = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     fp32 = D.export_onnx(model, tmp_path / "m.onnx")
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(9))
@@ -215,7 +251,7 @@ def test_executorch_program_with_a_bounded_dynamic_batch(tmp_path):
     batched evaluation) within the parity tolerance. An int8 program with a dynamic batch is either
     consistent (a sample's output does not depend on its batch) or refused loudly: ExecuTorch 1.5's
     XNNPACK int8 programs of dynamic batch return wrong outputs for the first samples of a batch."""
-    model = make_model("v1")
+    model = make_model("v2", shallow=True)
     fp32 = D.export_executorch(model, tmp_path / "m.pte", max_batch=4)
     assert fp32.max_batch == 4 and fp32.fixed_batch is None and fp32.parity <= D.PARITY_TOLERANCE
     for batch in (1, 3, 4, 6):
@@ -238,7 +274,7 @@ def test_exports_side_by_side_equal_the_serial_ones(tmp_path):
     """Two worker processes build the same files as one process; a target that fails in a worker is
     recorded by the name of its exception."""
     broken = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten()).eval()  # takes 2 channels, gets 3
-    variants = {"v2": make_model("v2"), "broken": broken}
+    variants = {"v2": make_model("v2", shallow=True), "broken": broken}
     calibration = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
     targets = (("pytorch", "fp32"), ("onnxruntime", "fp32"))
     serial = D.build_deployments(variants, calibration, tmp_path / "serial", targets_of=lambda n: targets,

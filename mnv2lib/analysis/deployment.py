@@ -33,7 +33,9 @@ class DeployPlan:
 # of training each here; the gpu and full plans have them); ExecuTorch for the baseline and Mish (lowering
 # takes 20-65 s per program on this machine, in worker processes side by side).
 PLANS = {
-    "smoke": DeployPlan(("relu6", "mish"), ("relu6",),
+    # no ExecuTorch in the smoke plan: lowering one smoke network takes 1-2 min (tests/test_deploy.py lowers
+    # shallow ones)
+    "smoke": DeployPlan(("relu6", "mish"), (),
                         DeploySizes(test_images=64, corruption_images=8, severities=(3,), calibration_images=64,
                                     latency_repeats=5, crossover_batch=8)),
     "quick": DeployPlan(("relu6", "relu", "mish", "triplet", "cnsn"), ("relu6", "mish"),

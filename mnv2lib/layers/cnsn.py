@@ -254,13 +254,21 @@ class SelfNorm(nn.Module):
 
     def _gate(self, fc: nn.Conv1d, bn: nn.BatchNorm1d, stats: torch.Tensor) -> torch.Tensor:
         w = fc.weight
-        if fc.bias is None and fc.groups == w.shape[0] and w.shape[1:] == (1, 2) and stats.shape[-1] == 2:
+        two_taps = fc.bias is None and fc.groups == w.shape[0] and w.shape[1:] == (1, 2) and stats.shape[-1] == 2
+        use_batch_stats = bn.training and stats.shape[0] > 1
+        if two_taps and not use_batch_stats and bn.track_running_stats and bn.affine:
+            # BatchNorm with running statistics is a per-channel affine map: folded into the two taps, so that
+            # an exported graph holds no BatchNorm without a convolution before it (PT2E int8 export then has
+            # no conv-BN pair to look for, a fixed ~50 s per ExecuTorch program)
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            y = torch.addcmul(stats[..., 0] * (w[:, 0, 0] * scale), stats[..., 1], w[:, 0, 1] * scale)
+            return torch.sigmoid(y + (bn.bias - bn.running_mean * scale)).unsqueeze(-1).unsqueeze(-1)
+        if two_taps:
             # the grouped two-tap Conv1d is w0 * mean + w1 * std per channel: two elementwise ops
             # instead of a oneDNN convolution call (about 0.1 ms forward and backward on the CPU)
             y = torch.addcmul(stats[..., 0] * w[:, 0, 0], stats[..., 1], w[:, 0, 1]).unsqueeze(-1)
         else:
             y = fc(stats)
-        use_batch_stats = bn.training and y.shape[0] > 1
         momentum = 0.0
         if use_batch_stats and bn.track_running_stats:  # the running averages as nn.BatchNorm1d keeps them
             bn.num_batches_tracked.add_(1)
