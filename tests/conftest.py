@@ -17,6 +17,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 _LONG_FILES = ("test_notebooks.py", "test_deploy.py", "test_browser.py")
 
 
+def pytest_configure(config):
+    """Under xdist, in the controller before the workers start: the kernel libraries built side by side. On a
+    cold cache the first worker to need a library otherwise compiles the three one after another while the
+    other worker waits on their locks (~100 s of one busy core)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mnv2lib.ops import build, kernels
+
+    def build_quietly(name):
+        try:
+            build.build(name)
+        except Exception:  # noqa: BLE001 - a worker that needs the library reports the failure in its test
+            pass
+
+    with ThreadPoolExecutor(2) as pool:  # the largest first
+        list(pool.map(build_quietly, sorted(kernels.LIBRARIES, key=lambda n: -build.sources(n)[0].stat().st_size)))
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(_LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order in a file
