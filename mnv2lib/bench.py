@@ -228,7 +228,7 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: 
         "machine": {"device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "torchvision": torchvision.__version__, "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine()},
+                    "processor": platform.processor() or platform.machine(), **cpu_description()},
         "wall_seconds": time.time() - start,
     }
 
@@ -238,10 +238,26 @@ def _ratios(medians: dict[str, dict[str, float]]) -> dict[str, float]:
             if a in medians[mode] and b in medians[mode]}
 
 
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The CPU model and its widest vector unit ("avx512", "avx2" or "other"), where Linux tells: the ratios
+    move by several times between AVX2 and AVX-512 machines (the kernels' register tiles differ)."""
+    try:
+        with open(cpuinfo) as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return {}
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    return {"cpu": fields.get("model name", "unknown"), "vector_isa": isa}
+
+
 def to_markdown(result: dict) -> str:
     config = result["config"]
-    lines = [f"# Speed benchmark ({result['machine']['device']}, {result['machine']['threads']} threads, "
-             f"torch {result['machine']['torch']})", "",
+    machine = result["machine"]
+    cpu = f", {machine['cpu']} ({machine['vector_isa']})" if "cpu" in machine else ""
+    lines = [f"# Speed benchmark ({machine['device']}{cpu}, {machine['threads']} threads, "
+             f"torch {machine['torch']})", "",
              "MobileNetV2 width 0.5, CIFAR stem, 32x32; training step at batch "
              f"{config['train_batch']}, inference at batch {config['eval_batch']}; "
              f"ratios of medians of interleaved runs ({config.get('train_repeats', config.get('repeats'))} training "

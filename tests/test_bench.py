@@ -25,6 +25,8 @@ def test_bench_reports_ratios_of_its_medians(tmp_path):
     assert result["machine"]["threads"] == 1 and result["kernels"]["triplet_attention"] in ("mnv2:: operators (C)", "PyTorch ops")
     markdown = out.with_suffix(".md").read_text()
     assert "| data_per_train_step_ratio |" in markdown and bench.DATA in markdown
+    if "cpu" in result["machine"]:  # Linux
+        assert result["machine"]["vector_isa"] in ("avx512", "avx2", "other") and result["machine"]["cpu"] in markdown
 
 
 def test_bench_rounds_report_the_median_ratio_and_its_range(tmp_path):
@@ -41,3 +43,15 @@ def test_bench_rounds_report_the_median_ratio_and_its_range(tmp_path):
     assert f"[{min(spread):.3f}-{max(spread):.3f}]" in out.with_suffix(".md").read_text()
     with pytest.raises(ValueError, match=r"rounds: got 0; allowed values are integers >= 1"):
         bench.run(rounds=0)
+
+
+def test_bench_names_the_cpu_and_its_vector_width(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    first = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    cpuinfo.write_text(first + "\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert bench.cpu_description(str(cpuinfo)) == {"cpu": "AMD EPYC 7B13", "vector_isa": "avx2"}
+    cpuinfo.write_text(first.replace("avx2 fma", "avx2 fma avx512f avx512bw"))
+    assert bench.cpu_description(str(cpuinfo))["vector_isa"] == "avx512"
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert bench.cpu_description(str(cpuinfo)) == {"cpu": "unknown", "vector_isa": "other"}
+    assert bench.cpu_description(str(tmp_path / "missing")) == {}
