@@ -112,16 +112,23 @@ def _compile(command: list[str], what: str) -> None:
         raise RuntimeError(f"{command[0]} failed on {what}: {result.stderr.strip()[-2000:]}")
 
 
+def compile_kernels(name: str, output: Path, extra_flags: tuple[str, ...] = ()) -> None:
+    """``csrc/<name>.c`` into the object file ``output`` (``extra_flags`` after the project's: a later
+    ``-march`` wins)."""
+    kernels_source = sources(name)[0]
+    _compile([os.environ.get("CC", "cc"), *FLAGS, *extra_flags, f"-I{SOURCE_DIR}", "-c", str(kernels_source),
+              "-o", str(output)], f"csrc/{kernels_source.name}")
+
+
 def compile_library(name: str, output: Path, extra_flags: tuple[str, ...] = ()) -> None:
     """``csrc/<name>.c`` and ``csrc/<name>_ops.cpp`` into the shared library ``output``; ``extra_flags`` go to
     both compilers (the tests add ``-Wall -Wextra -Werror``)."""
-    kernels_source, operators_source = sources(name)
+    operators_source = sources(name)[1]
     include, lib = _torch_dirs()
-    cc, cxx = os.environ.get("CC", "cc"), os.environ.get("CXX", "c++")
+    cxx = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory(prefix=f"mnv2-{name}-") as scratch:
         kernels, operators = Path(scratch) / f"{name}.o", Path(scratch) / f"{name}_ops.o"
-        _compile([cc, *FLAGS, *extra_flags, f"-I{SOURCE_DIR}", "-c",
-                  str(kernels_source), "-o", str(kernels)], f"csrc/{kernels_source.name}")
+        compile_kernels(name, kernels, extra_flags)
         # torch's headers as system headers: the warning flags are for this project's code
         _compile([cxx, *CXX_FLAGS, *extra_flags, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
                   "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
