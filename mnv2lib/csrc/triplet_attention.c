@@ -19,7 +19,13 @@
 #include <omp.h>
 
 typedef int64_t i64;
-#define TQ 16   /* columns per register tile */
+/* columns per register tile: one vector register (AVX2's 16 registers hold 8 floats, AVX-512's 32 hold 16).
+ * 16-float tiles on an AVX2 CPU took two registers a row and spilled: the kernels took 3-4x as long */
+#if defined(__AVX512F__)
+#define TQ 16
+#else
+#define TQ 8
+#endif
 #define SLACK 32
 #define INLINE static inline __attribute__((always_inline))
 /* per-sample loops are compiled for the common square planes with constant H = W (unrolled,
@@ -289,20 +295,20 @@ INLINE void corr_impl(const float* in, i64 psi, i64 ldi, const int CI, const int
                 }
         }
 }
-/* tiles: whole planes of 4 or 8 rows (no padding rows visited), else 8 rows (4 with two output channels);
- * without AVX-512 (16 vector registers) half as many rows */
+/* tiles: whole planes of 4 or 8 rows (no padding rows visited), else 8 rows. With AVX-512, two output
+ * channels in 4-row tiles; with AVX2 the K weights of a column, 8 accumulators and the loaded row fill the 16
+ * registers, so two output channels are two passes over the input (measured: a 2-row tile of both was slower) */
 #if defined(__AVX512F__)
 #define CORR_ROWS(CO) ((CO) == 1 ? 8 : 4)
+#define CORR_CHANNELS_APART 0
+#else
+#define CORR_ROWS(CO) 8
+#define CORR_CHANNELS_APART 1
+#endif
 #define CORR_FULL(CI, CO, KK) \
     if (R == 4) corr_impl(in, psi, ldi, CI, CO, KK, 4, 1, wt, out, pso, ldo, R, Q); \
     else if (R == 8) corr_impl(in, psi, ldi, CI, CO, KK, 8, 1, wt, out, pso, ldo, R, Q); \
     else corr_impl(in, psi, ldi, CI, CO, KK, CORR_ROWS(CO), 0, wt, out, pso, ldo, R, Q);
-#else
-#define CORR_ROWS(CO) ((CO) == 1 ? 4 : 2)
-#define CORR_FULL(CI, CO, KK) \
-    if (R == 4) corr_impl(in, psi, ldi, CI, CO, KK, 4, 1, wt, out, pso, ldo, R, Q); \
-    else corr_impl(in, psi, ldi, CI, CO, KK, CORR_ROWS(CO), 0, wt, out, pso, ldo, R, Q);
-#endif
 #define CORR_K(CI, CO) \
     switch (K) { \
         case 3: CORR_FULL(CI, CO, 3) break; \
@@ -311,7 +317,15 @@ INLINE void corr_impl(const float* in, i64 psi, i64 ldi, const int CI, const int
         default: corr_impl(in, psi, ldi, CI, CO, K, 1, 0, wt, out, pso, ldo, R, Q); \
     }
 static void corr21(const float* in, i64 psi, i64 ldi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) { CORR_K(2, 1) }
+#if CORR_CHANNELS_APART
+static void corr11(const float* in, i64 psi, i64 ldi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) { CORR_K(1, 1) }
+static void corr12(const float* in, i64 psi, i64 ldi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) {
+    corr11(in, psi, ldi, K, wt, out, pso, ldo, R, Q);
+    corr11(in, psi, ldi, K, wt + K * K, out + pso, pso, ldo, R, Q);
+}
+#else
 static void corr12(const float* in, i64 psi, i64 ldi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) { CORR_K(1, 2) }
+#endif
 
 /* ---- weight gradient of one sample, as vectors (summed once at the end):
  * gv[c][i][j] += sum_{y, x'} G[y][x' - j] * P[c][y + i][x'] (x' = x + j), whose lane sum is

@@ -66,7 +66,10 @@ struct Geometry {
 // A plane is stored as its official orientation or the transpose, whichever the convolution's tiles of
 // TILE columns cover with fewer positions (the longer side in the columns); on a tie the pooling's
 // natural layout (official for cw and s, the transpose for hc), which needs no transposing copies.
-constexpr i64 TILE = 16;  // TQ of triplet_attention.c
+// TILE: TQ of triplet_attention.c with AVX-512; with AVX2 a tile is 8 columns, for which counting 16-column
+// tiles still prefers the longer side in the columns (the shapes must not depend on the CPU: Python's fake
+// kernels compute them too)
+constexpr i64 TILE = 16;
 int stored_transposed(i64 rows, i64 cols, bool natural_is_transposed) {
   const i64 as_is = rows * ((cols + TILE - 1) / TILE), transposed = cols * ((rows + TILE - 1) / TILE);
   return as_is == transposed ? natural_is_transposed : transposed < as_is;

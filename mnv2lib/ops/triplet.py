@@ -31,7 +31,7 @@ from torch import Tensor
 from .checks import is_channels_last
 from .library import fake_inplace, fake_like_x, register_when_loaded
 
-_TILE = 16  # the convolution kernels' tile width (TQ in csrc/triplet_attention.c)
+_TILE = 16  # the C++ code's TILE (the convolution kernels' tile width with AVX-512, two tiles with AVX2)
 
 
 def _stored_transposed(rows: int, cols: int, natural_is_transposed: bool) -> bool:
