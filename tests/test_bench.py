@@ -1,6 +1,7 @@
 """The speed benchmark's report: every ratio it promises, computed from its own timings (not timed here)."""
 import json
 import math
+from collections import Counter
 
 import pytest
 
@@ -55,3 +56,11 @@ def test_bench_names_the_cpu_and_its_vector_width(tmp_path):
     cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd\n")
     assert bench.cpu_description(str(cpuinfo)) == {"cpu": "unknown", "vector_isa": "other"}
     assert bench.cpu_description(str(tmp_path / "missing")) == {}
+
+
+def test_bench_gives_every_variant_every_place_in_the_order_equally_often():
+    names = ["torchvision", "baseline", "triplet", bench.DATA]
+    orders = bench.interleaved(names, 8)
+    assert all(sorted(order) == sorted(names) for order in orders)  # each variant once per repetition
+    for place in range(len(names)):
+        assert Counter(order[place] for order in orders) == {name: 2 for name in names}
