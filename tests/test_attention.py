@@ -152,6 +152,23 @@ def test_channels_last_input_matches_reference(shape, kernel_size, no_spatial):
         torch.testing.assert_close(maps["0"][name], gate, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_a_channels_last_module_matches_reference():
+    # model.to(memory_format=torch.channels_last) gives the branches' (1, 2, k, k) conv weights other strides,
+    # which the operators read without a contiguous copy
+    fast, ref = _pair(7)
+    fast.to(memory_format=torch.channels_last)
+    assert not fast.channel_width.conv.weight.is_contiguous()
+    x = torch.randn(3, 16, 8, 12)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        fast.train()
+        ref.train()
+        assert_same_training_step(fast, ref, x.contiguous(memory_format=layout))
+        fast.eval()
+        ref.eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x.contiguous(memory_format=layout)), ref(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("no_spatial", [False, True])
 def test_tied_maxima_share_the_gradient_like_amax(no_spatial):
     # after ReLU6 (and rounding) many values of a row or column are equal: amax spreads the

@@ -52,6 +52,31 @@ i64 check_params(const char* op, const Tensor& x, const Tensor* weights, std::in
   return k;
 }
 
+// A branch's (1, 2, k, k) conv weight as 2 k k floats in order: the tensor's own, or a copy where a channels_last
+// model stores it with other strides (copied here: Tensor::contiguous() costs a dispatch and an allocation, and
+// an inference step of a channels_last MobileNetV2 made 51 of them)
+class ConvWeight {
+ public:
+  explicit ConvWeight(const Tensor& w) {
+    if (w.is_contiguous()) {
+      data_ = cptr(w);
+      return;
+    }
+    const auto a = w.accessor<float, 4>();
+    for (i64 c = 0; c < w.size(1); c++)
+      for (i64 i = 0; i < w.size(2); i++)
+        for (i64 j = 0; j < w.size(3); j++) copy_.push_back(a[0][c][i][j]);
+    data_ = copy_.data();
+  }
+  ConvWeight(const ConvWeight&) = delete;  // data_ may point into copy_
+  ConvWeight& operator=(const ConvWeight&) = delete;
+  const float* data() const { return data_; }
+
+ private:
+  std::vector<float> copy_;
+  const float* data_ = nullptr;
+};
+
 // x as the contiguous (B, C, H, W) the kernels read: NHWC memory read as (B, H, W, C), branches rotated
 struct Geometry {
   Tensor xv;
@@ -132,11 +157,11 @@ Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, BRANCH_COUNTS, boo
   for (int lane = 0; lane < 3; lane++) {
     const int b = g.branch[lane];
     const i64 r = g.rows[lane], q = g.cols[lane];
-    Tensor weight = weights[b].contiguous();
+    const ConvWeight weight(weights[b]);
     Tensor z = at::empty({g.batch, r, q}, x.options());
     gates[lane] = at::empty({g.batch, r, q}, x.options());
     xhats[lane] = at::empty({g.batch, r, q}, x.options());
-    ta_conv(cptr(maps[lane]), g.batch, r, q, k, cptr(weight), g.flags[lane] ^ g.transposed[lane], mptr(z), threads);
+    ta_conv(cptr(maps[lane]), g.batch, r, q, k, weight.data(), g.flags[lane] ^ g.transposed[lane], mptr(z), threads);
     bn_sigmoid_forward(cptr(z), g.batch, 1, r * q, cptr(gammas[b]), cptr(betas[b]), cptr(means[b]), cptr(vars[b]),
                        training, eps, mptr(gates[lane]), mptr(xhats[lane]), mptr(invstd) + lane, bs + b, bs + 3 + b,
                        threads);
@@ -195,10 +220,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> triplet_attention_bac
     bn_sigmoid_backward(cptr(d_gates[lane]), cptr(gates[lane]), cptr(xhats[lane]), g.batch, 1, r * q,
                         cptr(gammas[b]), cptr(invstd) + lane, training, mptr(dz), mptr(d_gamma) + b,
                         mptr(d_beta) + b, threads);
-    Tensor weight = weights[b].contiguous();
+    const ConvWeight weight(weights[b]);
     d_maps[lane] = at::empty({g.batch, 2, r, q}, x.options());
     d_weights[b] = at::empty({1, 2, k, k}, x.options());
-    ta_conv_backward(cptr(maps[lane]), cptr(dz), g.batch, r, q, k, cptr(weight), g.flags[lane] ^ g.transposed[lane],
+    ta_conv_backward(cptr(maps[lane]), cptr(dz), g.batch, r, q, k, weight.data(), g.flags[lane] ^ g.transposed[lane],
                      mptr(d_maps[lane]), mptr(d_weights[b]), threads);
   }
   Tensor dx = at::empty_like(x);
@@ -214,17 +239,17 @@ void inference(const Tensor& x, BRANCH_PARAMS, double eps, const Tensor& out) {
   const i64 k = check_params("triplet_attention_inference", x, weights, {gammas, betas, means, vars},
                              {"gamma", "beta", "mean", "var"});
   const Geometry g = geometry(x);
-  Tensor lane_weights[3];
+  const ConvWeight lane_weights[3] = {ConvWeight(weights[g.branch[0]]), ConvWeight(weights[g.branch[1]]),
+                                      ConvWeight(weights[g.branch[2]])};
   const float* bn[12];  // per lane: BN weight, bias, running mean, running var
   int mask = 0;
   for (int lane = 0; lane < 3; lane++) {
     const int b = g.branch[lane];
-    lane_weights[lane] = weights[b].contiguous();
     bn[4 * lane] = cptr(gammas[b]), bn[4 * lane + 1] = cptr(betas[b]);
     bn[4 * lane + 2] = cptr(means[b]), bn[4 * lane + 3] = cptr(vars[b]);
     mask |= g.transposed[lane] << lane;
   }
-  ta_eval(cptr(g.xv), g.batch, g.c, g.h, g.w, k, cptr(lane_weights[0]), cptr(lane_weights[1]), cptr(lane_weights[2]),
+  ta_eval(cptr(g.xv), g.batch, g.c, g.h, g.w, k, lane_weights[0].data(), lane_weights[1].data(), lane_weights[2].data(),
           bn, eps, g.flags[0], g.flags[1], g.flags[2], mask, mptr(nchw_view(out, g.nhwc)), at::get_num_threads());
 }
 
