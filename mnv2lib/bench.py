@@ -3,8 +3,8 @@
 Builds MobileNetV2 (width 0.5, CIFAR stem, 10 classes, 32x32 inputs) with and without
 each improvement, plus the straightforward reference implementations and torchvision's
 model, and times training steps (batch 128) and inference (batch 64) *interleaved*
-in one process after warm-up, the order rotated every repetition, so that the ratios of medians compare
-like with like.
+in one process after warm-up, in an order that changes every repetition (``interleaved``), so that
+the ratios of medians compare like with like.
 Python's garbage collector is paused while timing (as ``timeit`` does), and inference,
 which is short, is timed six times as often as training. Building an augmented training
 batch with ``mnv2lib.data.BatchLoader`` is timed in the same loop, so the data-handling share
@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -134,10 +135,17 @@ COMPILED = dict(num_classes=10, width_mult=0.25, stem="cifar_lite", activation="
 
 def interleaved(names: list[str], repeats: int) -> list[list[str]]:
     """The order of each repetition's steps: every name once per repetition, so that drifts in machine speed
-    hit every variant alike, and the order rotated by one each time, so that every variant takes every place
-    equally often (the step after the data step, first in a fixed order, measured 2-4% slower on a 2-core
-    machine: baseline_vs_torchvision_train read 0.976 with torchvision first and 1.016 with it second)."""
-    return [names[r % len(names):] + names[:r % len(names)] for r in range(repeats)]
+    hit every variant alike, in seeded random orders (the same in every run; no step right after itself), so
+    that no variant always runs after the same one. A step's time depends on what ran before it: in a fixed
+    order the step after the data step measured 2-4% slower on a 2-core machine (baseline_vs_torchvision_train
+    read 0.976 with torchvision right after it and 1.016 with baseline there)."""
+    rng = random.Random(0)
+    orders: list[list[str]] = []
+    while len(orders) < repeats:
+        order = rng.sample(names, len(names))
+        if not (len(names) > 1 and orders and order[0] == orders[-1][-1]):
+            orders.append(order)
+    return orders
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int,

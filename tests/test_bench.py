@@ -58,9 +58,17 @@ def test_bench_names_the_cpu_and_its_vector_width(tmp_path):
     assert bench.cpu_description(str(tmp_path / "missing")) == {}
 
 
-def test_bench_gives_every_variant_every_place_in_the_order_equally_often():
-    names = ["torchvision", "baseline", "triplet", bench.DATA]
-    orders = bench.interleaved(names, 8)
+@pytest.mark.parametrize("count,repeats", [(9, 9), (8, 54)])
+def test_bench_varies_what_runs_before_each_variant(count, repeats):
+    # a step's time depends on the step before it: the order must not pin one predecessor to a variant (the
+    # bench's defaults: 9 training steps of 8 variants and the data step, 54 inference steps of 8 variants)
+    names = [f"v{i}" for i in range(count)]
+    orders = bench.interleaved(names, repeats)
     assert all(sorted(order) == sorted(names) for order in orders)  # each variant once per repetition
-    for place in range(len(names)):
-        assert Counter(order[place] for order in orders) == {name: 2 for name in names}
+    assert orders == bench.interleaved(names, repeats)  # the same order in every run
+    sequence = [name for order in orders for name in order]  # repetitions run back to back
+    assert all(a != b for a, b in zip(sequence, sequence[1:]))
+    for name in names:
+        before = Counter(a for a, b in zip(sequence, sequence[1:]) if b == name)
+        assert max(before.values()) <= repeats // 2, (name, before)
+    assert bench.interleaved([], 3) == [[], [], []]

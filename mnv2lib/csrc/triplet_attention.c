@@ -19,8 +19,9 @@
 #include <omp.h>
 
 typedef int64_t i64;
-/* columns per register tile: one vector register (AVX2's 16 registers hold 8 floats, AVX-512's 32 hold 16).
- * 16-float tiles on an AVX2 CPU took two registers a row and spilled: the kernels took 3-4x as long */
+/* columns per register tile: one vector register, 16 floats with AVX-512 (32 registers), 8 otherwise (AVX2's
+ * 16 registers hold 8). 16-float tiles on an AVX2 CPU took two registers a row and spilled: the kernels took
+ * 3-4x as long */
 #if defined(__AVX512F__)
 #define TQ 16
 #else
@@ -57,8 +58,8 @@ typedef int64_t i64;
 #include "vexpf.h"
 
 typedef float vtile __attribute__((vector_size(TQ * sizeof(float))));  /* a register tile's row */
-/* a statement expression, not a function: without AVX-512, GCC warns that returning a 64-byte vector
- * changes the ABI (-Wpsabi) at every call, although every call is inlined */
+/* a statement expression, not a function: GCC warns at every call (-Wpsabi) when a vector wider than the
+ * enabled vector registers is returned by value, although every call is inlined */
 #define LOAD_TILE(p) ({ vtile tile_; memcpy(&tile_, (p), sizeof tile_); tile_; })
 
 /* rows reduced 8 floats at a time, the 8 partials then as a tree (a loop's own reduction adds its lanes
@@ -296,8 +297,9 @@ INLINE void corr_impl(const float* in, i64 psi, i64 ldi, const int CI, const int
         }
 }
 /* tiles: whole planes of 4 or 8 rows (no padding rows visited), else 8 rows. With AVX-512, two output
- * channels in 4-row tiles; with AVX2 the K weights of a column, 8 accumulators and the loaded row fill the 16
- * registers, so two output channels are two passes over the input (measured: a 2-row tile of both was slower) */
+ * channels in 4-row tiles; otherwise (AVX2: 16 registers) the K weights of a column, 8 accumulators and the
+ * loaded row fill the registers, so two output channels are two passes over the input (measured on AVX2: a
+ * 2-row tile of both was slower) */
 #if defined(__AVX512F__)
 #define CORR_ROWS(CO) ((CO) == 1 ? 8 : 4)
 #define CORR_CHANNELS_APART 0

@@ -63,6 +63,7 @@ class ConvWeight {
       return;
     }
     const auto a = w.accessor<float, 4>();
+    copy_.reserve(w.numel());
     for (i64 c = 0; c < w.size(1); c++)
       for (i64 i = 0; i < w.size(2); i++)
         for (i64 j = 0; j < w.size(3); j++) copy_.push_back(a[0][c][i][j]);
@@ -91,9 +92,9 @@ struct Geometry {
 // A plane is stored as its official orientation or the transpose, whichever the convolution's tiles of
 // TILE columns cover with fewer positions (the longer side in the columns); on a tie the pooling's
 // natural layout (official for cw and s, the transpose for hc), which needs no transposing copies.
-// TILE: TQ of triplet_attention.c with AVX-512; with AVX2 a tile is 8 columns, for which counting 16-column
-// tiles still prefers the longer side in the columns (the shapes must not depend on the CPU: Python's fake
-// kernels compute them too)
+// TILE: TQ of triplet_attention.c with AVX-512. The count uses 16-column tiles on every CPU (the stored shapes
+// must not depend on it: Python's fake kernels compute them too); with 8-column tiles (no AVX-512) the
+// orientation it picks is sometimes not the one with fewer tiles.
 constexpr i64 TILE = 16;
 int stored_transposed(i64 rows, i64 cols, bool natural_is_transposed) {
   const i64 as_is = rows * ((cols + TILE - 1) / TILE), transposed = cols * ((rows + TILE - 1) / TILE);

@@ -129,7 +129,7 @@ def compile_kernels(name: str, output: Path, extra_flags: tuple[str, ...] = ()) 
 
 def compile_library(name: str, output: Path, extra_flags: tuple[str, ...] = ()) -> str:
     """``csrc/<name>.c`` and ``csrc/<name>_ops.cpp`` into the shared library ``output``; ``extra_flags`` go to
-    both compilers. The compilers' warnings (``-Wall -Wextra``), empty for a clean build."""
+    both compilers. The compilers' warnings (``-Wall -Wextra``; not the linker's), empty for a clean build."""
     operators_source = sources(name)[1]
     include, lib = _torch_dirs()
     cxx = os.environ.get("CXX", "c++")
@@ -141,8 +141,8 @@ def compile_library(name: str, output: Path, extra_flags: tuple[str, ...] = ()) 
         said += _compile([cxx, *CXX_FLAGS, *WARNINGS, *extra_flags, abi, "-isystem", str(include),
                           "-isystem", str(include / "torch" / "csrc" / "api" / "include"), f"-I{SOURCE_DIR}",
                           "-c", str(operators_source), "-o", str(operators)], f"csrc/{operators_source.name}")
-        said += _compile([cxx, "-shared", "-fopenmp", str(kernels), str(operators), "-o", str(output), f"-L{lib}",
-                          f"-Wl,-rpath,{lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-lm"], f"the {name} library")
+        _compile([cxx, "-shared", "-fopenmp", str(kernels), str(operators), "-o", str(output), f"-L{lib}",
+                  f"-Wl,-rpath,{lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-lm"], f"the {name} library")
     return said
 
 
@@ -184,16 +184,19 @@ def _build(name: str, library: Path) -> Path:
     os.close(fd)
     temporary = Path(temporary)
     sidecar_tmp = temporary.with_name(temporary.name + ".sha256")
+    log_tmp = temporary.with_name(temporary.name + ".warnings")
     try:
-        warnings_log(library).write_text(compile_library(name, temporary))
+        log_tmp.write_text(compile_library(name, temporary))
         sidecar_tmp.write_text(sha256(temporary) + "\n")
         os.chmod(temporary, 0o700)
         os.chmod(sidecar_tmp, 0o600)
-        # library first, then its checksum: a reader in between sees a mismatch and rebuilds too
+        os.chmod(log_tmp, 0o600)
+        # log and library first, then the checksum: a reader in between sees a mismatch and rebuilds too
+        os.replace(log_tmp, warnings_log(library))
         os.replace(temporary, library)
         os.replace(sidecar_tmp, library.with_name(library.name + ".sha256"))
     finally:
-        for leftover in (temporary, sidecar_tmp):
+        for leftover in (temporary, sidecar_tmp, log_tmp):
             leftover.unlink(missing_ok=True)
     if not _verified(library):
         raise RuntimeError(f"{library} changed while it was being installed")

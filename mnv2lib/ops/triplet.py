@@ -12,8 +12,8 @@
 
 Arguments per branch (channel_width, height_channel, spatial): conv weight (1, 2, k, k), BN weight,
 bias, running mean, running var (shape (1,) each), batches tracked (int64, shape ()). x: float32 CPU,
-(B, C, H, W), contiguous or channels_last. Planes are stored as they are or transposed, whichever the
-convolutions' tiles cover with fewer positions (on a tie the pooling's natural layout); a channels_last x is
+(B, C, H, W), contiguous or channels_last. Planes are stored as they are or transposed, whichever 16-column
+tiles cover with fewer positions (on a tie the pooling's natural layout); a channels_last x is
 read in place as the contiguous (B, H, W, C) tensor y: Triplet Attention of y is that of x with the branches
 rotated (y's channel-width plane is x's height-channel plane, y's height-channel plane x's spatial plane
 transposed, y's spatial plane x's channel-width plane transposed; the "lanes" of the C++ code).
@@ -31,7 +31,7 @@ from torch import Tensor
 from .checks import is_channels_last
 from .library import fake_inplace, fake_like_x, register_when_loaded
 
-_TILE = 16  # the C++ code's TILE (the convolution kernels' tile width with AVX-512, two tiles with AVX2)
+_TILE = 16  # the C++ code's TILE (the kernels' tile width with AVX-512; counted so on every CPU, see there)
 
 
 def _stored_transposed(rows: int, cols: int, natural_is_transposed: bool) -> bool:
