@@ -136,9 +136,8 @@ COMPILED = dict(num_classes=10, width_mult=0.25, stem="cifar_lite", activation="
 def interleaved(names: list[str], repeats: int) -> list[list[str]]:
     """The order of each repetition's steps: every name once per repetition, so that drifts in machine speed
     hit every variant alike, in seeded random orders (the same in every run; no step right after itself), so
-    that no variant always runs after the same one. A step's time depends on what ran before it: in a fixed
-    order the step after the data step measured 2-4% slower on a 2-core machine (baseline_vs_torchvision_train
-    read 0.976 with torchvision right after it and 1.016 with baseline there)."""
+    that no variant always runs after the same one: a step's time depends on what ran before it (in a fixed
+    order, the variant right after the data step was measurably slower than the same model elsewhere)."""
     rng = random.Random(0)
     orders: list[list[str]] = []
     while len(orders) < repeats:
