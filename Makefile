@@ -34,7 +34,7 @@ ladder: $(STAMP) ## train the budget ladder (quick, 2x, 4x budgets; ~30 min on 2
 	$(BIN)/python -m mnv2lib.experiments ladder --dataset $(DATASET)
 
 bench: $(STAMP) ## speed benchmark of Mish, Triplet Attention and CNSN -> reports/bench.json
-	$(BIN)/python -m mnv2lib.bench
+	$(BIN)/python -m mnv2lib.benchmarks.speed
 
 lab: $(STAMP) ## open the notebooks in JupyterLab (kernel "Python (mnv2lib)")
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -1,10 +1,11 @@
 """mnv2lib: the library behind the MobileNetV2 research workbook.
 
-Layers (activations, attention, CNSN) <- models <- engine <- analysis and figures.
+Layers, each a folder, imports only pointing down (tests/test_architecture.py checks it):
+utils <- ops <- layers <- models <- engine <- runs <- analysis, benchmarks <- figures <- workbook.
 """
-from . import paths
+from .engine.summary import summary
 from .models import ModelConfig, build_model
-from .summary import summary
+from .utils import paths
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "build_model", "summary", "paths", "__version__"]

@@ -60,6 +60,34 @@ def build_shallow_v2(**config):
     return model
 
 
+def n_params(model) -> int:
+    """Every parameter of ``model``, counted here (the parity tests check the library's own counts)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def png_bytes(fig, min_size: int = 5000) -> bytes:
+    """``fig`` rendered as PNG, checked to be one (and at least ``min_size`` bytes: not a blank canvas)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    data = buffer.getvalue()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= min_size
+    return data
+
+
+def randomized(module):
+    """``module`` with normal random parameters and floating buffers (BN statistics) in [0.5, 1.5], in place:
+    a freshly initialised module hides mistakes behind zeros and ones."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+        for b in module.buffers():
+            if b.dtype.is_floating_point:
+                b.uniform_(0.5, 1.5)
+    return module
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -77,7 +105,7 @@ def smoke_reports_dir(tmp_path_factory):
 def publish_cifar_files(monkeypatch):
     """``publish(folder)``: small fake CIFAR files in torchvision's format stand for the release, so
     that their MD5s pass the check that keeps every other pickle from being unpickled."""
-    from mnv2lib import data
+    from mnv2lib.engine import data
 
     def publish(folder):
         published = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}

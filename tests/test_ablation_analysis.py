@@ -6,7 +6,8 @@ import pytest
 from scipy import stats
 
 from mnv2lib.analysis import ablation as A
-from mnv2lib.experiments import ablation_configs
+from mnv2lib.analysis.prose import ablation as prose
+from mnv2lib.runs.spec import ablation_configs
 from mnv2lib.figures import ablation as F
 from mnv2lib.figures.common import FigureContext
 
@@ -78,7 +79,7 @@ def test_description_is_built_from_the_numbers():
     runs = _runs()
     summary = A.summarize(runs)
     diffs = {m: A.paired_differences(runs, m) for m in A.METRICS}
-    text = A.describe(summary, diffs, "synthetic", "smoke")
+    text = prose.describe(summary, diffs, "synthetic", "smoke")
     base = summary.set_index("label").loc["baseline"]
     assert f"{100 * base['clean_accuracy_mean']:.1f}%" in text
     best = diffs["clean_accuracy"].set_index("label")["mean_difference"].idxmax()
@@ -87,7 +88,7 @@ def test_description_is_built_from_the_numbers():
     assert f"The 24 runs took {(24 * 60 + 36) / 60:.1f} min of wall time" in text
     effects = A.main_effects(runs).merge(A.main_effects(runs, "mean_corruption_accuracy"), on="factor",
                                          suffixes=("_clean", "_corruption"))
-    assert "**triplet**" in A.describe_main_effects(effects)
+    assert "**triplet**" in prose.describe_main_effects(effects)
 
 
 def test_record_tables():

@@ -1,6 +1,5 @@
 """Notebook 01's analysis and figures: derivatives against closed forms, the spiral experiment,
 gradient norms at initialization, activation-output distributions, figures and widgets."""
-import io
 import math
 from types import SimpleNamespace
 
@@ -12,10 +11,12 @@ from torch import nn
 
 from mnv2lib import build_model
 from mnv2lib.analysis import activations as A
+from mnv2lib.analysis.prose import activations as prose
 from mnv2lib.figures import activations as F
 from mnv2lib.figures.common import FigureContext
 from mnv2lib.layers.activations import mish, mish_reference
-from mnv2lib.widgets import figure_view
+from mnv2lib.workbook.widgets import figure_view
+from conftest import png_bytes
 
 CTX = FigureContext("synthetic", "smoke", (0, 1))
 POINTS = torch.tensor([-7.0, -3.5, -2.0, -1.0, -0.3, 0.4, 1.0, 2.5, 5.0, 6.5, 9.0], dtype=torch.float64)
@@ -91,7 +92,7 @@ def test_curves_properties_and_description():
     assert props.loc["relu6", "zero_gradient_fraction"] == pytest.approx(8 / 14, abs=2e-3)  # x <= 0, x >= 6
     assert props.loc["relu6", "monotone"] and not props.loc["mish", "monotone"]
     assert props.loc["hardswish", "max_abs_second"] == pytest.approx(1 / 3)
-    text = A.describe_activations(curves)
+    text = prose.describe_activations(curves)
     assert "**Mish**" in text and "minimum -0.309 at x = -1.19" in text
     assert "zero gradient on 43% of [-6, 8]" in text  # ReLU
     with pytest.raises(ValueError, match="activation: got 'tanh'"):
@@ -149,7 +150,7 @@ def test_manifold_experiment_numbers(experiment):
 
 
 def test_describe_manifold_is_built_from_the_numbers(experiment):
-    text = A.describe_manifold(experiment)
+    text = prose.describe_manifold(experiment)
     m = experiment["metrics"].set_index(["activation", "n"])
     assert f"ReLU keeps {100 * m.loc[('relu', 2), 'kept']:.0f}%" in text
     assert f"Mish keeps {100 * m.loc[('mish', 2), 'kept']:.0f}%" in text
@@ -184,7 +185,7 @@ def test_image_batch_normalizes_and_is_reproducible():
 
 
 def test_work_sizes_cover_every_profile():
-    from mnv2lib.experiments import PROFILES
+    from mnv2lib.runs.profiles import PROFILES
 
     for name in PROFILES:
         assert A.work_sizes(name)["gradient_seeds"] >= 2
@@ -241,7 +242,7 @@ def test_init_gradient_norms_seeds_and_description(gradient_setup):
     np.testing.assert_allclose(first["grad_norm"].to_numpy(), again["grad_norm"].to_numpy(), rtol=1e-6)
     ratios = A.first_last_ratios(norms).set_index(["model", "seed"])["ratio"]
     assert ratios[("relu6", 0)] == pytest.approx(first["grad_norm"].iloc[0] / first["grad_norm"].iloc[-1])
-    text = A.describe_gradient_norms(norms)
+    text = prose.describe_gradient_norms(norms)
     median = ratios.loc["mish"].median()
     assert f"ratio first/last conv layer is {median:.3g}" in text and "**Mish**" in text
     assert "of 52 layers" in text
@@ -313,21 +314,13 @@ def test_distribution_summary_and_description(distribution_records):
     row = summary[(summary["model"] == "mish") & (summary["depth"] == 3)].iloc[0]
     sample = records["mish"][row["layer"]]["sample"].double()
     assert row["q25"] == pytest.approx(float(torch.quantile(sample, 0.25)))
-    text = A.describe_distributions(summary)
+    text = prose.describe_distributions(summary)
     relu6 = summary[summary["model"] == "relu6"]
     assert f"exactly zero for a median {100 * relu6['fraction_zero'].median():.0f}%" in text
     assert "**Mish** (35 activation layers): negative" in text
 
 
 # --- figures and widgets ------------------------------------------------------------------------
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    data = buffer.getvalue()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    return data
-
 
 def _texts(fig) -> str:
     return " ".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
@@ -338,7 +331,7 @@ def test_curves_figure_and_widget():
     fig = F.make_activation_curves_figure(curves, ["relu6", "mish"], CTX)
     assert len(fig.axes) == 3 and len(fig.axes[0].get_lines()) == 2 + 2  # two curves + the zero axes
     assert fig.axes[2].get_ylabel() == "f''(x)" and "profile: smoke" in _texts(fig)
-    _png(fig)
+    png_bytes(fig)
     control = w.SelectMultiple(options=list(curves), value=("relu6",))
     view = figure_view(lambda names: F.make_activation_curves_figure(curves, names, CTX), {"names": control})
     view.show()
@@ -356,10 +349,10 @@ def test_manifold_figures_and_widget(experiment):
     assert len(panels) == 1 + len(A.MANIFOLD_ACTIVATIONS) * len(A.MANIFOLD_DIMS)
     m = experiment["metrics"].set_index(["activation", "n"])
     assert f"kept {100 * m.loc[('relu', 2), 'kept_shown']:.0f}%" in _texts(fig)
-    _png(fig)
+    png_bytes(fig)
     metrics_fig = F.make_manifold_metrics_figure(experiment, CTX)
     assert metrics_fig.axes[0].get_xscale() == "log" and len(metrics_fig.axes[0].get_lines()) == 4
-    _png(metrics_fig)
+    png_bytes(metrics_fig)
     control = w.Dropdown(options=list(A.MANIFOLD_DIMS), value=2)
     view = figure_view(lambda n: F.make_manifold_dimension_figure(experiment, n, context=CTX), {"n": control})
     view.show()
@@ -375,7 +368,7 @@ def test_gradient_figure(gradient_setup):
     assert len(fig.axes) == 2 and fig.axes[0].get_yscale() == "log"
     assert fig.axes[1].get_ylabel() == "Mish / ReLU6"
     assert fig.axes[1].get_xticklabels()[0].get_text() == "stem"
-    _png(fig)
+    png_bytes(fig)
 
 
 def test_distribution_figures_and_layer_widget(distribution_records):
@@ -383,7 +376,7 @@ def test_distribution_figures_and_layer_widget(distribution_records):
     summary = A.distribution_summary(records)
     fig = F.make_activation_quantiles_figure(summary, CTX)
     assert len(fig.axes) == 4 and fig.axes[0].get_yscale() == "symlog"
-    _png(fig)
+    png_bytes(fig)
     layers = list(records["relu6"])
     control = w.Dropdown(options=layers, value=layers[0])
     view = figure_view(lambda layer: F.make_layer_distribution_figure(records, layer, CTX), {"layer": control})
@@ -391,7 +384,7 @@ def test_distribution_figures_and_layer_widget(distribution_records):
     assert layers[0] in view.last_figure.axes[0].get_title(loc="left")
     control.value = layers[5]
     assert view.renders == 2 and layers[5] in view.last_figure.axes[0].get_title(loc="left")
-    _png(view.last_figure)
+    png_bytes(view.last_figure)
     with pytest.raises(ValueError, match="layer: got 'nope'"):
         F.make_layer_distribution_figure(records, "nope")
     assert not math.isnan(summary["q50"].sum())
@@ -399,7 +392,7 @@ def test_distribution_figures_and_layer_widget(distribution_records):
 
 def test_summarize_study_reports_the_numbers(experiment, gradient_setup):
     norms = gradient_setup[2]
-    text = A.summarize_study(experiment, norms, accuracies={"relu6": 0.5, "mish": 0.625})
+    text = prose.summarize_study(experiment, norms, accuracies={"relu6": 0.5, "mish": 0.625})
     m = experiment["metrics"].set_index(["activation", "n"])
     assert f"At n = 2, ReLU keeps {100 * m.loc[('relu', 2), 'kept']:.0f}%" in text
     assert f"Mish keeps {100 * m.loc[('mish', 2), 'kept']:.0f}%" in text

@@ -5,12 +5,12 @@ import sys
 
 import pytest
 
-from mnv2lib import allocator
+from mnv2lib.utils import allocator
 
 # allocate and free 64 MiB a few times, then count the minor page faults of each of 5 more rounds
 FAULTS = """
 import resource, sys, torch
-from mnv2lib import allocator
+from mnv2lib.utils import allocator
 mode = allocator.keep_freed_memory() if sys.argv[1] == "switch" else allocator.mode()
 def one_round():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -50,8 +50,8 @@ def test_system_allocator_is_left_alone_on_request():
 
 
 def test_importing_mnv2lib_changes_nothing():
-    result = subprocess.run([sys.executable, "-c", "import mnv2lib, mnv2lib.experiments, mnv2lib.bench\n"
-                             "from mnv2lib import allocator; print(allocator.mode())"],
+    result = subprocess.run([sys.executable, "-c", "import mnv2lib, mnv2lib.experiments, mnv2lib.benchmarks.speed\n"
+                             "from mnv2lib.utils import allocator; print(allocator.mode())"],
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "system"
 

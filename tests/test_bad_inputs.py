@@ -26,16 +26,20 @@ import pytest
 import torch
 from PIL import Image
 
-from mnv2lib import build_model, experiments as E, paths, reports, summary
-from mnv2lib.data import DatasetIntegrityError, load_dataset, torch_threads
+from mnv2lib import build_model
+from mnv2lib.utils import paths
+from mnv2lib.workbook import report as reports
+from mnv2lib import summary
+from mnv2lib.runs import api, profiles, runner, spec
+from mnv2lib.runs.store import (BadRecordWarning, CorruptRunError, ResultsStore, finished, load_results, records_to_frame)
+from mnv2lib.engine.data import DatasetIntegrityError, load_dataset, torch_threads
 from mnv2lib.models import ModelConfig
 from mnv2lib.models.pretrained import read_state_dict
-from mnv2lib.train import (CheckpointError, TrainConfig, TrainingDivergedError, check_divergence, evaluate,
-                           resolve_device, train_model)
+from mnv2lib.engine.train import (CheckpointError, TrainConfig, TrainingDivergedError, check_divergence, evaluate, resolve_device, train_model)
 
 TINY = dict(num_classes=10, width_mult=0.25, stem="cifar_lite")
 CONFIG = TrainConfig(epochs=1, batch_size=16, lr=0.05, eval_batch_size=16, device="cpu")
-PROFILE = E.Profile("bad-inputs", train_size=32, test_size=16, corruption_test_size=16, severities=(1,),
+PROFILE = profiles.Profile("bad-inputs", train_size=32, test_size=16, corruption_test_size=16, severities=(1,),
                     corruptions=("contrast",), width_mult=0.25, stem="cifar_lite", seeds=(0,), train=CONFIG)
 
 
@@ -47,7 +51,7 @@ def tiny():
 @pytest.fixture
 def no_costs(monkeypatch):
     """Runs here are about their records, not their cost measurements (seconds each)."""
-    monkeypatch.setattr(E, "measure_config_costs", lambda *args: {})
+    monkeypatch.setattr(runner, "measure_config_costs", lambda *args: {})
 
 
 class Ctx:
@@ -103,11 +107,11 @@ def _truncated_checkpoint(ctx: Ctx):
 
 
 def _model_pt(ctx: Ctx):
-    store = E.ResultsStore(ctx.tmp / "results", ctx.tmp / "runs")
+    store = ResultsStore(ctx.tmp / "results", ctx.tmp / "runs")
     record = {"key": "k", "label": "baseline", "model_config": ModelConfig(**TINY).to_dict()}
     (ctx.tmp / "runs" / "k").mkdir(parents=True)
     (ctx.tmp / "runs" / "k" / "model.pt").write_bytes(b"PK\x03\x04 truncated")
-    E.load_trained_model(record, store)
+    runner.load_trained_model(record, store)
 
 
 def _reports(ctx: Ctx, *argv: str, notebooks_dir: Path | None = None):
@@ -177,7 +181,7 @@ CASES = [
     # same tensor shapes, another model (issue: Mish into ReLU6; SiLU here, it needs no C kernel build)
     ("SiLU checkpoint into a ReLU6 model", lambda c: _resume(c, _checkpoint(c, activation="silu")), CheckpointError,
      "another model"),
-    ("truncated model.pt", _model_pt, E.CorruptRunError, "model.pt"),
+    ("truncated model.pt", _model_pt, CorruptRunError, "model.pt"),
     # the report runner: checked before any kernel starts, exit status 2 (argparse's)
     ("reports --dataset /nonexistent", lambda c: _reports(c, "--dataset", "/nonexistent"), SystemExit,
      "/nonexistent"),
@@ -216,11 +220,11 @@ def test_check_divergence_flags_a_huge_or_rising_loss_after_warm_up():
 
 def test_a_diverged_run_is_recorded_failed_and_never_enters_a_table(tiny, tmp_path, no_costs):
     profile = dataclasses.replace(PROFILE, train=dataclasses.replace(CONFIG, lr=1e3))
-    store = E.ResultsStore(tmp_path / "results", tmp_path / "runs")
-    record = E.run_experiment(E.model_config_for({}, profile, 10), profile, tiny, 0, store, show_progress=False)
+    store = ResultsStore(tmp_path / "results", tmp_path / "runs")
+    record = runner.run_experiment(spec.model_config_for({}, profile, 10), profile, tiny, 0, store, show_progress=False)
     assert record["status"] == "failed" and "diverged" in record["error"], record.get("error")
     assert store.get(record["key"])["status"] == "failed"
-    assert E.load_results(store).empty and E.finished([record]) == []
+    assert load_results(store).empty and finished([record]) == []
     with pytest.raises(TrainingDivergedError):
         train_model(build_model(**TINY), tiny, profile.train, show_progress=False)
 
@@ -237,7 +241,7 @@ BAD_RECORDS = {
 
 @pytest.mark.parametrize("kind", list(BAD_RECORDS))
 def test_a_bad_record_file_is_skipped_with_a_warning_naming_it(kind, tmp_path):
-    store = E.ResultsStore(tmp_path / "results", tmp_path / "runs")
+    store = ResultsStore(tmp_path / "results", tmp_path / "runs")
     good = {"key": "good", "status": "finished", "seed": 0, "model_config": ModelConfig(**TINY).to_dict(),
             "dataset": {"name": "synthetic"}, "history": [{"epoch": 1}], "clean_accuracy": 0.5,
             "mean_corruption_accuracy": 0.4, "costs": {}}
@@ -249,15 +253,15 @@ def test_a_bad_record_file_is_skipped_with_a_warning_naming_it(kind, tmp_path):
         text = json.dumps({**good, "key": "bad", "status": "done"})
     bad = store.record_path("bad")
     bad.write_text((text or "").replace("{key}", "bad"))
-    with pytest.warns(E.BadRecordWarning, match=str(bad)):
+    with pytest.warns(BadRecordWarning, match=str(bad)):
         records = store.records()
     assert [r["key"] for r in records] == ["good"]
-    with pytest.warns(E.BadRecordWarning):
+    with pytest.warns(BadRecordWarning):
         assert store.get("bad") is None  # a run that is needed is then trained again
-        assert list(E.load_results(store)["key"]) == ["good"]
+        assert list(load_results(store)["key"]) == ["good"]
     if kind not in ("truncated", "a list"):  # a bad record handed over directly is left out too
-        with pytest.warns(E.BadRecordWarning, match="left out"):
-            assert list(E.records_to_frame([good, json.loads(text.replace("{key}", "bad"))])["key"]) == ["good"]
+        with pytest.warns(BadRecordWarning, match="left out"):
+            assert list(records_to_frame([good, json.loads(text.replace("{key}", "bad"))])["key"]) == ["good"]
 
 
 def test_a_replaced_image_is_decoded_again(tmp_path, monkeypatch):
@@ -291,24 +295,24 @@ def test_an_unwritable_or_wrong_decode_cache_is_worked_around(tmp_path, monkeypa
 
 def test_a_corrupt_checkpoint_is_moved_aside_and_the_run_starts_again(tiny, tmp_path, no_costs):
     profile = dataclasses.replace(PROFILE, train=dataclasses.replace(CONFIG, epochs=2))
-    store = E.ResultsStore(tmp_path / "results", tmp_path / "runs")
-    config = E.model_config_for({}, profile, 10)
-    partial = E.run_experiment(config, profile, tiny, 0, store, show_progress=False, stop_after_epoch=1)
+    store = ResultsStore(tmp_path / "results", tmp_path / "runs")
+    config = spec.model_config_for({}, profile, 10)
+    partial = runner.run_experiment(config, profile, tiny, 0, store, show_progress=False, stop_after_epoch=1)
     checkpoint = store.run_dir(partial["key"]) / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:500])
     with pytest.warns(UserWarning, match="from the start"):
-        record = E.run_experiment(config, profile, tiny, 0, store, show_progress=False)
+        record = runner.run_experiment(config, profile, tiny, 0, store, show_progress=False)
     assert record["status"] == "finished" and record["resumed_from_epoch"] == 0
     assert checkpoint.with_name("checkpoint.pt.corrupt").exists()
 
 
 def test_damaged_weights_of_a_finished_run_are_trained_again(tiny, tmp_path, no_costs):
-    store = E.ResultsStore(tmp_path / "results", tmp_path / "runs")
-    _, record = E.trained_model({}, PROFILE, tiny, 0, store, show_progress=False)
+    store = ResultsStore(tmp_path / "results", tmp_path / "runs")
+    _, record = api.trained_model({}, PROFILE, tiny, 0, store, show_progress=False)
     weights = store.run_dir(record["key"]) / "model.pt"
     weights.write_bytes(weights.read_bytes()[:300])
     with pytest.warns(UserWarning, match="model.pt"):
-        model, again = E.trained_model({}, PROFILE, tiny, 0, store, show_progress=False)
+        model, again = api.trained_model({}, PROFILE, tiny, 0, store, show_progress=False)
     losses = [[e["train_loss"] for e in r["history"]] for r in (record, again)]
     assert again["status"] == "finished" and losses[0] == losses[1] and not model.training
     assert weights.with_name("model.pt.corrupt").exists()
@@ -317,9 +321,9 @@ def test_damaged_weights_of_a_finished_run_are_trained_again(tiny, tmp_path, no_
 def test_a_second_process_waits_for_the_first_ones_result(tiny, tmp_path, monkeypatch):
     from filelock import FileLock
 
-    store = E.ResultsStore(tmp_path / "results", tmp_path / "runs")
-    config = E.model_config_for({}, PROFILE, 10)
-    key = E.run_key(config, PROFILE, E.dataset_identity(tiny), 0)
+    store = ResultsStore(tmp_path / "results", tmp_path / "runs")
+    config = spec.model_config_for({}, PROFILE, 10)
+    key = spec.run_key(config, PROFILE, spec.dataset_identity(tiny), 0)
     store.runs_dir.mkdir(parents=True)
     holding = threading.Event()
 
@@ -330,11 +334,11 @@ def test_a_second_process_waits_for_the_first_ones_result(tiny, tmp_path, monkey
             store.put({"key": key, "status": "failed", "seed": 0, "model_config": config.to_dict(),
                        "dataset": {"name": "synthetic"}, "error": "written by the other process"})
 
-    monkeypatch.setattr(E, "train_model", lambda *a, **k: pytest.fail("the run was trained twice"))
+    monkeypatch.setattr(runner, "train_model", lambda *a, **k: pytest.fail("the run was trained twice"))
     thread = threading.Thread(target=other_process)
     thread.start()
     holding.wait(10)
-    record = E.run_experiment(config, PROFILE, tiny, 0, store, show_progress=False)
+    record = runner.run_experiment(config, PROFILE, tiny, 0, store, show_progress=False)
     thread.join()
     assert record["error"] == "written by the other process"
 
@@ -399,8 +403,8 @@ def test_a_planted_cifar_pickle_is_refused_before_it_is_unpickled(tmp_path):
 _KILLED_RUN = textwrap.dedent("""
     import sys, time, torch
     from mnv2lib import build_model
-    from mnv2lib.data import load_dataset
-    from mnv2lib.train import TrainConfig, train_model
+    from mnv2lib.engine.data import load_dataset
+    from mnv2lib.engine.train import TrainConfig, train_model
     torch.set_num_threads(1)
     dataset = load_dataset("synthetic", train_size=32, test_size=16, progress=False)
     torch.manual_seed(123)

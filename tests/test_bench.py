@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from mnv2lib import bench
+from mnv2lib.benchmarks import speed as bench
 
 
 def test_bench_reports_ratios_of_its_medians(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mnv2lib import paths
+from mnv2lib.utils import paths
 
 CHROMIUM = os.environ.get("MNV2_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -145,19 +145,14 @@ def _check_control_changes_figure(page, url: str, name: str, title: str, control
     view.screenshot(path=str(folder / screenshot))
 
 
-def test_triplet_attention_widget_rerenders_in_jupyterlab(lab, browser):
+@pytest.mark.parametrize("notebook, label, control, option", [
+    ("02_triplet_attention", "Attention gates: image, block, branch", 1, "combined"),
+    ("01_activation_study", "The spiral at one dimension n", 0, "15"),
+])
+def test_widget_rerenders_in_jupyterlab(lab, browser, notebook, label, control, option):
     page = browser.new_page(viewport={"width": 1400, "height": 1800})
     try:
-        _check_control_changes_figure(page, lab, "02_triplet_attention", "Attention gates: image, block, branch",
-                                      control=1, option="combined", screenshot="02_triplet_attention_widget.png")
-    finally:
-        page.close()
-
-
-def test_activation_study_widget_rerenders_in_jupyterlab(lab, browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 1800})
-    try:
-        _check_control_changes_figure(page, lab, "01_activation_study", "The spiral at one dimension n",
-                                      control=0, option="15", screenshot="01_activation_study_widget.png")
+        _check_control_changes_figure(page, lab, notebook, label, control=control, option=option,
+                                      screenshot=f"{notebook}_widget.png")
     finally:
         page.close()

@@ -4,7 +4,9 @@ import math
 import pytest
 
 from mnv2lib.analysis import ablation as A
-from mnv2lib.experiments import IMPROVEMENTS, PROFILES, model_config_for
+from mnv2lib.analysis.prose import ablation as prose
+from mnv2lib.runs.spec import IMPROVEMENTS, model_config_for
+from mnv2lib.runs.profiles import PROFILES
 from mnv2lib.figures import ablation as F
 from mnv2lib.figures.common import FigureContext
 
@@ -40,7 +42,7 @@ def test_ladder_pairs_by_seed_and_orders_rungs_by_budget():
     assert ("cnsn", "quick_x2") not in clean.index  # that rung lacks it: skipped, not invented
     budgets = dict(zip(ladder["profile"], ladder["images_seen"]))
     assert budgets["quick_x2"] == pytest.approx(2 * budgets["quick"], rel=0.01)  # full batches only
-    text = A.describe_ladder(ladder)
+    text = prose.describe_ladder(ladder)
     assert "**triplet**, clean accuracy" in text and "changes sign" in text.split("**triplet**, clean")[1].split("\n")[0]
     fig = F.make_budget_ladder_figure(ladder, FigureContext("test data", "quick+quick_x2"))
     assert len(fig.axes) == 2
@@ -50,11 +52,11 @@ def test_ladder_of_a_store_without_a_baseline_is_empty_and_says_so():
     records = [_record("quick", IMPROVEMENTS["mish"], 0, 0.5)]
     ladder = A.budget_ladder(records)
     assert ladder.empty
-    assert "make ladder" in A.describe_ladder(ladder)
+    assert "make ladder" in prose.describe_ladder(ladder)
 
 
 def test_ladder_records_keep_only_default_settings_of_known_profiles():
-    from mnv2lib.experiments import ladder_records
+    from mnv2lib.runs.api import ladder_records
 
     keep = _record("quick", {}, 0, 0.5)
     design = _record("quick", {"shortcut": "none"}, 0, 0.5)           # a design study's run

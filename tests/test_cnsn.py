@@ -3,8 +3,8 @@ import torch
 import torchvision
 
 from mnv2lib import build_model
-from mnv2lib.layers.cnsn import (CNSN, CrossNorm, CrossNormSchedule, SelfNorm, channel_stats, random_box,
-                                 record_cnsn)
+from mnv2lib.layers.cnsn import CNSN, CrossNorm, CrossNormSchedule, SelfNorm, channel_stats, random_box, record_cnsn
+from conftest import randomized
 
 
 def stats(x):
@@ -247,16 +247,6 @@ def eager():
     set_kernel_backend("auto")
 
 
-def _randomized(module):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_()
-        for name, b in module.named_buffers():
-            if b.dtype.is_floating_point:
-                b.uniform_(0.5, 1.5)
-    return module
-
-
 def test_native_kernels_available_on_cpu():
     from mnv2lib import ops
 
@@ -275,7 +265,7 @@ def test_selfnorm_kernels_match_pytorch(two_gates, shape, channels_last, eager):
 
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
-    fast = _randomized(SelfNorm(shape[1], two_gates=two_gates))
+    fast = randomized(SelfNorm(shape[1], two_gates=two_gates))
     ref = copy.deepcopy(fast).double()
     x = torch.randn(*shape) * torch.rand(shape[0], shape[1], 1, 1) * 3 + 1
     for training in (True, False):
@@ -325,7 +315,7 @@ def test_channel_stats_gradient_matches_float64(channels_last):
 def test_selfnorm_layouts_and_recording(eager):
     import copy
 
-    fast = _randomized(SelfNorm(8, two_gates=True))
+    fast = randomized(SelfNorm(8, two_gates=True))
     ref = copy.deepcopy(fast)
     x = torch.randn(4, 8, 6, 6)
     y = fast(x.contiguous(memory_format=torch.channels_last))
@@ -362,7 +352,7 @@ def test_crossnorm_with_kernels_matches_pytorch(channels_last, eager):
 def test_selfnorm_inference_kernel_follows_parameter_changes(eager):
     import copy
 
-    fast = _randomized(SelfNorm(6, two_gates=True)).eval()
+    fast = randomized(SelfNorm(6, two_gates=True)).eval()
     x = torch.randn(3, 6, 5, 5)
 
     def check():
@@ -388,7 +378,7 @@ def test_selfnorm_inference_kernel_follows_parameter_changes(eager):
 def test_selfnorm_running_statistics_follow_batchnorm1d(momentum, two_gates):
     """The gates' running averages, batch count included, as nn.BatchNorm1d keeps them fed the same gate
     inputs; momentum None is the cumulative average (the native path and the PyTorch path alike)."""
-    sn = _randomized(SelfNorm(6, two_gates=two_gates)).train()
+    sn = randomized(SelfNorm(6, two_gates=two_gates)).train()
     refs = {}
     for name in ("g", "f") if two_gates else ("g",):
         bn = getattr(sn, f"{name}_bn")

@@ -1,5 +1,4 @@
 """Notebook 03's analysis (mnv2lib.analysis.cnsn) and figures (mnv2lib.figures.cnsn)."""
-import io
 import sys
 import types
 
@@ -13,10 +12,12 @@ from scipy.stats import spearmanr, wasserstein_distance
 
 from mnv2lib import build_model
 from mnv2lib.analysis import cnsn as A
+from mnv2lib.analysis.prose import cnsn as prose
 from mnv2lib.figures import cnsn as F
 from mnv2lib.figures.common import FigureContext
 from mnv2lib.layers.cnsn import record_cnsn
-from mnv2lib.widgets import figure_view
+from mnv2lib.workbook.widgets import figure_view
+from conftest import png_bytes
 
 CTX = FigureContext(dataset="synthetic test data", profile="smoke", seeds=(0,))
 VARIANTS = tuple(A.CROSSNORM_VARIANTS)
@@ -242,7 +243,7 @@ def test_coverage_of_two_instance_equals_no_crossnorm(stats):
     merged = cov.pivot_table(index=["layer", "source", "severity"], columns="crossnorm", values="covered")
     # the same set of (mean, std) per channel, up to CrossNorm's eps on the stds of nearly constant maps
     assert (merged["2-instance"] - merged["off"]).abs().mean() < 0.03
-    assert "2-instance" in A.summarize_coverage(A.coverage(stats))
+    assert "2-instance" in prose.summarize_coverage(A.coverage(stats))
 
 
 def test_gate_response_matches_loop_reference():
@@ -275,12 +276,12 @@ def test_gate_severity_correlation():
     assert corr.loc["fog", "rho"] == pytest.approx(1.0) and corr.loc["blur", "rho"] == pytest.approx(-1.0)
     assert corr.loc["snow", "rho"] == pytest.approx(spearmanr([1, 2, 3], [0.01, 0.03, 0.02]).statistic)
     assert corr.loc["fog", "positive_layers"] == 1.0 and corr.loc["blur", "positive_layers"] == 0.0
-    text = A.summarize_gates(response, corr.reset_index())
+    text = prose.summarize_gates(response, corr.reset_index())
     assert "0.33" in text or "0.17" in text  # the mean rho (1 - 1 + 0.5) / 3 = 0.17
     assert "**fog**" in text
     single = A.gate_severity_correlation(_response({"fog": [0.01]}))
     assert single["rho"].isna().all()
-    assert "single severity" in A.summarize_gates(_response({"fog": [0.01]}), single)
+    assert "single severity" in prose.summarize_gates(_response({"fog": [0.01]}), single)
 
 
 def test_gate_shift_correlation_and_summaries(stats):
@@ -290,7 +291,7 @@ def test_gate_shift_correlation_and_summaries(stats):
     merged = response[~response["source"].isin(["train", "clean"])].merge(
         shift[shift["statistic"] == "mean"], on=["layer", "source", "severity"])
     assert rho == pytest.approx(spearmanr(merged["gate_change"], merged["distance"]).statistic)
-    text = A.summarize_shift(shift)
+    text = prose.summarize_shift(shift)
     per = shift[(shift["statistic"] == "mean") & shift["source"].isin(["gaussian_noise", "contrast"])]
     assert f"{per['distance'].mean():.2f}" in text
     worst = per.groupby("source")["distance"].mean().idxmax()
@@ -301,18 +302,18 @@ def test_gate_shift_correlation_and_summaries(stats):
     assert (f"{ratio:.1f} times as far" if ratio >= 1 else f"({ratio:.2f} times as far)") in text
     corr = A.gate_severity_correlation(response)
     assert len(corr) == 2 and corr["severities"].eq(3).all()
-    assert "Spearman" in A.summarize_gates(response, corr, rho)
-    assert "hardly related" in A.summarize_gates(response, corr, 0.1)
-    assert "move more where" in A.summarize_gates(response, corr, 0.5)
-    assert "move less where" in A.summarize_gates(response, corr, -0.5)
+    assert "Spearman" in prose.summarize_gates(response, corr, rho)
+    assert "hardly related" in prose.summarize_gates(response, corr, 0.1)
+    assert "move more where" in prose.summarize_gates(response, corr, 0.5)
+    assert "move less where" in prose.summarize_gates(response, corr, -0.5)
 
 
 def test_summaries_without_corruptions():
     frame = _toy_frame(np.random.default_rng(4), TOY_SOURCES[:3])
-    assert "No corrupted" in A.summarize_shift(A.statistic_shift(frame))
-    assert "No corrupted" in A.summarize_coverage(A.coverage(frame))
+    assert "No corrupted" in prose.summarize_shift(A.statistic_shift(frame))
+    assert "No corrupted" in prose.summarize_coverage(A.coverage(frame))
     response = A.gate_response(frame)
-    assert "No corrupted" in A.summarize_gates(response, A.gate_severity_correlation(response))
+    assert "No corrupted" in prose.summarize_gates(response, A.gate_severity_correlation(response))
 
 
 def test_collect_statistics_with_a_stub_corruption_module(model, monkeypatch):
@@ -323,10 +324,10 @@ def test_collect_statistics_with_a_stub_corruption_module(model, monkeypatch):
         return dataset.test_images[:size].flip(-1), dataset.test_labels[:size]
 
     stub = types.SimpleNamespace(CORRUPTIONS=("fog", "blur"), load_corrupted_test_set=load_corrupted_test_set)
-    monkeypatch.setitem(sys.modules, "mnv2lib.corruptions", stub)
-    import mnv2lib
+    monkeypatch.setitem(sys.modules, "mnv2lib.engine.corruptions", stub)
+    import mnv2lib.engine
 
-    monkeypatch.setattr(mnv2lib, "corruptions", stub, raising=False)
+    monkeypatch.setattr(mnv2lib.engine, "corruptions", stub, raising=False)
     g = torch.Generator().manual_seed(0)
     dataset = types.SimpleNamespace(
         train_images=torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g),
@@ -353,14 +354,6 @@ def test_collect_statistics_with_a_stub_corruption_module(model, monkeypatch):
 # figures and widget
 
 
-def _png(fig):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    data = buf.getvalue()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    return data
-
-
 def test_distribution_figure(stats):
     fig = F.make_distribution_figure(stats, "features.5", "contrast", 2, "1-instance", CTX)
     assert isinstance(fig, Figure)
@@ -371,7 +364,7 @@ def test_distribution_figure(stats):
     assert labels == ["train", "clean test", "contrast, severity 2", "train + CrossNorm (1-instance)"]
     assert "severity 2" in fig._suptitle.get_text() and "Block 5" in fig._suptitle.get_text()
     assert any("profile: smoke" in t.get_text() for t in fig.texts)
-    _png(fig)
+    png_bytes(fig)
     off = F.make_distribution_figure(stats, "features.5", "contrast", 2, "off", CTX)
     assert len(off.axes[0].get_legend().get_texts()) == 3
     with pytest.raises(ValueError, match="severity"):
@@ -400,7 +393,7 @@ def test_crossnorm_figure(stats):
     assert len(fig.axes) == 3
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels[0] == "train, no CrossNorm" and "1-instance" in labels and labels[-1] == "clean test"
-    _png(fig)
+    png_bytes(fig)
 
 
 def test_shift_coverage_and_gate_figures(stats):
@@ -408,16 +401,16 @@ def test_shift_coverage_and_gate_figures(stats):
     fig = F.make_shift_figure(shift, "mean", None, CTX)
     assert "severity 3" in fig.axes[0].get_title(loc="left")
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["train (reference)", "gaussian_noise", "contrast"]
-    _png(fig)
+    png_bytes(fig)
     assert "severity 1" in F.make_shift_figure(shift, "std", 1).axes[0].get_title(loc="left")
     fig = F.make_coverage_figure(cov, CTX)
     assert len(fig.axes[0].get_lines()) == len(VARIANTS) + 1  # one per variant + clean reference
     assert fig.axes[0].get_ylabel() == "test statistics inside the training range (%)"
-    _png(fig)
+    png_bytes(fig)
     fig = F.make_gate_response_figure(response, shift, "mean", CTX)
     rho = A.gate_shift_correlation(response, shift)
     assert any(f"rho = {rho:.2f}" in a.get_title(loc="left") for a in fig.axes)
-    _png(fig)
+    png_bytes(fig)
     assert len(F.make_gate_response_figure(response).axes) == 3  # two panels + colour bar
 
 
@@ -450,13 +443,13 @@ def test_variant_label_and_describe_model(model):
     assert A.variant_label("1-instance", "neither") == "1-instance"
     with pytest.raises(ValueError, match="mode, crop"):
         A.variant_label("1-instance", "style")
-    text = A.describe_model(model, {"clean_accuracy": 0.8123, "mean_corruption_accuracy": 0.6049})
+    text = prose.describe_model(model, {"clean_accuracy": 0.8123, "mean_corruption_accuracy": 0.6049})
     assert "**17 CNSN modules**" in text and "81.2%" in text and "60.5%" in text
     assert "2-instance, both crops" in text and "probability 0.25 in 2" in text
 
 
 def test_describe_statistics(stats):
-    text = A.describe_statistics(stats)
+    text = prose.describe_statistics(stats)
     assert f"{len(stats):,}" in text and "17 CNSN layers" in text and "layers, 12 images per set" in text
     assert "2 corruptions (gaussian_noise, contrast) at severities 1, 2, 3" in text
     assert "5 CrossNorm variants" in text
@@ -480,7 +473,7 @@ def test_summarize_selfnorm_effect():
     for layer, (before, after) in {"features.1": (2.0, 1.0), "features.2": (4.0, 5.0)}.items():
         for stat, value in (("mean", before), ("selfnorm_mean", after), ("std", 1.0), ("selfnorm_std", 0.5)):
             rows.append({"layer": layer, "source": "fog", "severity": 1, "statistic": stat, "distance": value})
-    text = A.summarize_selfnorm_effect(pd.DataFrame(rows))
+    text = prose.summarize_selfnorm_effect(pd.DataFrame(rows))
     assert "means is 3.00 clean-spread units entering SelfNorm and 3.00 leaving it (+0%)" in text
     assert "reduces it in 50%" in text
     assert "stds is 1.00" in text and "0.50 leaving it (-50%)" in text and "reduces it in 100%" in text

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from mnv2lib import corruptions as C
-from mnv2lib import data as D
-from mnv2lib import paths
+from mnv2lib.engine import corruptions as C
+from mnv2lib.engine import data as D
+from mnv2lib.utils import paths
 
 
 @pytest.fixture(scope="module")

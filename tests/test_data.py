@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mnv2lib import data as D
-from mnv2lib import paths
+from mnv2lib.engine import data as D
+from mnv2lib.utils import paths
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 

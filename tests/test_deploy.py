@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mnv2lib import build_model
-from mnv2lib import deploy as D
+from mnv2lib.engine import deploy as D
 from mnv2lib.layers import SelfNorm
 
 from conftest import build_shallow_v2
@@ -342,20 +342,21 @@ def test_int8_mish_keeps_its_values(tmp_path):
 def test_relu6_verdict_names_the_activations_that_lost_less():
     import pandas as pd
 
-    from mnv2lib.analysis import deployment as X
+    from mnv2lib.analysis.prose import deployment as prose
 
     drops = pd.DataFrame([{"variant": v, "runtime": "onnxruntime", "clean_accuracy_drop_points": d}
                           for v, d in (("relu6", -0.6), ("relu", 0.2), ("mish", -47.7), ("silu", -0.2),
                                        ("hardswish", -0.8))])
-    text = X.describe_relu6(drops, test_images=2000)
+    text = prose.describe_relu6(drops, test_images=2000)
     assert text.startswith("ReLU6 loses more than ReLU, SiLU ("), text
     best = drops.assign(clean_accuracy_drop_points=[0.5, 0.2, -47.7, -0.2, -0.8])
-    assert X.describe_relu6(best, test_images=2000).startswith("ReLU6 loses the least")
+    assert prose.describe_relu6(best, test_images=2000).startswith("ReLU6 loses the least")
 
 
 def test_the_quick_plan_names_what_it_leaves_out():
     from mnv2lib.analysis import deployment as X
+    from mnv2lib.analysis.prose import deployment as prose
 
-    quick = X.left_out(X.PLANS["quick"])
+    quick = prose.left_out(X.deploy_plan("quick"))
     assert "SiLU" in quick and "Hardswish" in quick and "Triplet Attention" in quick
-    assert X.left_out(X.PLANS["gpu"]) == ""
+    assert prose.left_out(X.deploy_plan("gpu")) == ""

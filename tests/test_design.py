@@ -1,6 +1,5 @@
 """MobileNetV2's design options (bottleneck activation, shortcut placement, expansion ratio,
 pretrained weights) and the design study's analysis and figures (notebook 06)."""
-import io
 import math
 
 import numpy as np
@@ -10,8 +9,10 @@ import torch
 import torchvision
 from torch import nn
 
-from mnv2lib import ModelConfig, build_model, paths
+from mnv2lib import ModelConfig, build_model
+from mnv2lib.utils import paths
 from mnv2lib.analysis import design as D
+from mnv2lib.analysis.prose import design as prose
 from mnv2lib.figures import design as F
 from mnv2lib.figures.common import FigureContext
 from mnv2lib.layers import Mish, TripletAttention
@@ -20,13 +21,10 @@ from mnv2lib.models import MobileNetV2
 from mnv2lib.models import pretrained as P
 from mnv2lib.models.mobilenetv2 import INVERTED_RESIDUAL_SETTING, mobilenet_v2_block
 from torchvision.models._utils import _make_divisible
+from conftest import n_params, png_bytes
 
 SMALL = dict(num_classes=10, width_mult=0.25, stem="cifar_lite")
 TABLE_PAIRS = [2, 4, 5, 7, 8, 9, 11, 12, 14, 15]  # blocks with stride 1 and as many input as output channels
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 def hand_count(expand_ratio=None, width_mult=1.0, num_classes=1000):
@@ -51,14 +49,11 @@ def hand_count(expand_ratio=None, width_mult=1.0, num_classes=1000):
 # --- model options ------------------------------------------------------------------------------
 
 def test_defaults_keep_torchvision_parity_and_config_dict():
+    # the explicit defaults build the default model, whose torchvision parity tests/test_models.py checks
     model = build_model(bottleneck_activation=None, shortcut="bottleneck", expand_ratio=None, pretrained=None)
+    assert model.config == build_model().config
     assert n_params(model) == 3_504_872 == hand_count()
-    reference = torchvision.models.mobilenet_v2()
-    model.load_state_dict(reference.state_dict(), strict=True)
-    model.eval(), reference.eval()
-    x = torch.randn(2, 3, 96, 96)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
+    model.load_state_dict(torchvision.models.mobilenet_v2().state_dict(), strict=True)
     # run keys hash ModelConfig.to_dict(): the new options stay out of it at their defaults
     keys = set(ModelConfig().to_dict())
     assert not keys & {"bottleneck_activation", "shortcut", "expand_ratio", "pretrained"}
@@ -364,7 +359,7 @@ def test_pretrained_checks_shapes_before_looking_for_the_file(offline_dirs):
 
 
 def test_fine_tuning_gives_new_modules_their_learning_rate(offline_dirs):
-    from mnv2lib.train import TrainConfig, _make_optimizer
+    from mnv2lib.engine.train import TrainConfig, _make_optimizer
 
     external, _ = offline_dirs
     _write_weights(external, torchvision.models.mobilenet_v2().state_dict())
@@ -407,7 +402,7 @@ def _figure6_records(diffs_by_seed):
 
 
 def test_design_plans_fit_the_budgets():
-    from mnv2lib.experiments import PROFILES
+    from mnv2lib.runs.profiles import PROFILES
 
     smoke, quick, full = (D.design_plan(PROFILES[n]) for n in ("smoke", "quick", "full"))
     # new runs beyond the baseline, which notebook 04 trains anyway
@@ -420,6 +415,8 @@ def test_design_plans_fit_the_budgets():
     assert set(full.expand_ratios) >= {2, 4, 6, 8} and full.sweep_seeds == PROFILES["full"].seeds
     for overrides in D.figure6_configs() + D.sweep_configs(quick):
         ModelConfig(**overrides)  # every planned config is valid
+    # a budget-ladder rung does its base profile's work (it used to get the full plan)
+    assert D.design_plan(PROFILES["quick_x2"]).expand_ratios == quick.expand_ratios
 
 
 def test_figure6_summary_and_sentences():
@@ -433,7 +430,7 @@ def test_figure6_summary_and_sentences():
     half = 12.706204736 * np.std([-0.020, -0.022], ddof=1) / math.sqrt(2)  # t(0.975, 1 dof)
     assert clean.loc["bottleneck=relu6", "ci_low"] == pytest.approx(-0.021 - half, rel=1e-6)
     assert summary.set_index("label").loc["baseline", "clean_accuracy_mean"] == pytest.approx(0.71)
-    text = D.describe_figure6(summary, diffs, "synthetic", "quick")
+    text = prose.describe_figure6(summary, diffs, "synthetic", "quick")
     assert "71.0% clean accuracy" in text and "-2.1 pp" in text
     relu6, expansion, none = (next(l for l in text.splitlines() if key in l) for key in
                               ("ReLU6 in the bottleneck", "between expansions", "no residual"))
@@ -442,7 +439,7 @@ def test_figure6_summary_and_sentences():
     assert "contradicts the paper" in none
     single = D.design_frame(_figure6_records({"bottleneck=relu6": [-0.02]}), 0.5)
     s, d = D.figure6_summary(single)
-    assert "indicative only" in D.describe_figure6(s, d, "synthetic", "quick")
+    assert "indicative only" in prose.describe_figure6(s, d, "synthetic", "quick")
     assert set(D.figure6_runs(frame, "bottleneck")["label"]) == {"baseline", "bottleneck=relu6"}
     with pytest.raises(ValueError, match="panel: got 'width'"):
         D.figure6_runs(frame, "width")
@@ -482,7 +479,7 @@ def test_tradeoff_table_and_pareto_front():
                         & ((points["multiply_adds"] < row["multiply_adds"])
                            | (points["clean_accuracy_mean"] > row["clean_accuracy_mean"]))]
         assert front[i] == better.empty
-    text = D.describe_tradeoffs(table, "synthetic", "quick", (0,))
+    text = prose.describe_tradeoffs(table, "synthetic", "quick", (0,))
     assert "from **t=2** to **baseline (table t)** multiply-adds grow 2.4x (5.0M to 12.0M)" in text
     assert "from **w=0.25** to **baseline (w=0.5)** multiply-adds grow 9.6x (1.2M to 12.0M)" in text
     assert "Pareto front: t=2, t=4." in text and "seed 0" in text
@@ -500,25 +497,19 @@ def test_resolution_cost_grid_scales_with_resolution_squared():
         model = build_model(num_classes=10, width_mult=width, stem="cifar_lite")
         assert (grid.loc[grid["width_mult"] == width, "parameters"] == n_params(model)).all()
     grid = grid[grid["resolution"] < 128]
-    text = D.describe_cost_grid(grid, 32)
+    text = prose.describe_cost_grid(grid, 32)
     g = grid.set_index(["width_mult", "resolution"])
     ratio = g.loc[(0.5, 32), "multiply_adds"] / g.loc[(0.25, 32), "multiply_adds"]
     assert f"width 0.25 -> 0.5 multiplies multiply-adds by {ratio:.1f}x" in text
     assert "resolution squared: 4.00x" in text and "correlate at r =" in text
     no_latency = D.resolution_cost_grid((0.25,), (24, 32), latency_repeats=1, measure_latency=False,
                                         show_progress=False)
-    assert "latency_ms" not in no_latency and "latency" not in D.describe_cost_grid(no_latency, 32)
+    assert "latency_ms" not in no_latency and "latency" not in prose.describe_cost_grid(no_latency, 32)
 
 
 # --- figures ------------------------------------------------------------------------------------
 
 CONTEXT = FigureContext(dataset="synthetic", profile="smoke", seeds=(0, 1))
-
-
-def _png_bytes(fig):
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
 
 
 def test_figure6_figures():
@@ -534,7 +525,7 @@ def test_figure6_figures():
     assert a.get_ylabel() == "test accuracy (%)" and "seeds: 0, 1" not in a.get_title()
     assert any("ReLU6 in the bottleneck" in t.get_text() for t in a.get_legend().get_texts())
     np.testing.assert_allclose(a.get_lines()[0].get_ydata()[-1], 71.0)
-    assert _png_bytes(fig)[:4] == b"\x89PNG"
+    assert png_bytes(fig)[:4] == b"\x89PNG"
     loss = F.make_figure6_curves_figure(histories, "train_loss", CONTEXT)
     assert loss.axes[0].get_ylabel() == "training loss"
     summary, _ = D.figure6_summary(frame)
@@ -542,7 +533,7 @@ def test_figure6_figures():
     a, b = fig.axes[:2]
     assert [t.get_text() for t in a.get_yticklabels()] == list(D.FIGURE6["bottleneck"].values())
     assert len(b.patches) == 3 and b.get_xlabel().startswith("final clean accuracy (%)")
-    assert len(_png_bytes(fig)) > 1000
+    assert len(png_bytes(fig)) > 1000
     with pytest.raises(ValueError, match="metric: got 'top5'"):
         F.make_figure6_accuracy_figure(frame, summary, "top5")
     with pytest.raises(ValueError, match="y: got 'acc'"):
@@ -558,7 +549,7 @@ def test_tradeoff_and_cost_grid_figures():
     assert {"expansion ratio t", "width multiplier", "Pareto front"} <= set(legend)
     assert any(t.startswith("MobileNetV2 as published") for t in legend)
     assert {t.get_text() for t in ax.texts} == {"t=2", "t=4", "w=0.25", "w=0.75"}
-    assert len(_png_bytes(fig)) > 1000
+    assert len(png_bytes(fig)) > 1000
     with pytest.raises(ValueError, match="cost: got 'watts'"):
         F.make_tradeoff_figure(table, "watts")
     grid = pd.DataFrame([{"width_mult": w, "resolution": r, "multiply_adds": 1e6 * w * r, "latency_ms": w * r / 10}
@@ -567,13 +558,13 @@ def test_tradeoff_and_cost_grid_figures():
     heatmaps = [ax for ax in fig.axes if ax.get_xlabel() == "input side (pixels)"]
     assert len(heatmaps) == 2 and len(heatmaps[0].patches) == 1  # the frame around the native column
     assert [t.get_text() for t in heatmaps[0].get_xticklabels()] == ["24", "32\n(trained)", "40"]
-    assert len(_png_bytes(fig)) > 1000
+    assert len(png_bytes(fig)) > 1000
 
 
 def test_tradeoff_widget_rerenders():
     import ipywidgets as w
 
-    from mnv2lib.widgets import figure_view
+    from mnv2lib.workbook.widgets import figure_view
 
     table = D.tradeoff_table(D.design_frame(_sweep_records(), 0.5), 0.5, seeds=(0,))
     cost = w.Dropdown(options=list(F.COST_LABELS), value="multiply_adds")

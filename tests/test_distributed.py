@@ -18,12 +18,15 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from mnv2lib import executors as X  # noqa: E402
-from mnv2lib import experiments as E  # noqa: E402
-from mnv2lib.reports import NOTEBOOK_SEQUENCE  # noqa: E402
+from mnv2lib.runs import executors as X  # noqa: E402
+from mnv2lib.runs import profiles, runner, spec # noqa: E402
+from mnv2lib.runs.store import ResultsStore
+from mnv2lib.engine.train import TrainConfig
+from mnv2lib.workbook import cli
+from mnv2lib.workbook.catalogue import NOTEBOOK_SEQUENCE  # noqa: E402
 
 pytestmark = pytest.mark.slow
-SMOKE = E.get_profile("smoke")
+SMOKE = profiles.get_profile("smoke")
 # three epochs, so that a killed run has an epoch checkpoint to resume from
 SMOKE_3 = dataclasses.replace(SMOKE, name="smoke_3epochs", train=dataclasses.replace(SMOKE.train, epochs=3))
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def dataset():
-    return E.load_profile_dataset(SMOKE, "synthetic")
+    return runner.load_profile_dataset(SMOKE, "synthetic")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,8 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _store(root: Path) -> E.ResultsStore:
-    return E.ResultsStore(root / "results", root / "runs")
+def _store(root: Path) -> ResultsStore:
+    return ResultsStore(root / "results", root / "runs")
 
 
 def _comparable(record: dict) -> dict:
@@ -52,12 +55,12 @@ def _comparable(record: dict) -> dict:
                                       "corruption_accuracy", "mean_corruption_accuracy", "threads")}}
 
 
-def _weights(store: E.ResultsStore, key: str) -> dict:
+def _weights(store: ResultsStore, key: str) -> dict:
     return torch.load(store.run_dir(key) / "model.pt", weights_only=True)
 
 
 def test_ray_trains_four_runs_as_the_local_executor_does(ray_cluster, dataset, tmp_path):
-    runs = E.plan_runs([E.RunRequest(o, (0,)) for o in E.ablation_configs()[:4]], SMOKE, dataset)
+    runs = spec.plan_runs([spec.RunRequest(o, (0,)) for o in spec.ablation_configs()[:4]], SMOKE, dataset)
     assert len(runs) == 4
     on_ray, here = _store(tmp_path / "ray"), _store(tmp_path / "local")
     ray_records = X.train_runs(runs, SMOKE, dataset, on_ray, executor="ray", threads=1, show_progress=False)
@@ -94,7 +97,7 @@ def _worker_pids(name: str = "ray::mnv2-run") -> list[int]:
 
 def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(ray_cluster, dataset, tmp_path):
     store = _store(tmp_path / "store")
-    runs = E.plan_runs([E.RunRequest({}, (0,))], SMOKE_3, dataset)
+    runs = spec.plan_runs([spec.RunRequest({}, (0,))], SMOKE_3, dataset)
     checkpoint = store.run_dir(runs[0].key) / "checkpoint.pt"
     outcome = {}
     grid = threading.Thread(target=lambda: outcome.update(records=X.train_runs(
@@ -122,19 +125,20 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(ray_cluster,
 SAME_RUN_SCRIPT = """
 import json, sys, time
 from pathlib import Path
-from mnv2lib import experiments as E
+from mnv2lib.runs import profiles, runner, spec
+from mnv2lib.runs.store import ResultsStore
 
 trained = []
-real = E.train_model
-E.train_model = lambda *a, **k: trained.append(1) or real(*a, **k)
-store = E.ResultsStore(sys.argv[1] + "/results", sys.argv[1] + "/runs")
-profile = E.get_profile("smoke")
-dataset = E.load_profile_dataset(profile, "synthetic")
-config = E.model_config_for({}, profile, len(dataset.classes))
+real = runner.train_model
+runner.train_model = lambda *a, **k: trained.append(1) or real(*a, **k)
+store = ResultsStore(sys.argv[1] + "/results", sys.argv[1] + "/runs")
+profile = profiles.get_profile("smoke")
+dataset = runner.load_profile_dataset(profile, "synthetic")
+config = spec.model_config_for({}, profile, len(dataset.classes))
 Path(sys.argv[1], "ready-" + sys.argv[2]).touch()
 while len(list(Path(sys.argv[1]).glob("ready-*"))) < 2:  # both processes ask at the same moment
     time.sleep(0.01)
-record = E.run_experiment(config, profile, dataset, 0, store, show_progress=False)
+record = runner.run_experiment(config, profile, dataset, 0, store, show_progress=False)
 print(json.dumps({"trained": len(trained), "status": record["status"], "started": record["started"]}))
 """
 
@@ -161,18 +165,19 @@ def tiny_model():
 DDP_SCRIPT = TINY_MODEL + """
 import hashlib, json, sys
 import torch
-from mnv2lib import experiments as E
+from mnv2lib.engine.train import TrainConfig, init_distributed, train_model
 from mnv2lib.models import build_model
-from mnv2lib.train import init_distributed, train_model
+from mnv2lib.runs import profiles, runner, spec
+from mnv2lib.runs.store import ResultsStore
 
 rank, world = init_distributed()
 torch.set_num_threads(1)
 out = sys.argv[1]
-profile = E.get_profile("smoke")
-dataset = E.load_profile_dataset(profile, "synthetic")
-train = E.TrainConfig(**json.loads(sys.argv[2]))
+profile = profiles.get_profile("smoke")
+dataset = runner.load_profile_dataset(profile, "synthetic")
+train = TrainConfig(**json.loads(sys.argv[2]))
 results = {"world": world}
-for name, make in (("mobilenet_v2", lambda: build_model(E.model_config_for({}, profile, len(dataset.classes)))),
+for name, make in (("mobilenet_v2", lambda: build_model(spec.model_config_for({}, profile, len(dataset.classes)))),
                    ("tiny", tiny_model)):
     torch.manual_seed(0)
     model = make()
@@ -181,8 +186,8 @@ for name, make in (("mobilenet_v2", lambda: build_model(E.model_config_for({}, p
     results[name] = {"history": history, "digest": digest,
                      "weights": [p.detach().flatten().tolist() for p in model.parameters()] if name == "tiny" else None}
 # the experiment path: rank 0 holds the run's lock and writes; every rank returns rank 0's record
-store = E.ResultsStore(out + "/store/results", out + "/store/runs")
-record = E.run_experiment(E.model_config_for({}, profile, len(dataset.classes)), profile, dataset, 0, store,
+store = ResultsStore(out + "/store/results", out + "/store/runs")
+record = runner.run_experiment(spec.model_config_for({}, profile, len(dataset.classes)), profile, dataset, 0, store,
                           show_progress=False)
 results["record"] = {k: record.get(k) for k in ("key", "status", "world_size", "clean_accuracy")}
 json.dump(results, open(f"{out}/rank{rank}.json", "w"))
@@ -198,14 +203,14 @@ DDP_EXACT_TOLERANCE = 1e-5
 
 
 def _single_process(make_model, dataset) -> tuple[list[dict], torch.nn.Module]:
-    from mnv2lib.train import train_model
+    from mnv2lib.engine.train import train_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         model = make_model()
-        return train_model(model, dataset, E.TrainConfig(**DDP_TRAIN), seed=0, show_progress=False).history, model
+        return train_model(model, dataset, TrainConfig(**DDP_TRAIN), seed=0, show_progress=False).history, model
     finally:
         torch.set_num_threads(threads)
 
@@ -240,7 +245,7 @@ def test_ddp_with_gloo_on_two_processes_follows_the_single_process_loss_curve(da
     single_weights = torch.cat([p.detach().flatten() for p in tiny.parameters()])
     assert torch.allclose(ddp_weights, single_weights, atol=DDP_EXACT_TOLERANCE)
 
-    mnv2_history, _ = _single_process(lambda: build_model(E.model_config_for({}, SMOKE, len(dataset.classes))),
+    mnv2_history, _ = _single_process(lambda: build_model(spec.model_config_for({}, SMOKE, len(dataset.classes))),
                                       dataset)
     ddp, single = ([h["train_loss"] for h in hist] for hist in (ranks[0]["mobilenet_v2"]["history"], mnv2_history))
     print("MobileNetV2 train loss per epoch, DDP 2 x 32:", ddp, "one process x 64:", single)
@@ -262,7 +267,7 @@ def test_bad_executor_options_name_the_field(monkeypatch):
 
 
 def test_ranks_share_each_global_batch_exactly():
-    from mnv2lib.data import BatchLoader
+    from mnv2lib.engine.data import BatchLoader
 
     images = torch.randint(0, 255, (40, 3, 4, 4), dtype=torch.uint8)
     labels = torch.arange(40)
@@ -279,7 +284,7 @@ def test_ranks_share_each_global_batch_exactly():
 
 
 def test_plan_command_lists_each_run_once_with_the_notebooks_that_read_it(capsys):
-    E.main(["plan", "--profile", "smoke", "--dataset", "synthetic", "--json"])
+    cli.main(["plan", "--profile", "smoke", "--dataset", "synthetic", "--json"])
     runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len({r["key"] for r in runs}) == len(runs) > 8
     readers = {n for r in runs for n in r["notebooks"]}

@@ -6,10 +6,12 @@ from torch import nn
 from mnv2lib import build_model
 from mnv2lib.analysis import attention as T
 from mnv2lib.analysis import families as FA
+from mnv2lib.analysis.prose import attention as attention_prose
+from mnv2lib.analysis.prose import families as families_prose
 from mnv2lib.figures import attention as FT
 from mnv2lib.figures import families as FF
 from mnv2lib.figures.common import FigureContext
-from mnv2lib.widgets import figure_view
+from mnv2lib.workbook.widgets import figure_view
 
 CTX = FigureContext("synthetic", "smoke", (0,))
 
@@ -21,7 +23,7 @@ def test_table3_memory_matches_the_paper_peaks():
     assert memory.loc["max", "MobileNetV2"] == pytest.approx(112 * 112 * 16 * 2 / 1000)
     v2 = FA.materialized_memory(build_model(), 224)
     assert v2.loc[7, "channels"] == 320 and v2.loc[14, "channels"] == 96
-    assert "4.0x less" in FA.describe_memory(memory)
+    assert "4.0x less" in families_prose.describe_memory(memory)
 
 
 def test_cost_table_and_description():
@@ -31,7 +33,7 @@ def test_cost_table_and_description():
     assert c.loc["MobileNetV2", "parameters"] == 3_504_872
     assert c.loc["MobileNetV1", "multiply_adds"] > c.loc["MobileNetV2", "multiply_adds"]
     assert (c["latency_ms"] > 0).all()
-    assert "MobileNetV2 needs" in FA.describe_costs(costs)
+    assert "MobileNetV2 needs" in families_prose.describe_costs(costs)
     fig = FF.make_cost_tradeoff_figure(costs, "parameters", CTX)
     assert fig.axes[0].get_xscale() == "log"
 
@@ -75,7 +77,7 @@ def test_attention_maps_and_heatmaps(ta_model):
         T.attention_maps(build_model(num_classes=10, width_mult=0.25, stem="cifar"), x)
     summary = T.attention_summary(maps)
     assert set(summary["branch"]) == {"channel_width", "height_channel", "spatial"}
-    assert "most selective" in T.describe_attention(summary)
+    assert "most selective" in attention_prose.describe_attention(summary)
 
 
 def test_grad_cam_against_a_manual_computation(ta_model):

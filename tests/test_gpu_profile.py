@@ -4,12 +4,14 @@ import dataclasses
 import pytest
 import torch
 
-from mnv2lib import build_model, experiments as E
-from mnv2lib.data import load_dataset
-from mnv2lib.train import TrainConfig, train_model
+from mnv2lib import build_model
+from mnv2lib.runs import profiles, runner, spec
+from mnv2lib.runs.store import ResultsStore
+from mnv2lib.engine.data import load_dataset
+from mnv2lib.engine.train import TrainConfig, train_model
 
 
-def tiny(profile: E.Profile) -> E.Profile:
+def tiny(profile: profiles.Profile) -> profiles.Profile:
     """``profile`` with its recipe kept (batch/lr ratio, warm-up, bf16, channels_last, zero-init, stem)
     and its sizes cut to seconds."""
     return dataclasses.replace(
@@ -20,7 +22,7 @@ def tiny(profile: E.Profile) -> E.Profile:
 
 
 def test_gpu_profile_is_the_papers_regime():
-    gpu = E.PROFILES["gpu"]
+    gpu = profiles.PROFILES["gpu"]
     assert gpu.train_size is None and gpu.test_size is None  # every training and test image
     assert gpu.width_mult == 1.0 and gpu.stem == "cifar" and gpu.train.augment
     assert gpu.train.channels_last and gpu.train.amp and gpu.train.amp_dtype == "bfloat16"
@@ -29,14 +31,14 @@ def test_gpu_profile_is_the_papers_regime():
 @pytest.mark.parametrize("overrides", [{}, {"activation": "mish", "attention": "triplet", "cnsn": "cnsn"}],
                          ids=["baseline", "all-three"])
 def test_gpu_profile_code_path_runs_on_cpu_at_tiny_size(overrides, tmp_path):
-    profile = tiny(E.PROFILES["gpu"])
+    profile = tiny(profiles.PROFILES["gpu"])
     dataset = load_dataset("synthetic", train_size=64, test_size=32, progress=False)
-    store = E.ResultsStore(tmp_path / "results", tmp_path / "runs")
-    config = E.model_config_for(overrides, profile, dataset.num_classes)
-    record = E.run_experiment(config, profile, dataset, seed=0, store=store, show_progress=False)
+    store = ResultsStore(tmp_path / "results", tmp_path / "runs")
+    config = spec.model_config_for(overrides, profile, dataset.num_classes)
+    record = runner.run_experiment(config, profile, dataset, seed=0, store=store, show_progress=False)
     assert record["status"] == "finished" and len(record["history"]) == 2
     assert record["profile"]["train"]["zero_init_residual"] and record["costs"]["parameters"] > 0
-    model = E.load_trained_model(record, store)
+    model = runner.load_trained_model(record, store)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 

@@ -12,19 +12,10 @@ from mnv2lib.layers.attention import TripletAttention, TripletAttentionReference
 from mnv2lib.layers.cnsn import CrossNorm, SelfNorm, channel_stats
 
 from kernel_checks import assert_same_training_step
+from conftest import randomized
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
-
-
-def _randomized(module):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_()
-        for b in module.buffers():
-            if b.dtype.is_floating_point:
-                b.uniform_(0.5, 1.5)
-    return module
 
 
 def test_mish_on_cuda():
@@ -45,7 +36,7 @@ def test_mish_on_cuda():
 @pytest.mark.parametrize("no_spatial", [False, True])
 @pytest.mark.parametrize("shape", [(4, 16, 8, 8), (3, 5, 7, 11), (2, 160, 4, 4)])
 def test_triplet_attention_on_cuda(no_spatial, shape):
-    fast = _randomized(TripletAttention(7, no_spatial)).to(CUDA)
+    fast = randomized(TripletAttention(7, no_spatial)).to(CUDA)
     ref = TripletAttentionReference(7, no_spatial).to(CUDA)
     ref.load_state_dict(fast.state_dict())
     cpu = copy.deepcopy(fast).cpu()
@@ -61,7 +52,7 @@ def test_triplet_attention_on_cuda(no_spatial, shape):
 
 @pytest.mark.parametrize("two_gates", [False, True])
 def test_selfnorm_and_crossnorm_on_cuda(two_gates):
-    sn = _randomized(SelfNorm(12, two_gates=two_gates))
+    sn = randomized(SelfNorm(12, two_gates=two_gates))
     cpu = copy.deepcopy(sn)
     sn = sn.to(CUDA)
     x = torch.randn(4, 12, 9, 9) * 2 + 1

@@ -3,8 +3,7 @@ import torch
 from torch import nn
 
 from mnv2lib import build_model
-from mnv2lib.measure import (count_parameters, flops, measure_costs, multiply_adds, saved_activation_bytes,
-                             training_memory_bytes)
+from mnv2lib.engine.measure import (count_parameters, flops, measure_costs, multiply_adds, saved_activation_bytes, training_memory_bytes)
 
 
 def test_multiply_adds_and_flops_at_224():

@@ -6,9 +6,11 @@ import torch
 from torch import nn
 from torchvision.ops.misc import SqueezeExcitation
 
-from mnv2lib import ModelConfig, build_model, summary
+from mnv2lib import ModelConfig, build_model
+from mnv2lib import summary
 from mnv2lib.models import arch_names, convert_timm_state_dict
 from mnv2lib.models import mobilenetv4 as V4
+from conftest import n_params
 
 # ours, timm's name, timm 1.0.31's parameter count for 1000 classes
 PAPER_VARIANTS = [
@@ -29,10 +31,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 def timm_model(name):

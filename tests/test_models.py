@@ -5,13 +5,11 @@ import torch
 import torchvision
 from torch import nn
 
-from mnv2lib import ModelConfig, build_model, summary
+from mnv2lib import ModelConfig, build_model
+from mnv2lib import summary
 from mnv2lib.layers import CNSN, Mish, SelfNorm, TripletAttention
 from mnv2lib.models import InvertedResidual
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
+from conftest import n_params
 
 
 def test_mobilenet_v2_parameter_count_and_torchvision_parity():
@@ -203,7 +201,7 @@ def test_each_family_defaults_to_its_papers_activation():
 def test_config_and_factory_import_the_registry_not_each_other():
     import ast
 
-    from mnv2lib import paths
+    from mnv2lib.utils import paths
 
     for name, other in (("config", "factory"), ("factory", "config")):
         tree = ast.parse((paths.PROJECT_ROOT / "mnv2lib" / "models" / f"{name}.py").read_text())

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from mnv2lib.reports import NOTEBOOK_SEQUENCE, execute_notebook
+from mnv2lib.workbook.catalogue import NOTEBOOK_SEQUENCE
+from mnv2lib.workbook.report import execute_notebook
 
 # figures each notebook must write
 EXPECTED_FIGURES = {
@@ -43,7 +44,8 @@ def _store_state(reports_dir):
 
 @pytest.mark.slow
 def test_the_run_plan_trains_what_the_notebooks_need(smoke_reports_dir):
-    from mnv2lib.experiments import ResultsStore, train_plan
+    from mnv2lib.runs.store import ResultsStore
+    from mnv2lib.workbook.plan import train_plan
 
     store = ResultsStore(smoke_reports_dir / "results", smoke_reports_dir / "runs")
     records = train_plan("smoke", "synthetic", 0, store=store, show_progress=False, executor="local")

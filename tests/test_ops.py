@@ -14,7 +14,7 @@ import mnv2lib
 from mnv2lib import build_model, ops
 from mnv2lib.layers import CNSN, CrossNorm, Mish, SelfNorm, TripletAttention
 from mnv2lib.layers.attention import TripletAttentionReference
-from mnv2lib.measure import multiply_adds
+from mnv2lib.engine.measure import multiply_adds
 from mnv2lib.ops import build, kernels
 
 from conftest import build_shallow_v2

@@ -5,7 +5,7 @@ import tomllib
 
 import yaml
 
-from mnv2lib import paths
+from mnv2lib.utils import paths
 
 ROOT = paths.PROJECT_ROOT
 
@@ -77,7 +77,8 @@ def test_data_folder_tracks_only_its_readme():
 def test_kernel_sources_ship_as_package_data():
     import tomllib
 
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mnv2lib"]
-    shipped = {p.relative_to(ROOT / "mnv2lib") for pattern in data for p in (ROOT / "mnv2lib").glob(pattern)}
-    sources = {p.relative_to(ROOT / "mnv2lib") for p in (ROOT / "mnv2lib" / "csrc").iterdir()}
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mnv2lib.ops"]
+    ops = ROOT / "mnv2lib" / "ops"
+    shipped = {p.relative_to(ops) for pattern in data for p in ops.glob(pattern)}
+    sources = {p.relative_to(ops) for p in (ops / "csrc").iterdir()}
     assert sources and sources <= shipped

@@ -1,7 +1,8 @@
 """reports/README.md: every executed notebook with how it was made, and every figure with its provenance."""
 import json
 
-from mnv2lib import paths, reports
+from mnv2lib.utils import paths
+from mnv2lib.workbook import report as reports
 
 
 def test_index_lists_every_executed_notebook_and_figure(tmp_path, monkeypatch):

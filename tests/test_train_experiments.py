@@ -7,14 +7,17 @@ from datetime import datetime
 import pytest
 import torch
 
-from mnv2lib import allocator, build_model, experiments as E
-from mnv2lib.data import load_dataset
+from mnv2lib.utils import allocator
+from mnv2lib import build_model
+from mnv2lib.runs import profiles, runner, spec
+from mnv2lib.runs.store import ResultsStore, finished, load_results
+from mnv2lib.engine.data import load_dataset
 from mnv2lib.models import ModelConfig
-from mnv2lib.train import NonFiniteLossError, TrainConfig, _train_loader, train_model
+from mnv2lib.engine.train import NonFiniteLossError, TrainConfig, _train_loader, train_model
 
 TINY = dict(num_classes=10, width_mult=0.25, stem="cifar_lite", dropout=0.2)
 CONFIG = TrainConfig(epochs=2, batch_size=32, lr=0.05, eval_batch_size=128, device="cpu")
-PROFILE = E.Profile("unit-test", train_size=96, test_size=64, corruption_test_size=32, severities=(2,),
+PROFILE = profiles.Profile("unit-test", train_size=96, test_size=64, corruption_test_size=32, severities=(2,),
                     corruptions=("gaussian_noise",), width_mult=0.25, stem="cifar_lite", seeds=(0,),
                     train=CONFIG)
 
@@ -92,9 +95,9 @@ def test_training_data_is_shuffled_also_without_augmentation(dataset):
 
 
 def test_run_experiment_records_once_and_reads_back(dataset, tmp_path, monkeypatch):
-    store = E.ResultsStore(tmp_path / "results", tmp_path / "runs")
-    config = E.model_config_for({"activation": "relu"}, PROFILE, 10)
-    record = E.run_experiment(config, PROFILE, dataset, seed=0, store=store, show_progress=False)
+    store = ResultsStore(tmp_path / "results", tmp_path / "runs")
+    config = spec.model_config_for({"activation": "relu"}, PROFILE, 10)
+    record = runner.run_experiment(config, PROFILE, dataset, seed=0, store=store, show_progress=False)
     assert record["status"] == "finished" and len(record["history"]) == CONFIG.epochs
     assert 0.0 <= record["clean_accuracy"] <= 1.0
     assert set(record["corruption_accuracy"]) == {"gaussian_noise"}
@@ -108,25 +111,25 @@ def test_run_experiment_records_once_and_reads_back(dataset, tmp_path, monkeypat
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(E, "train_model", no_training)
-    again = E.run_experiment(config, PROFILE, dataset, seed=0, store=store, show_progress=False)
+    monkeypatch.setattr(runner, "train_model", no_training)
+    again = runner.run_experiment(config, PROFILE, dataset, seed=0, store=store, show_progress=False)
     assert again == json.loads(json.dumps(record, default=str))
-    frame = E.load_results(store)
+    frame = load_results(store)
     assert list(frame["key"]) == [record["key"]] and frame["activation"].iloc[0] == "relu"
     wall = (datetime.fromisoformat(record["finished"]) - datetime.fromisoformat(record["started"])).total_seconds()
     assert frame["wall_seconds"].iloc[0] == wall >= 0
-    model = E.load_trained_model(record, store)
+    model = runner.load_trained_model(record, store)
     assert not model.training
 
 
 def test_interrupted_experiment_resumes_and_ends_like_an_uninterrupted_one(dataset, tmp_path):
-    config = E.model_config_for({}, PROFILE, 10)
-    straight = E.run_experiment(config, PROFILE, dataset, 0, E.ResultsStore(tmp_path / "a", tmp_path / "ra"),
+    config = spec.model_config_for({}, PROFILE, 10)
+    straight = runner.run_experiment(config, PROFILE, dataset, 0, ResultsStore(tmp_path / "a", tmp_path / "ra"),
                                 show_progress=False)
-    store = E.ResultsStore(tmp_path / "b", tmp_path / "rb")
-    partial = E.run_experiment(config, PROFILE, dataset, 0, store, show_progress=False, stop_after_epoch=1)
+    store = ResultsStore(tmp_path / "b", tmp_path / "rb")
+    partial = runner.run_experiment(config, PROFILE, dataset, 0, store, show_progress=False, stop_after_epoch=1)
     assert partial["status"] == "running" and store.get(partial["key"]) is None
-    resumed = E.run_experiment(config, PROFILE, dataset, 0, store, show_progress=False)
+    resumed = runner.run_experiment(config, PROFILE, dataset, 0, store, show_progress=False)
     assert resumed["resumed_from_epoch"] == 1
     assert _metrics(resumed["history"]) == _metrics(straight["history"])
     assert resumed["corruption_accuracy"] == straight["corruption_accuracy"]
@@ -134,22 +137,22 @@ def test_interrupted_experiment_resumes_and_ends_like_an_uninterrupted_one(datas
 
 def test_a_diverging_run_is_recorded_as_failed_and_left_out(dataset, tmp_path, capsys):
     profile = dataclasses.replace(PROFILE, train=dataclasses.replace(CONFIG, lr=1e30))
-    store = E.ResultsStore(tmp_path / "results", tmp_path / "runs")
-    record = E.run_experiment(E.model_config_for({}, profile, 10), profile, dataset, 0, store, show_progress=False)
+    store = ResultsStore(tmp_path / "results", tmp_path / "runs")
+    record = runner.run_experiment(spec.model_config_for({}, profile, 10), profile, dataset, 0, store, show_progress=False)
     assert record["status"] == "failed" and "lower lr" in record["error"]
     assert store.get(record["key"])["status"] == "failed"
-    assert E.finished([record]) == []
+    assert finished([record]) == []
     assert "left out of the tables" in capsys.readouterr().out
 
 
 def test_run_key_changes_with_every_part_of_a_run(dataset):
-    identity = E.dataset_identity(dataset)
-    config = E.model_config_for({}, PROFILE, 10)
-    key = E.run_key(config, PROFILE, identity, 0)
-    assert key == E.run_key(ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))), PROFILE, identity, 0)
-    others = [E.run_key(config, PROFILE, identity, 1),
-              E.run_key(E.model_config_for({"activation": "mish"}, PROFILE, 10), PROFILE, identity, 0),
-              E.run_key(config, dataclasses.replace(PROFILE, train=dataclasses.replace(CONFIG, epochs=3)),
+    identity = spec.dataset_identity(dataset)
+    config = spec.model_config_for({}, PROFILE, 10)
+    key = spec.run_key(config, PROFILE, identity, 0)
+    assert key == spec.run_key(ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))), PROFILE, identity, 0)
+    others = [spec.run_key(config, PROFILE, identity, 1),
+              spec.run_key(spec.model_config_for({"activation": "mish"}, PROFILE, 10), PROFILE, identity, 0),
+              spec.run_key(config, dataclasses.replace(PROFILE, train=dataclasses.replace(CONFIG, epochs=3)),
                         identity, 0),
-              E.run_key(config, PROFILE, {**identity, "name": "cifar10"}, 0)]
+              spec.run_key(config, PROFILE, {**identity, "name": "cifar10"}, 0)]
     assert len({key, *others}) == 5

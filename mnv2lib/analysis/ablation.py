@@ -90,43 +90,6 @@ def _pp(x: float) -> str:
     return f"{100 * x:+.1f} pp"
 
 
-def describe(summary: pd.DataFrame, diffs: dict[str, pd.DataFrame], dataset: str, profile: str) -> str:
-    """Markdown sentences stating the results, built only from the numbers passed in."""
-    base = summary.set_index("label").loc["baseline"]
-    lines = [f"**Results on {dataset}, profile `{profile}`, {int(base['seeds'])} seed(s) per variant.**", ""]
-    lines.append(f"- The baseline reaches {100 * base['clean_accuracy_mean']:.1f}% clean accuracy and "
-                 f"{100 * base.get('mean_corruption_accuracy_mean', math.nan):.1f}% mean corruption accuracy.")
-    for metric, frame in diffs.items():
-        if frame.empty:
-            continue
-        best = frame.loc[frame["mean_difference"].idxmax()]
-        worst = frame.loc[frame["mean_difference"].idxmin()]
-        sig = frame[frame["significant"]]
-        ci = (lambda r: "" if math.isnan(r["ci_low"]) else f" (95% CI {_pp(r['ci_low'])} to {_pp(r['ci_high'])})")
-        lines.append(f"- {METRICS.get(metric, metric).capitalize()}: the largest gain over the baseline is "
-                     f"**{best['label']}** at {_pp(best['mean_difference'])}{ci(best)}; the smallest is "
-                     f"**{worst['label']}** at {_pp(worst['mean_difference'])}{ci(worst)}. "
-                     + (f"{len(sig)} of {len(frame)} differences have a confidence interval that excludes zero"
-                        + (f" ({', '.join(sig['label'])})." if len(sig) else ".")
-                        if not frame["ci_low"].isna().all() else
-                        "With a single seed there are no confidence intervals; treat differences as indicative."))
-    costly = summary.set_index("label")
-    if "train_images_per_s" in costly and costly["train_images_per_s"].notna().all():
-        slowest = costly["train_images_per_s"].idxmin()
-        lines.append(f"- Training throughput ranges from {costly['train_images_per_s'].min():.0f} img/s "
-                     f"({slowest}) to {costly['train_images_per_s'].max():.0f} img/s "
-                     f"({costly['train_images_per_s'].idxmax()}) on the measuring machine.")
-    if "wall_seconds_total" in costly and costly["wall_seconds_total"].notna().all():
-        lines.append(f"- The {int(costly['seeds'].sum())} runs took {costly['wall_seconds_total'].sum() / 60:.1f} min "
-                     "of wall time in all, each from start to finish as recorded when it ran (training, corruption "
-                     "evaluation, cost measurement).")
-    if "parameters" in costly and costly["parameters"].notna().all():
-        lines.append(f"- Parameters: baseline {costly.loc['baseline', 'parameters'] / 1e6:.3f}M; the largest "
-                     f"variant ({costly['parameters'].idxmax()}) adds "
-                     f"{(costly['parameters'].max() - costly.loc['baseline', 'parameters']) / 1e3:.1f}k.")
-    return "\n".join(lines)
-
-
 def corruption_table(records: list[dict]) -> pd.DataFrame:
     """Accuracy per corruption (rows) and variant (columns), mean over severities and seeds."""
     rows = []
@@ -153,16 +116,6 @@ def histories_frame(records: list[dict]) -> pd.DataFrame:
     """Per-epoch metrics of every run, long format with label and seed."""
     return pd.DataFrame([{**epoch, "label": r["label"], "seed": r["seed"]}
                          for r in records for epoch in r.get("history", [])])
-
-
-def describe_main_effects(effects: pd.DataFrame) -> str:
-    """One sentence per improvement from the main-effects table (columns effect_clean, effect_corruption)."""
-    lines = []
-    for _, row in effects.iterrows():
-        lines.append(f"- **{row['factor']}**: main effect {_pp(row['effect_clean'])} on clean accuracy and "
-                     f"{_pp(row['effect_corruption'])} on mean corruption accuracy "
-                     f"({int(row['runs_with_clean'])} runs with, {int(row['runs_without_clean'])} without).")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,33 +178,3 @@ def budget_ladder(records: list[dict], confidence: float = 0.95) -> pd.DataFrame
                                                            ignore_index=True)
 
 
-def describe_ladder(ladder: pd.DataFrame) -> str:
-    """Markdown: per improvement and metric, the effect at each rung, and whether it changes sign or size."""
-    if ladder.empty:
-        return ("No rung of the budget ladder has both a baseline and a single-improvement run yet "
-                "(`make ladder` trains them).")
-    rungs = ladder.drop_duplicates("profile").sort_values("images_seen")
-    lines = ["**Rungs present:** " + ", ".join(
-        f"`{p}` ({n:,} images seen, baseline {100 * b:.1f}% clean)" for p, n, b in zip(
-            rungs["profile"], rungs["images_seen"],
-            [ladder[(ladder["profile"] == p) & (ladder["metric"] == "clean_accuracy")]["baseline"].mean()
-             for p in rungs["profile"]])) + ".", ""]
-    for (factor, metric), group in ladder.groupby(["improvement", "metric"], sort=False):
-        group = group.sort_values("images_seen")
-        steps = ", ".join(f"{_pp(e)} at {n:,}" + (f" ({s} seeds)" if s > 1 else " (1 seed)")
-                          for e, n, s in zip(group["effect"], group["images_seen"], group["seeds"]))
-        first, last = group.iloc[0], group.iloc[-1]
-        if len(group) < 2:
-            verdict = "only one rung: nothing to compare yet"
-        elif np.sign(first["effect"]) != np.sign(last["effect"]) and abs(first["effect"]) > 0.005 \
-                and abs(last["effect"]) > 0.005:
-            verdict = (f"**changes sign** from the smallest to the largest budget ({_pp(first['effect'])} -> "
-                       f"{_pp(last['effect'])})")
-        elif abs(last["effect"]) > 1.5 * abs(first["effect"]) + 0.005:
-            verdict = f"**grows** with the budget ({_pp(first['effect'])} -> {_pp(last['effect'])})"
-        elif abs(last["effect"]) < abs(first["effect"]) / 1.5 - 0.005:
-            verdict = f"**shrinks** with the budget ({_pp(first['effect'])} -> {_pp(last['effect'])})"
-        else:
-            verdict = f"keeps its sign and size ({_pp(first['effect'])} -> {_pp(last['effect'])})"
-        lines.append(f"- **{factor}**, {METRICS[metric]}: {steps} images seen; {verdict}.")
-    return "\n".join(lines)

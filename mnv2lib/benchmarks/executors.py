@@ -1,4 +1,4 @@
-"""How the grid scales: ``python -m mnv2lib.grid_bench threads|grid`` (a measurement, not a test).
+"""How the grid scales: ``python -m mnv2lib.benchmarks.executors threads|grid`` (a measurement, not a test).
 
 ``threads``: the wall time of ONE run of a profile with 1 and with 2 torch threads (local executor,
 fresh stores), and from it the parallel fraction p of a run (Amdahl: t(n) = t(1) ((1 - p) + p / n)).
@@ -18,8 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import paths
-from .experiments import RunRequest, ResultsStore, ablation_configs, get_profile, load_profile_dataset, plan_runs
+from ..runs.profiles import get_profile
+from ..runs.runner import load_profile_dataset
+from ..runs.spec import RunRequest, ablation_configs, plan_runs
+from ..runs.store import ResultsStore
+from ..utils import paths
 
 
 def _profile(name: str, train_size: int | None):
@@ -30,7 +33,7 @@ def _profile(name: str, train_size: int | None):
 
 
 def _timed_grid(runs, profile, dataset, **options) -> float:
-    from .executors import train_runs
+    from ..runs.executors import train_runs
 
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
@@ -71,7 +74,7 @@ def predict(threads: dict, runs: int, cores: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mnv2lib.grid_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mnv2lib.benchmarks.executors", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("threads", "grid", "predict"))
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--dataset", default="auto")

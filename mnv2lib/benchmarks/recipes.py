@@ -6,8 +6,8 @@ validation split of ``--validation`` images, and is scored by its validation acc
 CPU time it took (process CPU seconds and wall seconds, both recorded). One JSON per recipe goes to
 ``reports/recipes/``; a finished recipe is read back, not retrained.
 
-    python -m mnv2lib.recipes                 # every recipe in RECIPES
-    python -m mnv2lib.recipes --only today,zero_init
+    python -m mnv2lib.benchmarks.recipes                 # every recipe in RECIPES
+    python -m mnv2lib.benchmarks.recipes --only today,zero_init
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from . import paths
-from .data import Dataset, balanced_order, channel_stats, load_dataset, validation_split
-from .experiments import write_json_atomic
-from .models import build_model
-from .train import TrainConfig, train_model
+from ..engine.data import Dataset, balanced_order, channel_stats, load_dataset, validation_split
+from ..engine.train import TrainConfig, train_model
+from ..models import build_model
+from ..utils import paths
+from ..utils.io import write_json_atomic
 
 RECIPES_DIR = paths.REPORTS_DIR / "recipes"
 

@@ -1,4 +1,4 @@
-"""Speed benchmark: ``python -m mnv2lib.bench`` (``make bench``).
+"""Speed benchmark: ``python -m mnv2lib.benchmarks.speed`` (``make bench``).
 
 Builds MobileNetV2 (width 0.5, CIFAR stem, 10 classes, 32x32 inputs) with and without
 each improvement, plus the straightforward reference implementations and torchvision's
@@ -7,13 +7,13 @@ in one process after warm-up, in an order that changes every repetition (``inter
 the ratios of medians compare like with like.
 Python's garbage collector is paused while timing (as ``timeit`` does), and inference,
 which is short, is timed six times as often as training. Building an augmented training
-batch with ``mnv2lib.data.BatchLoader`` is timed in the same loop, so the data-handling share
+batch with ``mnv2lib.engine.data.BatchLoader`` is timed in the same loop, so the data-handling share
 of a step is a ratio too. Writes ``reports/bench.json`` and ``reports/bench.md``.
 
 On glibc, a training step at batch 128 spends about half of its time in page faults with the
 system allocator's defaults (freed activation buffers go back to the kernel and come back every
 step), which makes every ratio depend on how much a variant allocates. The benchmark therefore
-runs with freed memory kept in the process, as training does (``mnv2lib.allocator``);
+runs with freed memory kept in the process, as training does (``mnv2lib.utils.allocator``);
 ``--allocator system`` measures glibc's defaults instead. The mode is recorded in the report.
 """
 from __future__ import annotations
@@ -33,9 +33,9 @@ import torch
 import torchvision
 from torch import nn
 
-from . import allocator, paths
-from .measure import make_eval_step, make_train_step, saved_activation_bytes
-from .models import build_model
+from ..engine.measure import make_eval_step, make_train_step, saved_activation_bytes
+from ..models import build_model
+from ..utils import allocator, paths
 
 BASE = dict(num_classes=10, width_mult=0.5, stem="cifar")
 
@@ -67,7 +67,7 @@ RATIOS = [
     ("selfnorm_eval_ratio", "selfnorm", "baseline", "eval"),
     ("baseline_vs_torchvision_train_ratio", "baseline", "torchvision", "train"),
     ("baseline_vs_torchvision_eval_ratio", "baseline", "torchvision", "eval"),
-    # building an augmented, normalized batch (mnv2lib.data.BatchLoader) per baseline training step
+    # building an augmented, normalized batch (mnv2lib.engine.data.BatchLoader) per baseline training step
     ("data_per_train_step_ratio", DATA, "baseline", "train"),
 ]
 TARGETS = {
@@ -100,7 +100,7 @@ EVAL_REPEATS_FACTOR = 6  # inference steps are ~20x shorter than training steps:
 
 def kernel_paths(device: torch.device) -> dict[str, str]:
     """Which implementation each improvement runs on ``device`` (recorded in the report)."""
-    from . import ops
+    from .. import ops
 
     native = device.type == "cpu"
     return {name: "mnv2:: operators (C)" if native and ops.available(name) else "PyTorch ops"
@@ -109,7 +109,7 @@ def kernel_paths(device: torch.device) -> dict[str, str]:
 
 def make_data_step(train_batch: int, device: torch.device, channels_last: bool):
     """One augmented training batch from uint8 images, as the training loop gets it."""
-    from .data import BatchLoader
+    from ..engine.data import BatchLoader
 
     images = torch.randint(0, 256, (4 * train_batch, 3, 32, 32), dtype=torch.uint8)
     loader = BatchLoader(images, torch.randint(0, 10, (len(images),)), train_batch, train=True, device=device,

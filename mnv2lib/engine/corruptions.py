@@ -76,8 +76,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from . import paths
-from .data import DatasetNotFoundError, balanced_order, save_atomic, torch_threads
+from ..utils import paths
+from ..utils.io import save_atomic
+from .data import DatasetNotFoundError, balanced_order, torch_threads
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -720,3 +721,19 @@ def _official_set(dataset, folder: Path, corruption: str, severity: int, size, s
     images = np.empty((len(idx), _S, _S, 3), dtype=np.uint8)
     images[order] = array[lo:hi][idx.numpy()[order]]  # sorted reads from the memory map
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels[idx]
+
+
+def evaluate_corruptions(model, dataset, corruptions=None, severities=(1, 2, 3, 4, 5), size: int = 10000,
+                         batch_size: int = 500, device="cpu") -> dict[str, dict[str, float]]:
+    """Accuracy per corruption and severity (CIFAR-10-C protocol) on the first ``size`` images of each
+    corrupted test set; ``corruptions`` None: all 15."""
+    from .train import evaluate
+
+    results: dict[str, dict[str, float]] = {}
+    for corruption in corruptions or CORRUPTIONS:
+        results[corruption] = {}
+        for severity in severities:
+            images, labels = load_corrupted_test_set(dataset, corruption, severity, size=size)
+            results[corruption][str(severity)] = evaluate(model, images, labels, dataset.mean, dataset.std,
+                                                          batch_size, device)["accuracy"]
+    return results

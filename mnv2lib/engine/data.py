@@ -5,7 +5,7 @@
 description for figure captions. Sources:
 
 - ``"cifar10"`` / ``"cifar100"``: looked for, in order, in ``$MNV2_DATA_DIR`` then ``data/``
-  (:func:`mnv2lib.paths.data_search_dirs`), in torchvision's format (``cifar-10-batches-py/``,
+  (:func:`mnv2lib.utils.paths.data_search_dirs`), in torchvision's format (``cifar-10-batches-py/``,
   ``cifar-100-python/``) or in ImageFolder layout (``cifar10/{train,test}/<class>/*.jpg|png``);
   when missing, torchvision downloads it into ``data/``.
 - ``"synthetic"``: a built-in procedural 10-class 32x32 dataset (see :func:`make_synthetic`),
@@ -46,8 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import paths
-from .progress import progress as _progress
+from ..utils import paths
+from ..utils.io import save_atomic
+from ..utils.progress import progress as _progress
 
 DATASETS = ("auto", "cifar10", "cifar100", "synthetic")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -459,7 +460,7 @@ def _synthetic(train_size, test_size, seed) -> Dataset:
     test_x, test_y = make_synthetic(test_size, seed=2 * int(seed) + 1)
     mean, std = channel_stats(train_x)
     return Dataset("synthetic", "synthetic (procedural, not CIFAR)", SYNTHETIC_CLASSES, train_x, train_y,
-                   test_x, test_y, mean, std, source=f"procedural (mnv2lib.data.make_synthetic, seed {seed})",
+                   test_x, test_y, mean, std, source=f"procedural (mnv2lib.engine.data.make_synthetic, seed {seed})",
                    train_indices=torch.arange(train_size), test_indices=torch.arange(test_size))
 
 
@@ -607,18 +608,6 @@ def _load_split_cached(split_dir: Path, progress: bool) -> dict:
         warnings.warn(f"image cache: cannot write {cache} ({type(error).__name__}: {error}); the images are "
                       "decoded again next time")
     return record
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save through a temporary file and a rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _decoder():

@@ -14,7 +14,7 @@ max |diff| <= 1e-4); a mismatch raises :class:`ExportMismatchError`, so no expor
 silently wrong file (a graph with constant-folded outputs or no inputs fails the check).
 
 Each result is a :class:`DeployedModel`, an ``nn.Module`` whose forward runs the runtime, so the
-project's own evaluation (``train.evaluate``, ``experiments.evaluate_corruptions``) measures it
+project's own evaluation (``train.evaluate``, ``corruptions.evaluate_corruptions``) measures it
 unchanged. :func:`deployment_study` runs every target for a set of trained variants and records the
 exception of each one that fails, by name, in a table: nothing is skipped silently.
 """
@@ -411,8 +411,10 @@ def quantize_executorch(model: nn.Module, calibration: list[torch.Tensor], path:
         raise ValueError("calibration: got no batches; allowed: a non-empty list of (N, C, H, W) float tensors")
     _require("torchao", "PT2E quantization")
     _require("executorch", "ExecuTorch export")
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                         get_symmetric_quantization_config)
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     max_batch = _check_max_batch(max_batch)
@@ -589,7 +591,7 @@ def build_deployments(variants: dict[str, nn.Module], calibration: list[torch.Te
     the exports run in that many processes side by side (exporting and lowering are single-threaded
     Python: on 2 cores two variants lower in the time of one), each target then opened here; a worker
     that dies is recorded as the failure of its variant's targets."""
-    from .progress import progress
+    from ..utils.progress import progress
 
     work_dir = Path(work_dir)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -631,8 +633,8 @@ def measure_deployed(deployed: DeployedModel, dataset, profile, sizes: DeploySiz
                      input_shape=(1, 3, 32, 32)) -> dict:
     """Size, batch-1 latency, clean and mean corruption accuracy of one deployed model; the clean test
     images are the first ``sizes.test_images`` of the profile's test set, the corruption images as the
-    results store's evaluation (``experiments.evaluate_corruptions``) with the study's sizes."""
-    from .experiments import evaluate_corruptions
+    results store's evaluation (``corruptions.evaluate_corruptions``) with the study's sizes."""
+    from .corruptions import evaluate_corruptions
     from .train import evaluate
 
     shape = _check_shape(input_shape)
@@ -640,15 +642,43 @@ def measure_deployed(deployed: DeployedModel, dataset, profile, sizes: DeploySiz
     batch = min(profile.train.eval_batch_size, 256)
     clean = evaluate(deployed, dataset.test_images[:n], dataset.test_labels[:n], dataset.mean, dataset.std, batch,
                      "cpu")["accuracy"]
-    corruption_profile = dataclasses.replace(profile, corruption_test_size=sizes.corruption_images,
-                                             severities=tuple(sizes.severities),
-                                             train=dataclasses.replace(profile.train, eval_batch_size=batch))
-    per = evaluate_corruptions(deployed, dataset, corruption_profile, torch.device("cpu"))
+    per = evaluate_corruptions(deployed, dataset, profile.corruptions, sizes.severities, sizes.corruption_images,
+                               batch, "cpu")
     flat = [acc for severities in per.values() for acc in severities.values()]
     return {"runtime": deployed.runtime, "precision": deployed.precision, "size_MB": deployed.size_bytes / 1e6,
             "latency_ms_batch1": latency_ms(deployed, shape, repeats=sizes.latency_repeats),
             "clean_accuracy": clean, "mean_corruption_accuracy": statistics.fmean(flat) if flat else None,
             "test_images": n, "corruption_images": sizes.corruption_images * len(flat), "parity": deployed.parity}
+
+
+def _failure(variant: str, runtime: str, precision: str, error: BaseException, prefix: str = "") -> dict:
+    """A failures-table row: the error's name (an export worker's original one) and its first line."""
+    return {"variant": variant, "runtime": runtime, "precision": precision,
+            "error": getattr(error, "error_name", type(error).__name__), "message": prefix + _first_line(error)}
+
+
+def _measure_variant(name: str, model: nn.Module, deployed: dict, dataset, profile, sizes: DeploySizes, shape,
+                     calibration, failures: list[dict]) -> list[dict]:
+    """The measured rows of one variant's deployments (a failure of any of them is appended to ``failures``);
+    where int8 is slower than fp32 at batch 1, both are timed at the crossover batch too."""
+    measured = {}
+    for (runtime, precision), result in deployed.items():
+        if isinstance(result, Exception):
+            failures.append(_failure(name, runtime, precision, result))
+            continue
+        try:
+            measured[(runtime, precision)] = {"variant": name, **measure_deployed(result, dataset, profile, sizes,
+                                                                                 shape)}
+        except Exception as error:  # noqa: BLE001 - e.g. a runtime that fails on a batch size it should take
+            failures.append(_failure(name, runtime, precision, error))
+    for runtime in RUNTIMES:
+        fp32, int8 = measured.get((runtime, "fp32")), measured.get((runtime, "int8"))
+        if fp32 and int8 and int8["latency_ms_batch1"] > fp32["latency_ms_batch1"]:
+            try:
+                _time_crossover(model, runtime, deployed, fp32, int8, calibration, shape, sizes)
+            except Exception as error:  # noqa: BLE001
+                failures.append(_failure(name, runtime, "int8", error, f"batch {sizes.crossover_batch}: "))
+    return list(measured.values())
 
 
 def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: DeploySizes = DeploySizes(),
@@ -669,7 +699,7 @@ def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: De
     runs alone in this process, after every export has finished, so that no timing shares the CPU."""
     import pandas as pd
 
-    from .progress import progress
+    from ..utils.progress import progress
 
     shape = input_shape or (1, 3, *dataset.test_images.shape[2:])
     calibration = calibration_batches(dataset, min(sizes.calibration_images, len(dataset.train_labels)))
@@ -685,29 +715,9 @@ def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: De
     built = build_deployments({name: model.eval() for name, model in variants.items()}, calibration, root, shape,
                               targets_of, max_batch, workers, show_progress)
     for name in progress(list(variants), enabled=show_progress, desc="measure", unit="variant"):
-        deployed, measured = built.pop(name), {}
-        for (runtime, precision), result in deployed.items():
-            if isinstance(result, Exception):
-                failures.append({"variant": name, "runtime": runtime, "precision": precision,
-                                 "error": getattr(result, "error_name", type(result).__name__),
-                                 "message": _first_line(result)})
-                continue
-            try:
-                measured[(runtime, precision)] = {"variant": name, **measure_deployed(result, dataset, profile, sizes,
-                                                                                     shape)}
-            except Exception as error:  # noqa: BLE001 - e.g. a runtime that fails on a batch size it should take
-                failures.append({"variant": name, "runtime": runtime, "precision": precision,
-                                 "error": type(error).__name__, "message": _first_line(error)})
-        for runtime in RUNTIMES:
-            fp32, int8 = measured.get((runtime, "fp32")), measured.get((runtime, "int8"))
-            if fp32 and int8 and int8["latency_ms_batch1"] > fp32["latency_ms_batch1"]:
-                try:
-                    _time_crossover(variants[name], runtime, deployed, fp32, int8, calibration, shape, sizes)
-                except Exception as error:  # noqa: BLE001
-                    failures.append({"variant": name, "runtime": runtime, "precision": "int8",
-                                     "error": type(error).__name__,
-                                     "message": f"batch {sizes.crossover_batch}: {_first_line(error)}"})
-        rows += measured.values()
+        deployed = built.pop(name)
+        rows += _measure_variant(name, variants[name], deployed, dataset, profile, sizes, shape, calibration,
+                                 failures)
         del deployed
     columns = ["variant", "runtime", "precision", "size_MB", "latency_ms_batch1",
                f"latency_ms_batch{sizes.crossover_batch}", "clean_accuracy", "mean_corruption_accuracy",

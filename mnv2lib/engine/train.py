@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checks import check_bool, check_int, check_number
-from .data import save_atomic
-from .progress import progress
+from ..utils.checks import check_bool, check_int, check_number
+from ..utils.io import save_atomic
+from ..utils.progress import progress
 
 SCHEDULES = ("onecycle", "cosine")
 AMP_DTYPES = ("bfloat16", "float16")
@@ -389,36 +389,42 @@ class _WeightAverage:
         self.steps = state["steps"]
 
 
-def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), seed: int = 0,
-                checkpoint_path: str | Path | None = None, show_progress: bool = True,
-                on_epoch: Callable[[dict], None] | None = None, stop_after_epoch: int | None = None) -> TrainResult:
-    """Train ``model`` on ``dataset`` (a :class:`mnv2lib.data.Dataset`); returns per-epoch metrics.
+@dataclass
+class _Training:
+    """Everything one call of :func:`train_model` trains with (built by :func:`_set_up`)."""
 
-    With ``checkpoint_path`` a checkpoint is written after every epoch and an existing one
-    is resumed. ``stop_after_epoch`` ends the call early (to test resume), as a kill would.
-    With ``config.ema_decay`` the model ends holding the averaged weights.
+    model: nn.Module            # the model the caller passed (its weights are the result)
+    step_model: nn.Module       # what the steps call: the model, wrapped by DDP and/or torch.compile
+    eval_model: nn.Module       # what is evaluated: the model, or its weight average
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    average: "_WeightAverage | None"
+    loss_fn: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype
+    use_amp: bool
+    rank: int
+    world: int
 
-    On a GPU the uint8 images are copied to it once and augmented there in batches, and the loop
-    makes no host sync per step (losses and accuracies are summed on the device and read once per
-    epoch), so the GPU is never left waiting for Python.
 
-    Inside a torch.distributed process group (``torchrun``, see :func:`init_distributed`) the model
-    is wrapped in DistributedDataParallel and each rank trains on its share of every global batch
-    of ``config.batch_size`` (which must divide by the world size); the gradients are averaged, so
-    the step is the single-process step except for BatchNorm: on CUDA the BatchNorms become
-    SyncBatchNorm (statistics over the global batch, as in one process); on the CPU (gloo, where
-    torch has no SyncBatchNorm) each rank normalizes with its own share's statistics. Running BN
-    statistics are taken from rank 0 after every epoch, so every rank evaluates the same model;
-    only rank 0 writes the checkpoint.
-    """
-    device = resolve_device(config.device)
+def _check_model_fits(model: nn.Module, dataset) -> None:
+    """A model with fewer outputs than the dataset's classes, or labels beyond them: a clear error now."""
     num_outputs = getattr(getattr(model, "config", None), "num_classes", None)
-    if num_outputs is not None:
-        if num_outputs < dataset.num_classes:
-            raise ValueError(f"num_classes: the model has {num_outputs} outputs but dataset {dataset.name!r} has "
-                             f"{dataset.num_classes} classes; allowed: num_classes >= {dataset.num_classes}")
-        check_labels(dataset.train_labels, num_outputs, "dataset.train_labels")
-        check_labels(dataset.test_labels, num_outputs, "dataset.test_labels")
+    if num_outputs is None:
+        return
+    if num_outputs < dataset.num_classes:
+        raise ValueError(f"num_classes: the model has {num_outputs} outputs but dataset {dataset.name!r} has "
+                         f"{dataset.num_classes} classes; allowed: num_classes >= {dataset.num_classes}")
+    check_labels(dataset.train_labels, num_outputs, "dataset.train_labels")
+    check_labels(dataset.test_labels, num_outputs, "dataset.test_labels")
+
+
+def _set_up(model: nn.Module, dataset, config: TrainConfig, seed: int) -> _Training:
+    """Seed, initialise and place the model; build the optimizer, schedule, scaler, weight average and
+    the distributed wrapper. The order of the random draws is the run's: keep it."""
+    device = resolve_device(config.device)
+    _check_model_fits(model, dataset)
     torch.manual_seed(seed)
     schedule = getattr(model, "crossnorm_schedule", None)
     if schedule is not None:
@@ -443,16 +449,6 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
     amp_dtype = _amp_dtype(config.amp_dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
     average = _WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    history: list[dict] = []
-    start_epoch, elapsed_before = 0, 0.0
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-    if checkpoint_path and checkpoint_path.exists():
-        state = _load_checkpoint(model, optimizer, scheduler, scaler, config, checkpoint_path, device)
-        if average is not None:
-            average.load_state_dict(state["average"])
-        history, start_epoch, elapsed_before = state["history"], state["epoch"], state["seconds"]
-    resumed_from = start_epoch
     step_model = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -460,53 +456,104 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
         step_model = DistributedDataParallel(model, device_ids=[device.index or torch.cuda.current_device()]
                                              if device.type == "cuda" else None)
     step_model = torch.compile(step_model) if config.compile else step_model
-    eval_model = average.model.module if average is not None else model
+    return _Training(model, step_model, average.model.module if average is not None else model, optimizer,
+                     scheduler, scaler, average, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), device,
+                     amp_dtype, use_amp, rank, world)
+
+
+def _train_epoch(t: _Training, loader, description: str, show_progress: bool) -> tuple[float, float]:
+    """One pass over ``loader``: (mean training loss, training accuracy), over every rank's share. The
+    sums stay on the device: the epoch's one host sync is at its end."""
+    t.model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
+    correct = torch.zeros((), dtype=torch.int64, device=t.device)
+    seen = 0
+    for x, y in progress(loader, enabled=show_progress, desc=description, leave=False, unit="batch"):
+        with torch.autocast(t.device.type, dtype=t.amp_dtype, enabled=t.use_amp):
+            logits = t.step_model(x)
+            loss = t.loss_fn(logits.float(), y)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.scheduler.step()
+        if t.average is not None:
+            t.average.update(t.model)
+        loss_sum += loss.detach() * y.numel()
+        correct += (logits.argmax(1) == y).sum()
+        seen += y.numel()
+    if t.world > 1:  # the epoch's numbers over the global batches; BN running statistics: rank 0's
+        import torch.distributed as dist
+
+        totals = torch.stack([loss_sum, correct.to(torch.float64),
+                              torch.tensor(float(seen), dtype=torch.float64, device=t.device)])
+        dist.all_reduce(totals)
+        loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
+        for buffer in t.model.buffers():
+            dist.broadcast(buffer, 0)
+    return loss_sum.item() / seen, float(correct.item()) / seen
+
+
+def _save_checkpoint(t: _Training, config: TrainConfig, path: Path, history: list[dict], seconds: float) -> None:
+    state = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+             "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(),
+             "rng": _rng_state(t.model), "config": config.to_dict(), "history": history,
+             "model_signature": model_signature(t.model), "epoch": len(history), "seconds": seconds}
+    if t.average is not None:
+        state["average"] = t.average.state_dict()
+    save_atomic(state, path)
+
+
+def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), seed: int = 0,
+                checkpoint_path: str | Path | None = None, show_progress: bool = True,
+                on_epoch: Callable[[dict], None] | None = None, stop_after_epoch: int | None = None) -> TrainResult:
+    """Train ``model`` on ``dataset`` (a :class:`mnv2lib.engine.data.Dataset`); returns per-epoch metrics.
+
+    With ``checkpoint_path`` a checkpoint is written after every epoch and an existing one
+    is resumed. ``stop_after_epoch`` ends the call early (to test resume), as a kill would.
+    With ``config.ema_decay`` the model ends holding the averaged weights.
+
+    On a GPU the uint8 images are copied to it once and augmented there in batches, and the loop
+    makes no host sync per step (losses and accuracies are summed on the device and read once per
+    epoch), so the GPU is never left waiting for Python.
+
+    Inside a torch.distributed process group (``torchrun``, see :func:`init_distributed`) the model
+    is wrapped in DistributedDataParallel and each rank trains on its share of every global batch
+    of ``config.batch_size`` (which must divide by the world size); the gradients are averaged, so
+    the step is the single-process step except for BatchNorm: on CUDA the BatchNorms become
+    SyncBatchNorm (statistics over the global batch, as in one process); on the CPU (gloo, where
+    torch has no SyncBatchNorm) each rank normalizes with its own share's statistics. Running BN
+    statistics are taken from rank 0 after every epoch, so every rank evaluates the same model;
+    only rank 0 writes the checkpoint.
+    """
+    t = _set_up(model, dataset, config, seed)
+    history: list[dict] = []
+    start_epoch, elapsed_before = 0, 0.0
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    if checkpoint_path and checkpoint_path.exists():
+        state = _load_checkpoint(t.model, t.optimizer, t.scheduler, t.scaler, config, checkpoint_path, t.device)
+        if t.average is not None:
+            t.average.load_state_dict(state["average"])
+        history, start_epoch, elapsed_before = state["history"], state["epoch"], state["seconds"]
     # the uint8 training images live on the training device (once per call, not per batch)
-    train_images, train_labels = dataset.train_images.to(device), dataset.train_labels.to(device)
+    train_images, train_labels = dataset.train_images.to(t.device), dataset.train_labels.to(t.device)
     t_start = time.perf_counter()
     epochs = progress(range(start_epoch, config.epochs), enabled=show_progress, desc="epochs", unit="epoch",
                       initial=start_epoch, total=config.epochs)
     for epoch in epochs:
-        model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        loader = _train_loader(train_images, train_labels, dataset, config, seed * 100_003 + epoch, device,
-                               shard=(rank, world))
-        for x, y in progress(loader, enabled=show_progress, desc=f"epoch {epoch + 1}", leave=False, unit="batch"):
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = step_model(x)
-                loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if average is not None:
-                average.update(model)
-            loss_sum += loss.detach() * y.numel()
-            correct += (logits.argmax(1) == y).sum()
-            seen += y.numel()
-        if world > 1:  # the epoch's numbers over the global batches; BN running statistics: rank 0's
-            import torch.distributed as dist
-
-            totals = torch.stack([loss_sum, correct.to(torch.float64),
-                                  torch.tensor(float(seen), dtype=torch.float64, device=device)])
-            dist.all_reduce(totals)
-            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
-            for buffer in model.buffers():
-                dist.broadcast(buffer, 0)
-        train_loss = loss_sum.item() / seen  # the epoch's one host sync
+        loader = _train_loader(train_images, train_labels, dataset, config, seed * 100_003 + epoch, t.device,
+                               shard=(t.rank, t.world))
+        train_loss, train_accuracy = _train_epoch(t, loader, f"epoch {epoch + 1}", show_progress)
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(f"loss became {train_loss} in epoch {epoch + 1}; "
                                      "the run is stopped (try a lower lr)")
         train_seconds = time.perf_counter() - t0
-        test = evaluate(eval_model, dataset.test_images, dataset.test_labels, dataset.mean, dataset.std,
-                        config.eval_batch_size, device, config.channels_last)
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": float(correct.item()) / seen,
+        test = evaluate(t.eval_model, dataset.test_images, dataset.test_labels, dataset.mean, dataset.std,
+                        config.eval_batch_size, t.device, config.channels_last)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
                   "test_accuracy": test["accuracy"], "test_loss": test["loss"], "epoch_seconds": train_seconds,
-                  "lr": scheduler.get_last_lr()[0]}
+                  "lr": t.scheduler.get_last_lr()[0]}
         history.append(record)
         diverged = check_divergence(history, dataset.num_classes, warmup_epochs(config),
                                     final=epoch + 1 == config.epochs)
@@ -514,18 +561,11 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
             raise TrainingDivergedError(diverged)
         if on_epoch:
             on_epoch(record)
-        if checkpoint_path and rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "rng": _rng_state(model), "config": config.to_dict(), "history": history,
-                     "model_signature": model_signature(model), "epoch": epoch + 1,
-                     "seconds": elapsed_before + time.perf_counter() - t_start}
-            if average is not None:
-                state["average"] = average.state_dict()
-            save_atomic(state, checkpoint_path)
+        if checkpoint_path and t.rank == 0:
+            _save_checkpoint(t, config, checkpoint_path, history, elapsed_before + time.perf_counter() - t_start)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
             break
-    if average is not None and len(history) == config.epochs:
-        model.load_state_dict(average.model.module.state_dict())
+    if t.average is not None and len(history) == config.epochs:
+        t.model.load_state_dict(t.average.model.module.state_dict())
     return TrainResult(history=history, seconds=elapsed_before + time.perf_counter() - t_start,
-                       device=str(device), resumed_from_epoch=resumed_from)
+                       device=str(t.device), resumed_from_epoch=start_epoch)

@@ -9,7 +9,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 
-from .. import paths
+from ..utils import paths
 
 PALETTE = {  # one colour per variant across every notebook (colour-blind safe, seaborn "colorblind")
     "baseline": "#0173b2", "mish": "#de8f05", "triplet": "#029e73", "cnsn": "#d55e00",

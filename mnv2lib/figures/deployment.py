@@ -6,7 +6,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..analysis.deployment import DISPLAY, TARGET_LABELS
-from ..deploy import TARGETS
+from ..engine.deploy import TARGETS
 from .common import FigureContext, new_figure, source_note
 
 RUNTIME_COLOURS = {"onnxruntime": "#0173b2", "executorch": "#de8f05", "pytorch": "#949494"}

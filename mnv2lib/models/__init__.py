@@ -1,4 +1,4 @@
-"""Models: MobileNetV2 (torchvision-compatible) with injectable improvements, MobileNetV1."""
+"""Models: MobileNetV2 (torchvision-compatible) with injectable improvements, MobileNetV1, MobileNetV4 (timm-compatible)."""
 from .config import ModelConfig
 from .factory import arch_names, build_model, register_arch
 from .mobilenetv1 import MobileNetV1

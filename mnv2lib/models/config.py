@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checks import check_bool, check_int, check_number
 from ..layers.activations import activation_names
 from ..layers.attention import attention_names, check_kernel_size
+from ..utils.checks import check_bool, check_int, check_number
 from .mobilenetv2 import SHORTCUTS
 from .registry import arch_names, default_activation
 

@@ -34,7 +34,7 @@ def check_model_input(model: nn.Module, x, name: str, dtype: torch.dtype, smalle
         raise ValueError(f"{name} input channels: got {x.shape[1]} (input shape {tuple(x.shape)}); "
                          f"allowed: {model.in_channels}, the model's in_channels")
     if x.dtype != dtype and not (x.is_floating_point() and _autocast_on(x.device.type)):
-        hint = (" (uint8 images: mnv2lib.data.normalize(images, mean, std) first)"
+        hint = (" (uint8 images: mnv2lib.engine.data.normalize(images, mean, std) first)"
                 if not x.is_floating_point() else f" (x.to({dtype}) or model.to({dtype}))")
         raise ValueError(f"{name} input dtype: got {x.dtype}; allowed: {dtype}, the dtype of the model's "
                          f"parameters{hint}")

@@ -113,6 +113,8 @@ class InvertedResidual(nn.Module):
         bottleneck_activation: ModuleFactory | None = None,
         expanded_input_channels: int | None = None,
     ) -> None:
+        # Long on purpose: the block's layers in torchvision's order, then each option's module where the
+        # forward reads it; helpers would scatter how the options (shortcut, attention, CNSN) interact.
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"stride: got {stride!r}; allowed values are (1, 2)")

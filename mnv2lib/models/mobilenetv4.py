@@ -43,7 +43,7 @@ give the same outputs in eval mode. The anti-aliased timm variants (``conv_aa_*`
 ``build_model(arch="mobilenet_v4_conv_small", ...)`` and the other registered names
 (``mobilenet_v4_{conv_small,conv_medium,conv_large,hybrid_medium,hybrid_large,nano,custom}``)
 default to the paper's activation (ReLU; GELU for hybrid-L), as the convenience constructors do.
-torchinfo's multiply-adds (``mnv2lib.summary``) count the convolutions and linear layers, not
+torchinfo's multiply-adds (``mnv2lib.engine.summary``) count the convolutions and linear layers, not
 the two attention matmuls of each Mobile MQA block (q k^T and attention x v).
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ from torch.nn import functional as F
 from torchvision.models._utils import _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
-from ..checks import check_int, check_number
+from ..utils.checks import check_int, check_number
 from .config import STEMS
 from .factory import _activation_factory, _reject, register_arch
 from .inputs import check_model_input

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import paths
+from ..utils import paths
 
 # name -> torchvision weights enum member ("imagenet" is torchvision's DEFAULT)
 WEIGHTS = {"imagenet": "IMAGENET1K_V2", "imagenet1k_v1": "IMAGENET1K_V1", "imagenet1k_v2": "IMAGENET1K_V2"}

@@ -1,4 +1,4 @@
-"""Native operators in the ``mnv2`` namespace, over the C kernels of ``mnv2lib/csrc``.
+"""Native operators in the ``mnv2`` namespace, over the C kernels of ``mnv2lib/ops/csrc``.
 
 Every operator has a typed schema, a fake (meta) implementation, autograd (the backward is its own
 operator; operators without a formula refuse gradients with a clear error) and a FLOP formula, so
@@ -23,7 +23,7 @@ between calls); the Python glue and autograd wrapper of the 17 Triplet Attention
 torch's headers, some 15 s per library once per machine.
 """
 from . import cnsn, mish, triplet  # noqa: F401  (registers the operators' Python parts)
-from .checks import is_channels_last, is_dense
 from .kernels import available, kernel_backend, set_kernel_backend
+from .layout import is_channels_last, is_dense
 
 __all__ = ["available", "set_kernel_backend", "kernel_backend", "is_channels_last", "is_dense"]

@@ -1,4 +1,4 @@
-"""Building, caching and verifying the native libraries of ``mnv2lib/csrc`` (the only place that does).
+"""Building, caching and verifying the native libraries of ``mnv2lib/ops/csrc`` (the only place that does).
 
 A library ``<name>`` is the C kernels of ``csrc/<name>.c`` (system C compiler, ``cc -O3 -march=native
 -fopenmp``) linked with the C++ operators of ``csrc/<name>_ops.cpp`` (their schemas, argument checks,
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-std=gnu11"]
 CXX_FLAGS = ["-O1", "-std=c++20", "-fPIC"]  # (checks and calls: -O2 builds a third longer)
 # every build warns as a test would and keeps what the compilers said beside the library (warnings_log):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import is_channels_last
+from .layout import is_channels_last
 from .library import fake_inplace, fake_like_x, register_when_loaded
 
 _TILE = 16  # the C++ code's TILE (the kernels' tile width with AVX-512; counted so on every CPU, see there)

@@ -18,9 +18,12 @@ import os
 
 import torch
 
-from .experiments import PlannedRun, Profile, ResultsStore, get_profile, run_experiment
-from .models import ModelConfig
-from .progress import progress
+from ..models import ModelConfig
+from ..utils.progress import progress
+from .profiles import Profile, get_profile
+from .runner import run_experiment
+from .spec import PlannedRun
+from .store import ResultsStore
 
 EXECUTORS = ("local", "ray")
 EXECUTOR_ENV_VAR = "MNV2_EXECUTOR"

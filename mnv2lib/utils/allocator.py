@@ -8,7 +8,7 @@ profile run 38.6 s -> 34.1 s of training with the same accuracy to the digit. Th
 same either way (the allocator decides where memory lives, not what is computed); the cost is that
 the process keeps its peak memory until it exits.
 
-Called by the code that trains (``mnv2lib.experiments.run_experiment``) and by the speed benchmark;
+Called by the code that trains (``mnv2lib.runs.runner.run_experiment``) and by the speed benchmark;
 a library import alone changes nothing. ``MNV2_ALLOCATOR=system`` leaves the allocator alone.
 Written by hand (two ``mallopt`` calls through ctypes): jemalloc or tcmalloc would do the same but
 only when preloaded into the interpreter before it starts, which a notebook kernel or a Ray

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATA_ENV_VAR = "MNV2_DATA_DIR"
 REPORTS_ENV_VAR = "MNV2_REPORTS_DIR"
 

@@ -8,19 +8,22 @@ run in the store. ``tests/test_notebooks.py`` executes the notebooks after the p
 trained and checks that they train nothing more: the plan cannot drift from the notebooks.
 
 This module sits at the notebooks' layer (it reads the analysis modules); the engine's
-``mnv2lib.executors`` trains what it lists.
+``mnv2lib.runs.executors`` trains what it lists.
 """
 from __future__ import annotations
 
-from .experiments import Profile, RunRequest, ablation_configs, get_profile
-from .reports import NOTEBOOK_SEQUENCE as NOTEBOOKS
+from ..analysis import activations, attention, cnsn, deployment, design, families
+from ..runs.executors import train_runs
+from ..runs.profiles import Profile, get_profile
+from ..runs.runner import load_profile_dataset
+from ..runs.spec import RunRequest, ablation_configs, plan_runs
+from ..runs.store import ResultsStore
+from .catalogue import NOTEBOOK_SEQUENCE as NOTEBOOKS
 
 
 def notebook_requests(profile: str | Profile, seed: int = 0) -> dict[str, list[RunRequest]]:
     """Per notebook (in the report sequence), the runs it asks for: ``seed`` is the notebook's
     ``seed`` parameter (notebooks 01-03 train that seed; 04-06 the profile's or the design plan's)."""
-    from .analysis import activations, attention, cnsn, deployment, design, families
-
     profile = get_profile(profile)
     one_seed = (seed,)
     plan = design.design_plan(profile)
@@ -46,3 +49,17 @@ def requests_for(profile: str | Profile, seed: int = 0, notebooks=None) -> list[
         raise ValueError(f"notebooks: got {unknown}; allowed values are {NOTEBOOKS}")
     per_notebook = notebook_requests(profile, seed)
     return [(name, request) for name in NOTEBOOKS if name in wanted for request in per_notebook[name]]
+
+
+def plan_notebook_runs(profile: str, dataset: str = "auto", seed: int = 0, notebooks=None):
+    """(loaded dataset, planned runs) of the notebooks' requests ."""
+    requests = requests_for(profile, seed, notebooks)
+    loaded = load_profile_dataset(get_profile(profile), dataset, seed=0)  # as workbook.Session loads it
+    return loaded, plan_runs(requests, profile, loaded)
+
+
+def train_plan(profile: str, dataset: str = "auto", seed: int = 0, notebooks=None, store: ResultsStore | None = None,
+               show_progress: bool = True, **executor_options) -> list[dict]:
+    """Train every run the notebooks will ask for that the store lacks (``mnv2lib.runs.executors``)."""
+    loaded, runs = plan_notebook_runs(profile, dataset, seed, notebooks)
+    return train_runs(runs, profile, loaded, store, show_progress=show_progress, **executor_options)

@@ -1,7 +1,7 @@
 """The report runner: ``python -m mnv2lib.reports --profile quick --dataset auto``.
 
 First trains every run the notebooks will ask for that the results store lacks
-(``mnv2lib.experiments.train_plan``: ``--executor local|ray``, ``--workers``, ``--threads``,
+(``mnv2lib.workbook.plan.train_plan``: ``--executor local|ray``, ``--workers``, ``--threads``,
 ``--address``), then executes the numbered notebooks in order with papermill's Python API, writes the
 executed copies to ``reports/notebooks/`` and an index of every figure to
 ``reports/README.md``. The arguments are checked before any kernel starts. A failing
@@ -15,36 +15,13 @@ import argparse
 import datetime as _dt
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from . import paths
-
-# The workbook's sequence; notebooks not written yet are reported as missing.
-NOTEBOOK_SEQUENCE = (
-    "01_activation_study",
-    "02_triplet_attention",
-    "03_cnsn_distributions",
-    "04_ablations",
-    "05_mobilenet_families",
-    "06_mobilenetv2_design",
-    "07_deployment",
-)
-PROFILES = ("smoke", "quick", "gpu", "full")
-KERNEL_NAME = "mnv2lib"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=paths.PROJECT_ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=paths.PROJECT_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return out + ("+uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from ..utils import paths
+from ..utils.provenance import git_commit
+from .catalogue import KERNEL_NAME, NOTEBOOK_SEQUENCE, PROFILES
 
 
 def _kernel_name() -> str | None:
@@ -170,7 +147,7 @@ def write_index(executed: list[str], missing: list[str], profile: str, dataset: 
 
 def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
                 notebooks: list[str] | None = None, train_first: bool = True, **executor_options) -> int:
-    """Train the notebooks' runs (``train_first``; ``executor_options`` go to ``mnv2lib.executors.train_runs``),
+    """Train the notebooks' runs (``train_first``; ``executor_options`` go to ``mnv2lib.runs.executors.train_runs``),
     then execute the notebooks. Returns the exit status."""
     from papermill.exceptions import PapermillExecutionError
     from tqdm.auto import tqdm
@@ -181,8 +158,8 @@ def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
     parameters = {"profile": profile, "dataset": dataset, "seed": seed, "interactive": False}
     start = time.time()
     if train_first and present:
-        from .executors import GridError
-        from .experiments import train_plan
+        from ..runs.executors import GridError
+        from .plan import train_plan
 
         try:
             train_plan(profile, dataset, seed, present, **executor_options)
@@ -214,8 +191,8 @@ def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
 def check_arguments(profile: str, dataset: str, seed: int, notebooks: list[str] | None) -> tuple[list, list]:
     """(notebooks to run, notebooks of the sequence not written yet); a ValueError or FileNotFoundError
     naming the argument when one is wrong. Cheap: runs before any kernel starts (that takes ~25 s)."""
-    from .checks import check_int
-    from .data import check_dataset_name
+    from ..engine.data import check_dataset_name
+    from ..utils.checks import check_int
 
     if profile not in PROFILES:
         raise ValueError(f"profile: got {profile!r}; allowed values are {PROFILES}")
@@ -248,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(executor=args.executor, address=args.address, workers=args.workers, threads=args.threads)
     try:
         check_arguments(args.profile, args.dataset, args.seed, args.notebooks)
-        from .executors import check_options
+        from ..runs.executors import check_options
 
         check_options(**options)
     except (ValueError, FileNotFoundError) as error:

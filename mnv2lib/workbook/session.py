@@ -1,4 +1,4 @@
-"""The notebooks' one-line setup: ``nb = workbook.session("01_activation_study", profile, dataset, seed, interactive)``.
+"""The notebooks' one-line setup: ``nb = session.start("01_activation_study", profile, dataset, seed, interactive)``.
 
 It sets the progress-bar mode, the plotting style, resolves the dataset once, and gives
 each notebook ``nb.save(fig, name, caption)`` (writes the report figure and shows it) and
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import paths
-from .experiments import Profile, get_profile
-from .figures.common import FigureContext, apply_style, save_figure, show_figure
+from ..figures.common import FigureContext, apply_style, save_figure, show_figure
+from ..runs.profiles import Profile, get_profile
+from ..utils import paths
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Session:
     def dataset(self):
         """The profile's dataset (loaded on first use, shared by the notebook's cells)."""
         if self._dataset is None:
-            from .experiments import load_profile_dataset
+            from ..runs.runner import load_profile_dataset
 
             self._dataset = load_profile_dataset(self.profile, self.dataset_name, seed=0)
         return self._dataset
@@ -54,9 +54,9 @@ class Session:
         return paths.figure_dir(self.notebook)
 
 
-def session(notebook: str, profile: str = "quick", dataset: str = "auto", seed: int = 0,
+def start(notebook: str, profile: str = "quick", dataset: str = "auto", seed: int = 0,
             interactive: bool = True) -> Session:
-    from .progress import progress_mode, set_progress_mode
+    from ..utils.progress import progress_mode, set_progress_mode
 
     if not interactive and progress_mode() == "auto":
         set_progress_mode("text")  # no frozen widget text in executed notebooks

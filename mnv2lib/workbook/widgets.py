@@ -10,7 +10,7 @@ from typing import Callable
 
 from matplotlib.figure import Figure
 
-from .figures.common import show_figure
+from ..figures.common import show_figure
 
 
 class FigureView:

@@ -1,0 +1,39 @@
+"""Records written before the package moved into layer folders (commit 3c2cfbd) stay valid: the same runs
+get the same keys, and a stored record is read back, never trained again."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mnv2lib.runs import profiles, runner, spec
+from mnv2lib.runs.store import ResultsStore
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_run_keys_are_those_of_the_old_layout():
+    golden = json.loads((DATA / "run_keys_3c2cfbd.json").read_text())
+    assert len(golden) == 66
+    for entry, key in golden.items():
+        name, overrides = entry.split("|", 1)
+        profile = profiles.get_profile(name)
+        identity = {"name": "cifar10", "train_size": profile.train_size or 50000,
+                    "test_size": profile.test_size or 5000, "classes": 10}
+        config = spec.model_config_for(json.loads(overrides), profile, 10)
+        assert spec.run_key(config, profile, identity, 0) == key, entry
+
+
+def test_a_record_written_before_the_move_is_read_not_retrained(tmp_path, monkeypatch):
+    shutil.copytree(DATA / "store_3c2cfbd", tmp_path / "store")
+    store = ResultsStore(tmp_path / "store" / "results", tmp_path / "store" / "runs")
+    monkeypatch.setattr(runner, "train_model", lambda *a, **k: pytest.fail("a stored run was trained again"))
+    monkeypatch.setattr(runner, "measure_config_costs", lambda *a, **k: {})
+    profile = profiles.get_profile("smoke")
+    dataset = runner.load_profile_dataset(profile, "synthetic")
+    config = spec.model_config_for({"activation": "mish"}, profile, len(dataset.classes))
+    record = runner.run_experiment(config, profile, dataset, 0, store, show_progress=False)
+    assert record["key"] == "02d5b20e5c3a8725" and record["status"] == "finished"
+    assert record["git_commit"] == "3c2cfbd" and 0 <= record["clean_accuracy"] <= 1
