@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 PROFILE ?= quick
 DATASET ?= auto
 EXECUTOR ?=
+FACTORS ?=
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .DEFAULT_GOAL := help
@@ -14,7 +15,8 @@ PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "  variables: PROFILE=smoke|quick|gpu|full (default quick), DATASET=auto|cifar10|cifar100|synthetic|<path>,"
-	@echo "             EXECUTOR=local|ray (default local, or \$$MNV2_EXECUTOR): how make reports trains the runs"
+	@echo "             EXECUTOR=local|ray (default local, or \$$MNV2_EXECUTOR): how make reports trains the runs,"
+	@echo "             FACTORS=mish,triplet,cnsn (default) or any registered activation/attention: the ablation's factors"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +29,10 @@ install: $(STAMP) ## create .venv and install the project with its dev extras
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-reports: $(STAMP) ## train the notebooks' runs, execute every notebook with papermill, regenerate reports/ (PROFILE, DATASET, EXECUTOR)
-	$(BIN)/python -m mnv2lib.reports --profile $(PROFILE) --dataset $(DATASET) $(if $(EXECUTOR),--executor $(EXECUTOR))
+reports: $(STAMP) ## train the notebooks' runs, execute every notebook with papermill, regenerate reports/ (PROFILE, DATASET, EXECUTOR, FACTORS)
+	$(BIN)/python -m mnv2lib.reports --profile $(PROFILE) --dataset $(DATASET) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(FACTORS),--factors $(FACTORS))
 
-ladder: $(STAMP) ## train the budget ladder (quick, 2x, 4x budgets; ~30 min on 2 cores); notebook 04 plots it
+ladder: $(STAMP) ## train the budget ladder (quick, 2x, 4x, 8x, 16x budgets; hours on 2 cores: run it in the background); notebook 04 plots it
 	$(BIN)/python -m mnv2lib.experiments ladder --dataset $(DATASET)
 
 bench: $(STAMP) ## speed benchmark of Mish, Triplet Attention and CNSN -> reports/bench.json

@@ -18,7 +18,7 @@ def _runs(seeds=(0, 1, 2)):
     effect = {"mish": 0.01, "triplet": 0.02, "cnsn": -0.005}
     rows = []
     for overrides in ablation_configs():
-        parts = [k for k, (col, val) in A.FACTORS.items() if overrides.get(col) == val]
+        parts = [k for k, on in A.FACTORS.items() if A.factor_on(overrides, on)]
         label = "+".join(parts) or "baseline"
         for s in seeds:
             seed_shift = 0.01 * s
@@ -28,7 +28,8 @@ def _runs(seeds=(0, 1, 2)):
                          "mean_corruption_accuracy": 0.4 + seed_shift + rng.normal(0, 0.002),
                          "parameters": 1000 + 10 * len(parts), "multiply_adds": 1e6, "train_seconds": 10.0,
                          "train_images_per_s": 100.0 - len(parts), "latency_ms_batch1": 1.0 + len(parts),
-                         "wall_seconds": 60.0 + len(parts)})
+                         "wall_seconds": 60.0 + len(parts),
+                         **{f: f in parts for f in A.FACTORS}})  # the factor columns of ablation.with_factors
     return pd.DataFrame(rows)
 
 
@@ -68,11 +69,27 @@ def test_single_seed_has_no_interval():
     assert diffs["ci_low"].isna().all() and not diffs["significant"].any()
 
 
-def test_main_effects_recover_the_built_in_effects():
-    effects = A.main_effects(_runs()).set_index("factor")["effect"]
-    assert effects["mish"] == pytest.approx(0.01, abs=0.003)
-    assert effects["triplet"] == pytest.approx(0.02, abs=0.003)
-    assert effects["cnsn"] == pytest.approx(-0.005, abs=0.003)
+def test_factorial_effects_recover_the_built_in_effects():
+    effects = A.factorial_effects(_runs())
+    clean = effects[effects["metric"] == "clean_accuracy"].set_index("term")
+    assert clean.loc["mish", "effect"] == pytest.approx(0.01, abs=0.003)
+    assert clean.loc["triplet", "effect"] == pytest.approx(0.02, abs=0.003)
+    assert clean.loc["cnsn", "effect"] == pytest.approx(-0.005, abs=0.003)
+    assert not clean.loc["mish:triplet", "significant"]  # the effects were built to add up
+    # the seed offsets (0.01 per seed) go to the block, not to the residual
+    assert clean["residual_sd"].iloc[0] < 0.004
+
+
+def test_model_differences_pool_the_variance_of_the_whole_design():
+    runs = _runs(seeds=(0, 1))
+    pooled = A.model_differences(runs).set_index("label")
+    paired = A.paired_differences(runs).set_index("label")
+    assert pooled.loc["mish", "mean_difference"] == pytest.approx(paired.loc["mish", "mean_difference"])
+    assert pooled["df_resid"].iloc[0] == 7  # 16 runs - 8 variants - 1 seed block; a per-pair interval has 1
+    width = lambda f: (f["ci_high"] - f["ci_low"]).mean()  # noqa: E731
+    assert width(pooled) < width(paired) / 3
+    with pytest.raises(ValueError, match="baseline: got 'nothing'"):
+        A.model_differences(runs, baseline="nothing")
 
 
 def test_description_is_built_from_the_numbers():
@@ -86,9 +103,9 @@ def test_description_is_built_from_the_numbers():
     assert f"**{best}**" in text and "synthetic" in text
     # 8 variants x 3 seeds; parts per variant 0, 1, 1, 1, 2, 2, 2, 3 -> 24 * 60 s + 3 * 12 s
     assert f"The 24 runs took {(24 * 60 + 36) / 60:.1f} min of wall time" in text
-    effects = A.main_effects(runs).merge(A.main_effects(runs, "mean_corruption_accuracy"), on="factor",
-                                         suffixes=("_clean", "_corruption"))
-    assert "**triplet**" in prose.describe_main_effects(effects)
+    effects = A.factorial_effects(runs)
+    text = prose.describe_factorial(effects)
+    assert "triplet +2.0 pp" in text and "Not distinguishable from zero: " in text and "seed(s) per variant" in text
 
 
 def test_record_tables():
@@ -107,6 +124,7 @@ def test_figures_render(tmp_path):
     diffs = {m: A.paired_differences(runs, m) for m in A.METRICS}
     ctx = FigureContext("synthetic", "smoke", (0, 1, 2))
     figs = [F.make_ablation_accuracy_figure(runs, summary, ctx), F.make_paired_difference_figure(diffs, ctx),
+            F.make_factorial_effects_figure(A.factorial_effects(runs), ctx),
             F.make_accuracy_vs_cost_figure(summary, "latency_ms_batch1", "clean_accuracy", ctx)]
     for i, fig in enumerate(figs):
         assert any("synthetic" in t.get_text() for t in fig.texts)  # provenance on the figure
@@ -115,5 +133,5 @@ def test_figures_render(tmp_path):
         assert path.stat().st_size > 5000
     with pytest.raises(ValueError, match="cost: got 'speed'"):
         F.make_accuracy_vs_cost_figure(summary, "speed")
-    ax = figs[2].axes[0]
+    ax = figs[3].axes[0]
     assert "latency" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()

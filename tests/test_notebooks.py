@@ -19,12 +19,14 @@ EXPECTED_FIGURES = {
     "02_triplet_attention": ["branches_one_block", "blocks_spatial", "blocks_combined", "gradcam"],
     "03_cnsn_distributions": ["shift_mean", "shift_std", "distributions_example", "crossnorm_modes", "coverage",
                               "selfnorm_gates"],
-    "04_ablations": ["accuracy", "paired_differences", "accuracy_vs_train_time", "corruption_accuracy_vs_latency",
+    "04_ablations": ["accuracy", "paired_differences", "factorial_effects", "decomposition", "accuracy_vs_train_time",
+                     "corruption_accuracy_vs_latency",
                      "corruption_heatmap", "learning_curves", "budget_ladder"],
     "05_mobilenet_families": ["cost_latency", "cost_parameters", "memory_table3", "accuracy_vs_madds"],
     "06_mobilenetv2_design": ["figure6_curves", "figure6_accuracy", "tradeoff_madds", "tradeoff_latency",
                               "width_resolution_cost"],
     "07_deployment": ["int8_drop_activations", "int8_drop_improvements", "latency_runtimes"],
+    "08_applications": ["relative_costs"],
 }
 
 

@@ -37,3 +37,26 @@ def test_a_record_written_before_the_move_is_read_not_retrained(tmp_path, monkey
     record = runner.run_experiment(config, profile, dataset, 0, store, show_progress=False)
     assert record["key"] == "02d5b20e5c3a8725" and record["status"] == "finished"
     assert record["git_commit"] == "3c2cfbd" and 0 <= record["clean_accuracy"] <= 1
+
+
+def test_the_store_exports_one_csv_row_per_run_and_each_runs_history(tmp_path):
+    import pandas as pd
+
+    from mnv2lib.runs.store import export_results
+    from mnv2lib.workbook import cli
+
+    shutil.copytree(DATA / "store_3c2cfbd", tmp_path / "store")
+    store = ResultsStore(tmp_path / "store" / "results", tmp_path / "store" / "runs")
+    path = export_results(store, tmp_path / "results.csv")
+    table = pd.read_csv(path)
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert row["key"] == "02d5b20e5c3a8725" and row["config.activation"] == "mish" and row["seed"] == 0
+    assert row["git_commit"] == "3c2cfbd" and row["profile"] == "smoke" and row["status"] == "finished"
+    assert {"clean_accuracy", "mean_corruption_accuracy", "parameters", "multiply_adds", "train_seconds",
+            "latency_ms_batch1", "corruption.contrast", "config.width_mult", "dataset"} <= set(table.columns)
+    history = pd.read_csv(store.run_dir(row["key"]) / "history.csv")
+    assert list(history["epoch"]) == [1] and "test_accuracy" in history
+    with pytest.raises(SystemExit) as exit_info:  # the command line refuses a folder as its output
+        cli.main(["export", "--output", str(tmp_path)])
+    assert exit_info.value.code == 2

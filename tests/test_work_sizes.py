@@ -41,10 +41,10 @@ def test_a_copy_is_returned():
     assert deployment.deploy_plan("quick").sizes.test_images == 2000
 
 
-@pytest.mark.parametrize("name", sorted(PROFILES) + ["quick_x16"])
+@pytest.mark.parametrize("name", sorted(PROFILES) + ["quick_x32"])
 def test_every_notebooks_plan_resolves_for_every_profile(name):
-    profile = PROFILES.get(name) or budget_rung(PROFILES["quick"], 16)
+    profile = PROFILES.get(name) or budget_rung(PROFILES["quick"], 32)  # a rung nobody registered
     requests = notebook_requests(profile, seed=0)
     assert list(requests) == list(NOTEBOOK_SEQUENCE)
-    assert all(requests[n] for n in NOTEBOOK_SEQUENCE if n != "02_triplet_attention" or requests[n])
+    assert all(requests[n] for n in NOTEBOOK_SEQUENCE if n != "08_applications")  # 08 trains nothing
     assert design.design_plan(profile).latency_repeats >= 1

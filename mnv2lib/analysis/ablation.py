@@ -1,5 +1,6 @@
-"""The 2^3 ablation: summaries over seeds, paired differences against the baseline with
-confidence intervals, main effects, and the sentences that report them."""
+"""The 2^k ablation: summaries over seeds, each variant's difference from the baseline and the factorial
+effects (main effects and interactions) with intervals from one model of the whole design
+(``mnv2lib.analysis.factorial``), and the budget ladder."""
 from __future__ import annotations
 
 import math
@@ -14,7 +15,9 @@ METRICS = {
 }
 COSTS = ["parameters", "multiply_adds", "train_seconds", "train_memory_MiB", "train_images_per_s",
          "latency_ms_batch1", "latency_ms_batch64"]
-FACTORS = {"mish": ("activation", "mish"), "triplet": ("attention", "triplet"), "cnsn": ("cnsn", "cnsn")}
+# factor name -> the build_model overrides that switch it on (the runs' IMPROVEMENTS)
+FACTORS = {"mish": {"activation": "mish"}, "triplet": {"attention": "triplet"}, "cnsn": {"cnsn": "cnsn"}}
+_OFF = (None, "relu6")  # a factor's setting when it is off (the baseline's activation, no module)
 
 
 def _t_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float]:
@@ -74,16 +77,39 @@ def paired_differences(df: pd.DataFrame, metric: str = "clean_accuracy", baselin
     return pd.DataFrame(rows)
 
 
-def main_effects(df: pd.DataFrame, metric: str = "clean_accuracy") -> pd.DataFrame:
-    """Factorial main effect of each improvement: mean over runs with it minus mean over runs without."""
-    rows = []
-    for factor, (column, value) in FACTORS.items():
-        with_it = df[df[column] == value][metric].dropna()
-        without = df[df[column] != value][metric].dropna()
-        if len(with_it) and len(without):
-            rows.append({"factor": factor, "metric": metric, "effect": float(with_it.mean() - without.mean()),
-                         "runs_with": len(with_it), "runs_without": len(without)})
-    return pd.DataFrame(rows)
+def factor_on(model_config: dict, overrides: dict) -> bool:
+    """Whether a run's model config has a factor switched on (every override of the factor set)."""
+    return all(model_config.get(k) == v for k, v in overrides.items())
+
+
+def with_factors(table: pd.DataFrame, records: list[dict], factors: dict | None = None) -> pd.DataFrame:
+    """``table`` (one row per run, with its ``key``) with a True/False column per factor."""
+    factors = FACTORS if factors is None else factors
+    configs = {r["key"]: r["model_config"] for r in records}
+    out = table.copy()
+    for name, overrides in factors.items():
+        out[name] = [factor_on(configs[k], overrides) for k in out["key"]]
+    return out
+
+
+def factorial_effects(table: pd.DataFrame, factors=None, metrics=None, confidence: float = 0.95) -> pd.DataFrame:
+    """Main effects and interactions of ``factors`` (columns of ``table``, see :func:`with_factors`) for each
+    metric, from one OLS model of the whole design with seed blocks (``factorial.fit_factorial``)."""
+    from .factorial import fit_factorial
+
+    factors = list(FACTORS if factors is None else factors)
+    frames = [fit_factorial(table, factors, metric, confidence=confidence)
+              for metric in (metrics or METRICS) if metric in table and table[metric].notna().any()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def model_differences(table: pd.DataFrame, metric: str = "clean_accuracy", baseline: str = "baseline",
+                      confidence: float = 0.95) -> pd.DataFrame:
+    """Per variant, its difference from the baseline with an interval from the whole design's residual
+    variance (variant and seed as factors), the same columns as :func:`paired_differences`."""
+    from .factorial import differences_from_reference
+
+    return differences_from_reference(table, "label", metric, baseline, confidence=confidence)
 
 
 def _pp(x: float) -> str:
@@ -112,6 +138,13 @@ def severity_table(records: list[dict]) -> pd.DataFrame:
     return frame if frame.empty else frame.pivot_table(index="severity", columns="label", values="accuracy")
 
 
+def curves_frame(records: list[dict]) -> pd.DataFrame:
+    """The learning curves' points (validation accuracy at evenly spaced steps) of every run that has them,
+    long format with label and seed; empty for runs trained without (``TrainConfig.curve_points``)."""
+    return pd.DataFrame([{**point, "label": r["label"], "seed": r["seed"]}
+                         for r in records for point in r.get("curve") or []])
+
+
 def histories_frame(records: list[dict]) -> pd.DataFrame:
     """Per-epoch metrics of every run, long format with label and seed."""
     return pd.DataFrame([{**epoch, "label": r["label"], "seed": r["seed"]}
@@ -129,15 +162,16 @@ def images_seen(record: dict) -> int:
 
 def _rung_key(record: dict) -> tuple:
     """Runs of one rung share the profile, the dataset and every model setting but the three factors."""
-    config = {k: v for k, v in record["model_config"].items() if k not in {c for c, _ in FACTORS.values()}}
+    config = {k: v for k, v in record["model_config"].items()
+              if k not in {c for overrides in FACTORS.values() for c in overrides}}
     return record.get("profile_name"), record["dataset"]["name"], repr(sorted(config.items()))
 
 
 def _single_factor(record: dict) -> str | None:
     """'baseline', the one improvement a run has alone, or None (pairs, triples, other settings)."""
     config = record["model_config"]
-    on = [f for f, (column, value) in FACTORS.items() if config.get(column) == value]
-    off = all(config.get(column) in (None, "relu6") for f, (column, _) in FACTORS.items() if f not in on)
+    on = [f for f, overrides in FACTORS.items() if factor_on(config, overrides)]
+    off = all(config.get(column) in _OFF for f, overrides in FACTORS.items() if f not in on for column in overrides)
     if not off or len(on) > 1:
         return None
     return on[0] if on else "baseline"

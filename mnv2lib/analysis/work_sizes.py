@@ -28,6 +28,14 @@ _FULL = {
     "deployment": {"variants": _ALL, "executorch_variants": _ALL,
                    "sizes": dict(test_images=10000, corruption_images=200, severities=(1, 2, 3, 4, 5),
                                  calibration_images=512, latency_repeats=100, crossover_batch=32)},
+    # 04's decomposition: the parts of each improvement trained beside the ablation ("all": every part of
+    # analysis.decomposition.PARTS), with the profile's seeds or the first one
+    "decomposition": {"parts": "all", "seeds": "profile"},
+    # 08: heads, their input sides (the paper's), the variants, the heads also timed in ONNX Runtime
+    "applications": {"heads": ("classifier", "ssdlite", "deeplabv3", "lraspp"),
+                     "resolutions": {"classifier": 224, "ssdlite": 320, "deeplabv3": 513, "lraspp": 513},
+                     "variants": ("baseline", "mish", "triplet", "cnsn"), "width_mult": 1.0, "latency_repeats": 10,
+                     "onnx_heads": ("classifier", "ssdlite", "deeplabv3", "lraspp")},
 }
 
 WORK_SIZES: dict[str, dict[str, dict]] = {
@@ -42,6 +50,11 @@ WORK_SIZES: dict[str, dict[str, dict]] = {
         "deployment": {"variants": ("relu6", "mish"), "executorch_variants": (),
                        "sizes": dict(test_images=64, corruption_images=8, severities=(3,), calibration_images=64,
                                      latency_repeats=5, crossover_batch=8)},
+        "decomposition": {"parts": ("CrossNorm only", "SelfNorm only", "CNSN before the add"), "seeds": "profile"},
+        "applications": {"heads": ("classifier", "ssdlite", "deeplabv3"),
+                         "resolutions": {"classifier": 64, "ssdlite": 128, "deeplabv3": 96},
+                         "variants": ("baseline", "triplet"), "width_mult": 0.35, "latency_repeats": 1,
+                         "onnx_heads": ()},
     },
     "quick": {
         "activations": {"gradient_batch": 64, "gradient_seeds": 4, "distribution_images": 256,
@@ -58,6 +71,17 @@ WORK_SIZES: dict[str, dict[str, dict]] = {
         "deployment": {"variants": ("relu6", "relu", "mish", "triplet", "cnsn"), "executorch_variants": ("relu6", "mish"),
                        "sizes": dict(test_images=2000, corruption_images=100, severities=(3,), calibration_images=256,
                                      latency_repeats=50, crossover_batch=32)},
+        # CNSN's parts, the largest effect of the ablation, with both seeds: 10 runs (the official
+        # variants come from the ablation's own runs)
+        "decomposition": {"parts": ("CrossNorm only", "SelfNorm only", "CNSN before the add",
+                                    "CNSN, SelfNorm gates start near identity", "CNSN only on maps of 8x8 and larger"),
+                          "seeds": "profile"},
+        # at most 3 min on 2 cores: the paper's sides at width 1.0; ONNX Runtime for SSDLite only (an
+        # export takes 10-25 s here, DeepLabv3's the longest)
+        "applications": {"heads": ("classifier", "ssdlite", "deeplabv3"),
+                         "resolutions": {"classifier": 224, "ssdlite": 320, "deeplabv3": 513},
+                         "variants": ("baseline", "mish", "triplet", "cnsn"), "width_mult": 1.0, "latency_repeats": 3,
+                         "onnx_heads": ("ssdlite",)},
     },
     "gpu": _FULL,  # a GPU does the full sizes in seconds
     "full": _FULL,

@@ -93,7 +93,7 @@ CORRUPTION_FAMILIES = {
 CACHE_VERSION = 1
 OFFICIAL_FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
 
-_S = 32  # the reference's IMSIZE
+_S = IMAGE_SIZE = 32  # the reference's IMSIZE: the corruptions are defined for 32x32 images
 # severity parameters of make_cifar_c.py, severities 1..5
 PARAMETERS: dict[str, tuple] = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),                          # std of the noise
@@ -137,6 +137,15 @@ def _check(corruption: str, severity: int) -> None:
         raise ValueError(f"corruption: got {corruption!r}; allowed values are {CORRUPTIONS}")
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or severity not in SEVERITIES:
         raise ValueError(f"severity: got {severity!r}; allowed values are {SEVERITIES}")
+
+
+def check_dataset_images(dataset) -> None:
+    """A ValueError naming ``dataset`` unless its images are 32x32, the size CIFAR-10-C's parameters are
+    for: callers that train before evaluating corruptions check first, not after the training."""
+    shape = tuple(dataset.test_images.shape[-2:])
+    if shape != (_S, _S):
+        raise ValueError(f"dataset: {dataset.name!r} has {shape[0]}x{shape[1]} images; allowed: {_S}x{_S} for the "
+                         f"CIFAR-10-C corruptions (load_dataset(..., image_size={_S}) resizes them)")
 
 
 def corruption_parameters(corruption: str, severity: int):
@@ -644,6 +653,7 @@ def load_corrupted_test_set(dataset, corruption: str, severity: int, size: int |
     same test distribution, but not the same images as the clean test split.
     """
     _check(corruption, severity)
+    check_dataset_images(dataset)
     n_test = len(dataset.test_labels)
     source = getattr(dataset, "source", None)
     found = official_dir(dataset.name, source if source and Path(str(source)).is_dir() else None) \
@@ -729,6 +739,7 @@ def evaluate_corruptions(model, dataset, corruptions=None, severities=(1, 2, 3, 
     corrupted test set; ``corruptions`` None: all 15."""
     from .train import evaluate
 
+    check_dataset_images(dataset)
     results: dict[str, dict[str, float]] = {}
     for corruption in corruptions or CORRUPTIONS:
         results[corruption] = {}

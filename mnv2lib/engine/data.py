@@ -7,15 +7,27 @@ description for figure captions. Sources:
 - ``"cifar10"`` / ``"cifar100"``: looked for, in order, in ``$MNV2_DATA_DIR`` then ``data/``
   (:func:`mnv2lib.utils.paths.data_search_dirs`), in torchvision's format (``cifar-10-batches-py/``,
   ``cifar-100-python/``) or in ImageFolder layout (``cifar10/{train,test}/<class>/*.jpg|png``);
-  when missing, torchvision downloads it into ``data/``.
+  when missing, torchvision downloads it into ``data/`` (never with ``MNV2_OFFLINE=1``).
 - ``"synthetic"``: a built-in procedural 10-class 32x32 dataset (see :func:`make_synthetic`),
   for tests and offline demos. It is *not* CIFAR.
 - ``"auto"``: CIFAR-10 when found locally, else synthetic with a loud notice; never downloads.
-- a path to any ImageFolder tree with ``train/`` and ``test/``.
+- a path to any ImageFolder tree with ``train/`` and ``test/`` (at least two classes).
 
-Images of an ImageFolder tree are decoded once (torchvision's libjpeg-turbo decoder, in threads)
-and cached under ``paths.CACHE_DIR / "images"``, keyed on every file's name, size and mtime; later
-loads read the cached tensors (a cache that cannot be written or read is worked around, with a warning).
+Images of an ImageFolder tree are decoded once (JPEGs with torchvision's libjpeg-turbo decoder,
+other formats with PIL, in threads) into 8-bit RGB (16-bit images keep their high byte, alpha is
+dropped) and cached under ``paths.CACHE_DIR / "images"``, keyed on every file's name, size and
+mtime; later loads read the cached tensors (a cache that cannot be written or read is worked
+around, with a warning). A file that is damaged (truncated, a PNG with less pixel data than its
+header says, a header claiming more than PIL's ``Image.MAX_IMAGE_PIXELS``), unreadable or a
+broken or looping symbolic link is a ``ValueError`` naming it.
+
+Image size: ``image_size=None`` keeps the images as they are (one size per dataset). ``image_size=N``
+gives N x N images: each image of another size is resized with torchvision's ``Resize(N)`` +
+``CenterCrop(N)`` (shorter side to N, antialiased bilinear, then the centre), which also admits an
+ImageFolder of mixed sizes. A resized dataset says so in its ``description`` and its ``name``
+(``<name>-40x40-to-32x32``, ``<name>-mixed-to-32x32``), so runs on it get their own keys; a dataset
+already N x N is returned unchanged. The workbook's models and the CIFAR-10-C corruptions expect
+32x32 (:data:`IMAGE_SIZE`).
 
 Split order: every split is returned in *class-interleaved* order (the k-th image of each class,
 in a seeded random order within the class, then the (k+1)-th...), so any prefix of a split is as
@@ -30,6 +42,8 @@ over the batch and done on the target device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import io
 import math
@@ -37,6 +51,7 @@ import os
 import pickle
 import time
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +70,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 SYNTHETIC_CLASSES = ("disk", "ring", "square", "frame", "triangle", "plus", "stripes", "checker", "pair", "crescent")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp", ".tif", ".tiff")
 CACHE_VERSION = 2  # 2: keyed on every file's size and mtime (1: folder mtimes only; a replaced JPEG kept its pixels)
+IMAGE_SIZE = 32  # the side the workbook's models, profiles and CIFAR-10-C corruptions are made for
 _CACHE_FIELDS = ("images", "labels", "classes", "hist", "jpeg_quality", "kinds")
 
 _TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -95,6 +111,9 @@ class Dataset:
     source: str
     train_indices: torch.Tensor | None = field(default=None)
     test_indices: torch.Tensor | None = field(default=None)
+    # images held out of training for learning curves (see split_validation); None: none
+    validation_images: torch.Tensor | None = field(default=None, repr=False)
+    validation_labels: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -220,6 +239,24 @@ def validation_split(dataset: "Dataset", size: int, seed: int = 0) -> "Dataset":
 # synthetic data
 
 
+def split_validation(dataset: "Dataset", train_size: int) -> "Dataset":
+    """``dataset`` loaded with ``train_size`` + V training images, as the dataset loaded with ``train_size``
+    (the same images, statistics and identity: a class-balanced subset of a size is the prefix of a larger
+    one's) whose other V images are its validation set, for learning curves that never look at the test
+    images."""
+    n = len(dataset.train_labels)
+    if isinstance(train_size, bool) or not isinstance(train_size, (int, np.integer)) or not 1 <= train_size < n:
+        raise ValueError(f"train_size: got {train_size!r}; allowed: integers 1..{n - 1} (fewer than the {n} "
+                         "training images loaded)")
+    train = dataset.train_images[:train_size]
+    mean, std = channel_stats(train)
+    indices = dataset.train_indices
+    return dataclasses.replace(
+        dataset, train_images=train, train_labels=dataset.train_labels[:train_size], mean=mean, std=std,
+        train_indices=None if indices is None else indices[:train_size],
+        validation_images=dataset.train_images[train_size:], validation_labels=dataset.train_labels[train_size:])
+
+
 def make_synthetic(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` procedural 32x32 RGB images of 10 shape/texture families and their labels.
 
@@ -339,25 +376,32 @@ def _shape_mask(k: int, u: torch.Tensor, v: torch.Tensor, freq: torch.Tensor) ->
 
 
 def load_dataset(name: str | os.PathLike = "auto", *, train_size: int | None = None, test_size: int | None = None,
-                 seed: int = 0, root: str | os.PathLike | None = None, download: bool = True,
-                 progress: bool = True) -> Dataset:
+                 seed: int = 0, root: str | os.PathLike | None = None, download: bool | None = None,
+                 progress: bool = True, image_size: int | None = None) -> Dataset:
     """Load a dataset as in-memory uint8 tensors (see the module docstring).
 
     name: "cifar10", "cifar100", "synthetic", "auto", or the path of an ImageFolder tree with
     ``train/`` and ``test/``. train_size / test_size: class-balanced subsets (None = all; for
     "synthetic": how many images to generate, default 5,000 / 1,000). seed: which subset (for
     "synthetic": the generation seed). root: a folder to look in (and download into) instead of
-    ``$MNV2_DATA_DIR`` then ``data/``. download: let torchvision download missing CIFAR.
-    progress: progress bars and messages.
+    ``$MNV2_DATA_DIR`` then ``data/``. download: let torchvision download missing CIFAR (None: unless
+    the environment sets ``MNV2_OFFLINE=1``). progress: progress bars and messages. image_size: N
+    gives N x N images, resizing those of another size (None: as they are; see the module docstring).
     """
+    if download is not None and not isinstance(download, bool):
+        raise ValueError(f"download: got {download!r}; allowed values are None, True and False")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
+                                   or image_size < 1):
+        raise ValueError(f"image_size: got {image_size!r}; allowed values are None (keep the size) or integers >= 1")
+    image_size = None if image_size is None else int(image_size)
     search = [Path(root).expanduser().resolve()] if root is not None else paths.data_search_dirs()
     target = search[0] if root is not None else paths.DATA_DIR
     folder = check_dataset_name(name)
     if folder is not None:
-        return _from_imagefolder(folder, folder.name.lower(), train_size, test_size, seed, progress)
+        return _from_imagefolder(folder, folder.name.lower(), train_size, test_size, seed, progress, image_size)
     name = name.lower()
     if name == "synthetic":
-        return _synthetic(train_size, test_size, seed)
+        return _to_size(_synthetic(train_size, test_size, seed), image_size)
     if name == "auto":
         found = _find_cifar("cifar10", search)
         if found is None:
@@ -367,11 +411,16 @@ def load_dataset(name: str | os.PathLike = "auto", *, train_size: int | None = N
                        "(or load_dataset('cifar10') to download it).")
             warnings.warn(message, UserWarning, stacklevel=2)
             print(message, flush=True)
-            return _synthetic(train_size, test_size, seed)
+            return _to_size(_synthetic(train_size, test_size, seed), image_size)
         name = "cifar10"
     found = _find_cifar(name, search)
     if found is None:
+        from ..models.pretrained import OFFLINE_ENV_VAR, downloads_allowed
+
         reason = "download=False"
+        if download is None:  # as for pretrained weights: the environment decides unless the caller does
+            download = downloads_allowed()
+            reason = f"downloads are switched off: {OFFLINE_ENV_VAR}={os.environ.get(OFFLINE_ENV_VAR)}"
         if download:
             try:
                 _download(name, target, progress)
@@ -382,8 +431,8 @@ def load_dataset(name: str | os.PathLike = "auto", *, train_size: int | None = N
             raise DatasetNotFoundError(_missing_message(name, search, reason))
     kind, folder = found
     if kind == "imagefolder":
-        return _from_imagefolder(folder, name, train_size, test_size, seed, progress)
-    return _from_torchvision(name, folder, train_size, test_size, seed)
+        return _from_imagefolder(folder, name, train_size, test_size, seed, progress, image_size)
+    return _to_size(_from_torchvision(name, folder, train_size, test_size, seed), image_size)
 
 
 def check_dataset_name(name) -> Path | None:
@@ -414,8 +463,8 @@ def _missing_message(name: str, search: list[Path], reason: str) -> str:
         lines.append(f"  - torchvision's format: {d / tv}/ ({files}; the extracted python-version tarball)")
         lines.append(f"  - ImageFolder layout:   {d / name}/train/<class>/*.png|jpg and "
                      f"{d / name}/test/<class>/*.png|jpg")
-    lines.append("Or call load_dataset(..., download=True) with network access, or use dataset='synthetic' "
-                 "for an offline demo.")
+    lines.append("Or let torchvision download it (network access, and MNV2_OFFLINE unset or "
+                 "load_dataset(..., download=True)), or use dataset='synthetic' for an offline demo.")
     return "\n".join(lines)
 
 
@@ -531,16 +580,27 @@ def _from_torchvision(name: str, folder: Path, train_size, test_size, seed) -> D
     return _assemble(name, _PRETTY[name], classes, splits, train_size, test_size, seed, folder)
 
 
-def _from_imagefolder(folder: Path, name: str, train_size, test_size, seed, progress: bool) -> Dataset:
-    splits, hist, quality = {}, None, None
+def _from_imagefolder(folder: Path, name: str, train_size, test_size, seed, progress: bool,
+                      image_size: int | None = None) -> Dataset:
+    splits, hist, quality, sizes = {}, None, None, {}
     for split in ("train", "test"):
-        record = _load_split_cached(folder / split, progress)
+        record = _load_split_cached(folder / split, progress, image_size)
         splits[split] = (record["images"], record["labels"])
+        # the sizes of the files (a split decoded for an image_size holds resized images; older caches lack it)
+        sizes[split] = {tuple(s) for s in record.get("sizes") or [record["images"].shape[-2:]]}
         if split == "train":
             classes, hist, quality, kinds = record["classes"], record["hist"], record["jpeg_quality"], record["kinds"]
+            if len(classes) < 2:  # one class trains to loss 0 and accuracy 1 and means nothing
+                raise ValueError(f"dataset: {folder} has {len(classes)} class ({', '.join(classes)}); allowed: at "
+                                 "least 2 classes (one folder per class under train/ and test/)")
         elif record["classes"] != classes:
             raise ValueError(f"dataset: {folder}: train/ and test/ have different classes "
                              f"({classes} vs {record['classes']})")
+    shapes = {s: tuple(splits[s][0].shape[-2:]) for s in splits}
+    if image_size is None and shapes["train"] != shapes["test"]:
+        raise ValueError(f"dataset: {folder}: the train/ images are {_size_text(shapes['train'])} but the test/ images "
+                         f"are {_size_text(shapes['test'])}; allowed: one size (or load_dataset(..., image_size=N) "
+                         "to resize every image to N x N)")
     pretty = _PRETTY.get(name, name)
     if kinds == ["jpeg"]:
         description = f"{pretty} (JPEG q{quality} copy)" if quality else f"{pretty} (JPEG copy)"
@@ -548,21 +608,78 @@ def _from_imagefolder(folder: Path, name: str, train_size, test_size, seed, prog
         description = f"{pretty} (ImageFolder copy)"
     else:
         description = f"{name} (ImageFolder)"
-    return _assemble(name, description, classes, splits, train_size, test_size, seed, folder, hist)
+    return _to_size(_assemble(name, description, classes, splits, train_size, test_size, seed, folder, hist),
+                    image_size, sizes["train"] | sizes["test"])
+
+
+def _size_text(size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> (N, C, size, size): torchvision's ``Resize(size)`` (shorter side to
+    ``size``, antialiased bilinear) then ``CenterCrop(size)``; images already that size are returned as is."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    from torchvision.transforms.v2 import functional as TF
+
+    out = []
+    with torch_threads(1):  # many small images: threads only add barrier waits (see BatchLoader)
+        for start in range(0, len(images), 4096):  # bounded temporaries
+            chunk = TF.resize(images[start:start + 4096], [size], antialias=True)
+            out.append(TF.center_crop(chunk, [size, size]))
+    return torch.cat(out).contiguous() if out else images.new_empty((0, images.shape[1], size, size))
+
+
+def _to_size(ds: Dataset, image_size: int | None, sizes: set | None = None) -> Dataset:
+    """``ds`` with image_size x image_size images (None: ``ds``). ``sizes``: the (H, W) of the source
+    files, which the name and description of a resized dataset state (so its runs get their own keys)."""
+    final = None if image_size is None else (image_size, image_size)
+    sizes = sizes or {tuple(ds.train_images.shape[-2:]), tuple(ds.test_images.shape[-2:])}
+    if final is None or sizes == {final}:
+        return ds
+    train, test = resize_images(ds.train_images, image_size), resize_images(ds.test_images, image_size)
+    source = _size_text(next(iter(sizes))) if len(sizes) == 1 else "mixed"
+    what = f"{source} images" if len(sizes) == 1 else f"images of {len(sizes)} sizes"
+    mean, std = channel_stats(train)
+    return Dataset(f"{ds.name}-{source}-to-{_size_text(final)}",
+                   f"{ds.description}, {what} resized to {_size_text(final)}", ds.classes, train, ds.train_labels,
+                   test, ds.test_labels, mean, std, source=ds.source, train_indices=ds.train_indices,
+                   test_indices=ds.test_indices)
+
+
+def _unreadable(path, error: OSError) -> ValueError:
+    """A file or folder of the tree that cannot be read (a symbolic link loop, a broken link, no permission)."""
+    what = error.strerror or str(error)
+    if error.errno == errno.ELOOP:
+        what += ": a symbolic link loop"
+    elif os.path.islink(path) and not os.path.exists(path):
+        what += f": a broken symbolic link to {os.readlink(path)!r}"
+    return ValueError(f"dataset: cannot read {path} ({what}); allowed: readable image files and class folders "
+                      "(fix or delete this one)")
 
 
 def _list_split(split_dir: Path) -> tuple[list[str], list[list[str]], list]:
     """Class names, file names per class (sorted) and a fingerprint of the listing."""
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    def is_class(e) -> bool:
+        try:
+            return e.is_dir() and not e.name.startswith(".")
+        except OSError as error:  # a looping link: DirEntry.is_dir raises instead of saying False
+            raise _unreadable(e.path, error) from None
+
+    classes = sorted(e.name for e in os.scandir(split_dir) if is_class(e))
     if not classes:
         raise DatasetNotFoundError(f"dataset: {split_dir} has no class folders (expected {split_dir}/<class>/*.jpg)")
     if set(classes) == set(CIFAR10_CLASSES):
         classes = list(CIFAR10_CLASSES)  # already alphabetical; kept explicit
     files, fingerprint = [], []
     for c in classes:
-        entries = sorted((e for e in os.scandir(split_dir / c)
-                          if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")),
-                         key=lambda e: e.name)
+        try:
+            entries = sorted((e for e in os.scandir(split_dir / c)
+                              if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")),
+                             key=lambda e: e.name)
+        except OSError as error:
+            raise _unreadable(split_dir / c, error) from None
         if not entries:
             message = (f"dataset: class folder {split_dir / c} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             if split_dir.name == "train":
@@ -571,7 +688,12 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[list[str]], list]:
             warnings.warn(f"{message}: that class is not tested", UserWarning, stacklevel=3)
         files.append([e.name for e in entries])
         # every file's size and mtime (one stat each, cheap next to decoding): a replaced image changes the key
-        stats = [e.stat() for e in entries]
+        stats = []
+        for e in entries:
+            try:
+                stats.append(e.stat())
+            except OSError as error:  # a broken or looping symbolic link
+                raise _unreadable(e.path, error) from None
         fingerprint.append([c, [(e.name, st.st_size, st.st_mtime_ns) for e, st in zip(entries, stats)]])
     return classes, files, fingerprint
 
@@ -587,68 +709,181 @@ def _cache_problem(record) -> str | None:
     return None
 
 
-def _load_split_cached(split_dir: Path, progress: bool) -> dict:
+def _load_split_cached(split_dir: Path, progress: bool, image_size: int | None = None) -> dict:
     classes, files, fingerprint = _list_split(split_dir)
     key = hashlib.sha256(repr((CACHE_VERSION, str(split_dir.resolve()), fingerprint)).encode()).hexdigest()[:20]
     cache = paths.CACHE_DIR / "images" / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
-    if cache.exists():
+    # the images as the files hold them; or, decoded for an image_size they did not have, resized (a
+    # folder of mixed sizes can only be cached so), per size
+    resized = cache.with_name(f"{cache.stem}-{image_size}px.pt") if image_size else None
+    for path in (cache, resized):
+        if path is None or not path.exists():
+            continue
         try:
-            cached = torch.load(cache, weights_only=True)
+            cached = torch.load(path, weights_only=True)
             problem = _cache_problem(cached)
         except Exception as error:  # truncated or from another torch: decode again
             problem = f"unreadable ({type(error).__name__}: {error})"
         if problem is None:
             return cached
-        warnings.warn(f"image cache {cache}: {problem}; decoding again")
-    record = _decode_split(split_dir, classes, files, progress)
+        warnings.warn(f"image cache {path}: {problem}; decoding again")
+    record = _decode_split(split_dir, classes, files, progress, image_size)
     record["hist"] = _histograms(record["images"])
+    path = cache if record["resized_to"] is None else resized
     try:
-        save_atomic(record, cache)
+        save_atomic(record, path)
     except (OSError, RuntimeError) as error:  # a read-only or full disk: the decoded images are still good
-        warnings.warn(f"image cache: cannot write {cache} ({type(error).__name__}: {error}); the images are "
+        warnings.warn(f"image cache: cannot write {path} ({type(error).__name__}: {error}); the images are "
                       "decoded again next time")
     return record
 
 
-def _decoder():
-    """A function path -> uint8 (3, H, W): torchvision's libjpeg-turbo / libpng decoders (about 3x
-    faster than PIL on CIFAR-sized JPEGs, same pixels), or PIL where torchvision has none."""
+def _jpeg_size(data) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header (SOFn marker); None when there is none. PIL's
+    ``Image.open`` reads the same header but costs as much as decoding a CIFAR-sized JPEG."""
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: P, Y, X
+            return (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+        else:
+            i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_data_problem(data) -> str | None:
+    """What is wrong with a PNG's pixel data against its header (None: nothing found). PIL fills
+    the rows a short zlib stream lacks without a word; libpng refuses, but torchvision's binding of
+    it then kills the process. So the stream is inflated here (bounded) and its length checked."""
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    depth, colour, interlace = data[24], data[25], data[28]
+    if colour not in _PNG_CHANNELS:
+        return None  # PIL names the problem
+    bits = _PNG_CHANNELS[colour] * depth
+
+    def rows(w, h):  # bytes of h filtered rows of w pixels
+        return h * (1 + (w * bits + 7) // 8) if w and h else 0
+
+    def span(n, start, step):  # pixels of an Adam7 pass along a side of n
+        return max(0, -(-(n - start) // step))
+
+    if interlace:
+        expected = sum(rows(span(width, x, dx), span(height, y, dy)) for x, y, dx, dy in _ADAM7)
+    else:
+        expected = rows(width, height)
+    inflate, got, i = zlib.decompressobj(), 0, 8
     try:
-        from torchvision.io import ImageReadMode, decode_image, read_file
+        while i + 8 <= len(data) and got < expected:
+            length, kind = int.from_bytes(data[i:i + 4], "big"), bytes(data[i + 4:i + 8])
+            if kind == b"IDAT":
+                pending = data[i + 8:i + 8 + length]
+                while pending and got < expected:  # at most 16 MiB inflated at a time, none of it kept
+                    out = inflate.decompress(pending, min(expected - got, 1 << 24))
+                    got, pending = got + len(out), inflate.unconsumed_tail
+                    if not out:
+                        break
+            elif kind == b"IEND":
+                break
+            i += 12 + length
+    except zlib.error as error:
+        return f"its pixel data is damaged (zlib: {error})"
+    if got < expected:
+        return (f"its pixel data ends early: {got:,} of the {expected:,} bytes its {width}x{height} header "
+                "says (a truncated or altered file)")
+    return None
+
+
+def _pil_rgb(im) -> np.ndarray:
+    """A PIL image as 8-bit RGB (H, W, 3): 16-bit samples keep their high byte (PIL does that itself
+    for 16-bit RGB, but saturates 16-bit grey at 255), alpha is dropped."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        grey = np.asarray(im)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError(f"{im.mode} pixels outside 0..65535")
+        return np.repeat((grey.astype(np.int64) >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError("32-bit floating-point pixels")
+    return np.asarray(im.convert("RGB"))
+
+
+def _decoder():
+    """A function path -> uint8 (3, H, W). JPEGs: torchvision's libjpeg-turbo decoder (about 3x faster
+    than PIL on CIFAR-sized JPEGs, same pixels) once the size in the header is within bounds. Every
+    other format: PIL, whose decoders raise on damaged data (torchvision's PNG decoder kills the
+    process on a PNG with less data than its header says), after the PNG check above."""
+    from PIL import Image
+
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
-        decode_image = None
+        decode_jpeg = None
 
-    def with_pil(path: str) -> torch.Tensor:
-        from PIL import Image
+    def refuse(path: str, problem: str) -> ValueError:
+        return ValueError(f"dataset: cannot decode {path} ({problem}); allowed: complete 8- or 16-bit image "
+                          f"files of at most {Image.MAX_IMAGE_PIXELS:,} pixels (replace or delete this one)")
 
+    def too_large(width: int, height: int) -> str | None:
+        limit = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb bound (it only warns up to twice that)
+        if limit and width * height > limit:
+            return (f"its header claims {width}x{height} = {width * height:,} pixels, more than "
+                    f"PIL.Image.MAX_IMAGE_PIXELS = {limit:,}")
+        return None
+
+    def with_pil(path: str, data: bytes) -> torch.Tensor:
         try:
-            with Image.open(path) as im:
-                return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-        except Exception as error:  # truncated, not an image: PIL's message names no file
-            raise ValueError(f"dataset: cannot decode {path} ({type(error).__name__}: {error}); allowed: "
-                             "complete image files (replace or delete this one)") from None
-
-    if decode_image is None:
-        return with_pil
+            with Image.open(io.BytesIO(data)) as im:
+                problem = too_large(*im.size) or (_png_data_problem(data) if im.format == "PNG" else None)
+                if problem is None:
+                    return torch.from_numpy(_pil_rgb(im).copy()).permute(2, 0, 1)
+        except Exception as error:  # truncated, not an image, a bomb: PIL's message names no file
+            problem = f"{type(error).__name__}: {error}"
+        raise refuse(path, problem)
 
     def decode(path: str) -> torch.Tensor:
         try:
-            return decode_image(read_file(path), mode=ImageReadMode.RGB)
-        except Exception:  # a format torchvision does not decode
-            return with_pil(path)
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as error:
+            raise _unreadable(path, error) from None
+        if decode_jpeg is not None and data[:3] == b"\xff\xd8\xff":
+            size = _jpeg_size(data)
+            if size is not None and all(size) and too_large(*size) is None:
+                try:
+                    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                except Exception:  # PIL below decodes it or names the problem
+                    pass
+        return with_pil(path, data)
 
     return decode
 
 
-def _decode_split(split_dir: Path, classes: list[str], files: list[list[str]], progress: bool) -> dict:
+def _decode_split(split_dir: Path, classes: list[str], files: list[list[str]], progress: bool,
+                  image_size: int | None = None) -> dict:
     paths_ = [str(split_dir / c / f) for c, names in zip(classes, files) for f in names]
     labels = torch.tensor([i for i, names in enumerate(files) for _ in names], dtype=torch.int64)
     if not paths_:
         raise DatasetNotFoundError(f"dataset: {split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    from PIL import Image
+
     decode = _decoder()
 
-    def decode_chunk(chunk: range) -> list[torch.Tensor]:
-        return [decode(paths_[i]) for i in chunk]
+    def decode_chunk(chunk: range) -> list[tuple[tuple[int, int], torch.Tensor]]:
+        out = []
+        for i in chunk:
+            im = decode(paths_[i])
+            # resized at once: a folder of photos is never held in memory at full size
+            out.append((tuple(im.shape[-2:]), im if image_size is None else resize_images(im[None], image_size)[0]))
+        return out
 
     t0 = time.perf_counter()
     if progress:
@@ -660,21 +895,25 @@ def _decode_split(split_dir: Path, classes: list[str], files: list[list[str]], p
     # the filter is set here, once, in the calling thread (warning filters are process-wide)
     with torch_threads(1), warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the decoder refuses those itself
         results = list(_progress(pool.map(decode_chunk, chunks), enabled=progress, total=len(chunks),
                                  desc=f"decoding {split_dir.name}", unit="chunk", leave=False))
-    images = [im for chunk in results for im in chunk]
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"dataset: the images of {split_dir} have different sizes {sorted(shapes)[:5]}; "
-                         "allowed: one size (resize them first)")
-    stacked = torch.stack(images)
+    first = {}  # (H, W) of the files -> the first file of that size
+    for path, (size, _) in zip(paths_, (item for chunk in results for item in chunk)):
+        first.setdefault(size, path)
+    if len(first) != 1 and image_size is None:
+        found = ", ".join(f"{_size_text(s)} ({p})" for s, p in sorted(first.items())[:5])
+        raise ValueError(f"dataset: the images of {split_dir} have {len(first)} different sizes, e.g. {found}; "
+                         "allowed: one size, or load_dataset(..., image_size=N) to resize every image to N x N")
+    stacked = torch.stack([im for chunk in results for _, im in chunk])
+    resized_to = None if image_size is None or set(first) == {(image_size, image_size)} else image_size
     is_jpeg = [p.lower().endswith((".jpg", ".jpeg")) for p in paths_]
     kinds = sorted({"jpeg" if j else "other" for j in is_jpeg})
     quality = _jpeg_quality(paths_[is_jpeg.index(True)]) if "jpeg" in kinds else None
     if progress:
         print(f"  decoded {len(paths_):,} images in {time.perf_counter() - t0:.1f} s")
     return {"images": stacked, "labels": labels, "classes": list(classes), "jpeg_quality": quality,
-            "kinds": kinds, "source": str(split_dir)}
+            "kinds": kinds, "source": str(split_dir), "sizes": sorted(first), "resized_to": resized_to}
 
 
 def _jpeg_quality(path: str) -> int | None:

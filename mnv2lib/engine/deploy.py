@@ -25,6 +25,7 @@ import dataclasses
 import importlib
 import io
 import logging
+import numbers
 import os
 import statistics
 import tempfile
@@ -59,6 +60,130 @@ class MissingRuntimeError(ImportError):
     """A package that a deployment runtime needs is not installed; the message names it."""
 
 
+class DeployInputError(DeployError, ValueError):
+    """A bad argument, file or input batch, refused before any runtime sees it; the message names the
+    argument or file and what is allowed. A DeployError (as a runtime's failure) and a ValueError (as
+    every other argument check of the workbook), so either ``except`` catches it."""
+
+
+def _integer(value, argument: str, minimum: int, allowed: str | None = None, none_ok: bool = False) -> int | None:
+    """``value`` as an int (numpy integers too) >= ``minimum``, or DeployInputError naming ``argument``."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
+        allowed = allowed or f"{'None or ' if none_ok else ''}an integer >= {minimum}"
+        raise DeployInputError(f"{argument}: got {value!r}; allowed: {allowed}")
+    return int(value)
+
+
+def _check_threads(threads) -> int | None:
+    # 0 and None both mean torch's thread count (ONNX Runtime's convention for 0); a negative count
+    # would reach the runtimes' thread pools unchecked
+    return _integer(threads, "threads", 0, "None or an integer >= 0 (0, None: torch's thread count)", none_ok=True)
+
+
+def _check_tolerance(tolerance) -> float:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 <= tolerance < float("inf"):
+        raise DeployInputError(f"tolerance: got {tolerance!r}; allowed: a finite number >= 0 (max |diff| to PyTorch)")
+    return float(tolerance)
+
+
+def _path_arg(path, argument: str) -> Path:
+    if isinstance(path, (bytes, bytearray)) or not isinstance(path, (str, os.PathLike)) or str(path) == "":
+        raise DeployInputError(f"{argument}: got {path!r}; allowed: a file path (str or os.PathLike)")
+    return Path(path)
+
+
+def _input_file(path, argument: str, kind: str) -> Path:
+    """An existing regular file, or DeployInputError naming ``argument`` and the file."""
+    path = _path_arg(path, argument)
+    if not path.exists():
+        raise DeployInputError(f"{argument}: {path} does not exist; allowed: an existing {kind} file")
+    if not path.is_file():
+        raise DeployInputError(f"{argument}: {path} is {'a directory' if path.is_dir() else 'not a regular file'}; "
+                               f"allowed: an existing {kind} file")
+    return path
+
+
+def _output_path(path, argument: str, directory: bool = False, example: str = "model") -> Path:
+    """A path that can be written (as a file, or with ``directory`` as a folder): checked before any slow
+    export, without creating anything, so that a bad path fails at once and by name, not as an OS error
+    after minutes of lowering."""
+    path = _path_arg(path, argument)
+    kind = "folder" if directory else "file"
+    if path.exists() and path.is_dir() != directory:
+        raise DeployInputError(f"{argument}: {path} is {'a directory' if path.is_dir() else 'a regular file'}; "
+                               f"allowed: a {kind} path" + ("" if directory else f" (e.g. {path / example})"))
+    existing = path if directory and path.exists() else path.parent
+    while not existing.exists():  # the nearest existing ancestor, which the export's mkdir starts from
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DeployInputError(f"{argument}: {path} lies under {existing}, which is a regular file, not a folder; "
+                               f"allowed: a {kind} path whose parents are folders")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DeployInputError(f"{argument}: {path} cannot be written: the folder {existing} is not writable")
+    return path
+
+
+def _make_parent(path: Path, argument: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a file appeared there since the check
+        raise DeployInputError(f"{argument}: cannot create the folder {path.parent} ({error})") from error
+
+
+def _shape_text(sample_shape, batch=None) -> str:
+    dims = ["N" if batch is None else str(batch)] + ["?" if d is None else str(d) for d in sample_shape]
+    return f"({', '.join(dims)})"
+
+
+def _as_batch(x, argument: str, sample_shape=None, batch: int | None = None, empty_ok: bool = True,
+              model: str = "the model") -> torch.Tensor:
+    """``x`` as a float32 CPU tensor (N, *sample_shape) (numpy arrays converted), or DeployInputError naming
+    ``argument``, what it got and the shape allowed. ``sample_shape``: the input without its batch (None
+    for a dimension of any size; None altogether: any (N, C, H, W)); ``batch``: the one batch allowed."""
+    expected = _shape_text(sample_shape if sample_shape is not None else ("C", "H", "W"), batch)
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind != "f":
+            raise DeployInputError(f"{argument}: got a numpy array of dtype {x.dtype}; allowed: a floating-point "
+                                   f"array {expected} (normalized images, as the model was trained on)")
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    elif not isinstance(x, torch.Tensor):
+        raise DeployInputError(f"{argument}: got {type(x).__name__}; allowed: a torch.Tensor or numpy array "
+                               f"{expected}")
+    elif not x.is_floating_point():
+        raise DeployInputError(f"{argument}: got a tensor of dtype {x.dtype}; allowed: a floating-point tensor "
+                               f"{expected} (normalized images, as the model was trained on; not uint8 pixels)")
+    rank = 4 if sample_shape is None else 1 + len(sample_shape)
+    if (x.dim() != rank or sample_shape is not None and any(d is not None and d != n for d, n in
+                                                              zip(sample_shape, x.shape[1:]))
+            or batch is not None and x.shape[0] != batch):
+        raise DeployInputError(f"{argument}: got shape {tuple(x.shape)}; allowed: {expected}, the input of {model}")
+    if not empty_ok and x.shape[0] == 0:
+        raise DeployInputError(f"{argument}: got an empty batch {tuple(x.shape)}; allowed: {expected} with N >= 1")
+    return x.detach().to("cpu", torch.float32).contiguous()
+
+
+def _check_calibration(calibration, sample_shape, batch: int | None = None, model: str = "the model"
+                       ) -> list[torch.Tensor]:
+    """The calibration batches as float32 tensors, each checked up front (shape, dtype, finite values):
+    the quantizers would otherwise fail deep inside a runtime, or calibrate on NaN ranges silently."""
+    allowed = f"a non-empty list of {_shape_text(sample_shape, batch)} float tensors or numpy arrays"
+    if isinstance(calibration, (torch.Tensor, np.ndarray, str, bytes)) or not hasattr(calibration, "__iter__"):
+        raise DeployInputError(f"calibration: got {type(calibration).__name__}; allowed: {allowed} (a single batch: "
+                               "wrap it in a list)")
+    batches = list(calibration)
+    if not batches:
+        raise DeployInputError(f"calibration: got no batches; allowed: {allowed}")
+    out = [_as_batch(b, f"calibration[{i}]", sample_shape, batch, empty_ok=False, model=model)
+           for i, b in enumerate(batches)]
+    for i, b in enumerate(out):
+        if not torch.isfinite(b).all():
+            raise DeployInputError(f"calibration[{i}]: has NaN or infinite values; allowed: finite normalized images "
+                                   "(int8 ranges are taken from them)")
+    return out
+
+
 def _require(module: str, purpose: str):
     try:
         return importlib.import_module(module)
@@ -72,20 +197,25 @@ def check_eval_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: got {type(model).__name__}; allowed: a torch.nn.Module")
     if model.training:
-        raise ValueError("model: got a model in training mode; allowed: eval mode (call model.eval() first: "
-                         "CrossNorm and batch statistics belong to training, not to a deployed model)")
+        raise DeployInputError("model: got a model in training mode; allowed: eval mode (call model.eval() first: "
+                               "CrossNorm and batch statistics belong to training, not to a deployed model)")
 
 
-def _check_shape(input_shape) -> tuple[int, ...]:
-    shape = tuple(input_shape)
-    if len(shape) != 4 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
-        raise ValueError(f"input_shape: got {input_shape!r}; allowed: 4 positive integers (batch, channels, "
-                         "height, width)")
-    return shape
+def _check_shape(input_shape, argument: str = "input_shape", length: int = 4,
+                 names: str = "batch, channels, height, width") -> tuple[int, ...]:
+    try:
+        shape = tuple(input_shape)
+    except TypeError:  # a bare number
+        shape = ()
+    if len(shape) != length or not all(isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_))
+                                       and s >= 1 for s in shape):
+        raise DeployInputError(f"{argument}: got {input_shape!r}; allowed: {length} positive integers ({names})")
+    return tuple(int(s) for s in shape)
 
 
 def example_input(input_shape, seed: int = 0) -> torch.Tensor:
     """Standard-normal input of ``input_shape`` (what normalized images look like), reproducible."""
+    seed = _integer(seed, "seed", 0)
     return torch.randn(_check_shape(input_shape), generator=torch.Generator().manual_seed(seed))
 
 
@@ -97,14 +227,26 @@ class DeployedModel(nn.Module):
     static shapes takes (forward splits other batches and pads the last piece); ``max_batch``: the
     bound of a program whose batch dimension is dynamic up to a bound (forward splits larger batches);
     both None where any batch goes. ``parity`` is the max |diff| to PyTorch found by the export check
-    (None where not checked)."""
+    (None where not checked). ``sample_shape``: the input without its batch, e.g. (3, 32, 32) (None for a
+    dimension of any size), which forward checks so that every runtime refuses a wrong input alike, with
+    a DeployInputError naming the shape it takes; None: any (N, C, H, W)."""
 
     def __init__(self, runtime: str, precision: str, run: Callable[[torch.Tensor], torch.Tensor],
                  size_bytes: int, path: Path | None = None, fixed_batch: int | None = None,
-                 parity: float | None = None, max_batch: int | None = None) -> None:
+                 parity: float | None = None, max_batch: int | None = None, sample_shape=None) -> None:
         super().__init__()
+        if (runtime, precision) not in TARGETS:
+            raise DeployInputError(f"runtime, precision: got {(runtime, precision)!r}; allowed values are {TARGETS}")
+        if not callable(run):
+            raise DeployInputError(f"run: got {type(run).__name__}; allowed: a callable taking a tensor")
+        fixed_batch = _integer(fixed_batch, "fixed_batch", 1, none_ok=True)
+        max_batch = _integer(max_batch, "max_batch", 1, none_ok=True)
+        if fixed_batch is not None and max_batch is not None:
+            raise DeployInputError(f"fixed_batch, max_batch: got {fixed_batch} and {max_batch}; allowed: at most one "
+                                   "(a program's batch is either static or bounded)")
         self.runtime, self.precision, self.size_bytes, self.path = runtime, precision, size_bytes, path
         self.fixed_batch, self.max_batch, self.parity = fixed_batch, max_batch, parity
+        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
         self.__dict__["_run"] = run  # not a submodule: an exported graph module must not be put in eval()
         self.eval()
 
@@ -113,7 +255,7 @@ class DeployedModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().to("cpu", torch.float32).contiguous()
+        x = _as_batch(x, "x", self.sample_shape, model=f"this {self.runtime} {self.precision} model")
         size = self.fixed_batch or self.max_batch
         if size is None or x.shape[0] == size or self.fixed_batch is None and x.shape[0] < size:
             return self._run(x)
@@ -135,6 +277,7 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_parity(deployed: DeployedModel, model: nn.Module, inputs: torch.Tensor,
                  tolerance: float = PARITY_TOLERANCE) -> float:
     """Max |diff| between ``deployed`` and ``model`` on ``inputs``; ExportMismatchError above ``tolerance``."""
+    tolerance = _check_tolerance(tolerance)  # a negative or NaN one would fail every export as a "mismatch"
     with torch.no_grad():
         expected = model(inputs)
     try:
@@ -166,29 +309,46 @@ def _check_inputs(input_shape, dynamic_batch: bool) -> tuple[torch.Tensor, torch
 # ONNX Runtime
 # ----------------------------------------------------------------------------------------------
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads (default: torch's thread count)."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None, argument: str = "path"):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (default: torch's thread count); a
+    file that is missing or that ONNX Runtime cannot open raises DeployInputError naming it."""
     ort = _require("onnxruntime", "ONNX Runtime")
+    path = _input_file(path, argument, "ONNX")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = _check_threads(threads) or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except MemoryError:
+        raise
+    except Exception as error:  # onnxruntime's own classes (InvalidProtobuf, InvalidArgument, ...) name no argument
+        raise DeployInputError(f"{argument}: {path} is not an ONNX model that ONNX Runtime can open "
+                               f"({type(error).__name__}: {_first_line(error)})") from error
 
 
-def _onnx_deployed(path: Path, precision: str, threads: int | None = None) -> DeployedModel:
-    session = onnx_session(path, threads)
+def _onnx_input(session, path: Path, argument: str, error: type = DeployInputError):
+    """(name, fixed batch or None, sample shape) of a session's one float input."""
     inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise ExportMismatchError(f"ONNX model {path} has {len(inputs)} inputs; a workbook model has one "
-                                  "(a traced graph without inputs computes constants)")
-    name = inputs[0].name
-    fixed = inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
+    if len(inputs) != 1:  # ``error``: ExportMismatchError for a file just exported
+        raise error(f"{argument}: ONNX model {path} has {len(inputs)} inputs; a workbook model has one "
+                    "(a traced graph without inputs computes constants)")
+    dims = [d if isinstance(d, int) and d >= 1 else None for d in inputs[0].shape]  # names: dynamic dimensions
+    if inputs[0].type != "tensor(float)" or len(dims) != 4:
+        raise DeployInputError(f"{argument}: ONNX model {path} takes {inputs[0].type} of rank {len(dims)}; "
+                               "allowed: a model of one float32 (N, C, H, W) input")
+    return inputs[0].name, dims[0], tuple(dims[1:])
+
+
+def _onnx_deployed(path: Path, precision: str, threads: int | None = None, argument: str = "path") -> DeployedModel:
+    session = onnx_session(path, threads, argument)
+    name, fixed, sample_shape = _onnx_input(session, path, argument, ExportMismatchError)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
-    return DeployedModel("onnxruntime", precision, run, path.stat().st_size, path, fixed_batch=fixed)
+    return DeployedModel("onnxruntime", precision, run, path.stat().st_size, path, fixed_batch=fixed,
+                         sample_shape=sample_shape)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape=(1, 3, 32, 32), dynamo: bool = True,
@@ -200,9 +360,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape=(1, 3, 32
     on a fresh input of another batch size; ExportMismatchError above ``tolerance``."""
     check_eval_model(model)
     _require("onnx", "ONNX export")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _output_path(path, "path", example="model.onnx")
+    tolerance, threads = _check_tolerance(tolerance), _check_threads(threads)
     trace_input, check_input = _check_inputs(input_shape, dynamic_batch=True)
+    _make_parent(path, "path")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes; failures raise
         if dynamo:
@@ -246,25 +407,33 @@ def quantize_onnx(fp32_path: str | os.PathLike, path: str | os.PathLike, calibra
                   per_channel: bool = True, threads: int | None = None) -> DeployedModel:
     """ONNX Runtime static int8 quantization of an fp32 ONNX file: QDQ format, int8 weights (per output
     channel), uint8 activations with min-max ranges from the ``calibration`` batches (training images,
-    normalized as the model sees them; never test images)."""
+    normalized as the model sees them; never test images): tensors or numpy arrays of the file's input
+    shape, of any float dtype (converted to float32). Everything is checked before ONNX Runtime runs:
+    a bad file, path or batch raises DeployInputError naming it and what is allowed."""
     _require("onnxruntime", "ONNX Runtime quantization")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if not calibration:
-        raise ValueError("calibration: got no batches; allowed: a non-empty list of (N, C, H, W) float tensors")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fp32_path = _input_file(fp32_path, "fp32_path", "ONNX")
+    path = _output_path(path, "path", example="model.int8.onnx")
+    if path.exists() and path.resolve() == fp32_path.resolve():
+        raise DeployInputError(f"path: {path} is fp32_path itself; allowed: another file (the fp32 model is read "
+                               "while the int8 one is written)")
+    if not isinstance(per_channel, (bool, np.bool_)):
+        raise DeployInputError(f"per_channel: got {per_channel!r}; allowed: True or False")
+    threads = _check_threads(threads)
+    name, batch, sample_shape = _onnx_input(onnx_session(fp32_path, 1, "fp32_path"), fp32_path, "fp32_path")
+    calibration = _check_calibration(calibration, sample_shape, batch, model=f"the ONNX model {fp32_path}")
+    _make_parent(path, "path")
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # shape inference and graph optimization first, as ONNX Runtime recommends before quantizing
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        name = onnx_session(prepared, 1).get_inputs()[0].name
         with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()), warnings.catch_warnings(), \
                 _quiet_root_logger():  # per-weight notes on the 1-D BatchNorm weights of SelfNorm
             warnings.simplefilter("ignore")
             quantize_static(str(prepared), str(path), _Batches(name, calibration), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QUInt8,
+                            per_channel=bool(per_channel), activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
     return _onnx_deployed(path, "int8", threads)
 
@@ -291,16 +460,13 @@ def _native_stderr():
 
 def set_executorch_threads(threads: int | None = None) -> None:
     """ExecuTorch's XNNPACK thread pool size (default: torch's thread count)."""
+    threads = _check_threads(threads)  # before the native pool sees a negative count
     portable = _require("executorch.extension.pybindings.portable_lib", "ExecuTorch")
     portable._unsafe_reset_threadpool(int(threads or torch.get_num_threads()))
 
 
 def _check_max_batch(max_batch) -> int | None:
-    if max_batch is None:
-        return None
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch: got {max_batch!r}; allowed: None (static shapes) or an integer >= 1")
-    return max_batch
+    return _integer(max_batch, "max_batch", 1, "None (static shapes) or an integer >= 1", none_ok=True)
 
 
 def _export_program(model: nn.Module, trace_input: torch.Tensor, dynamic_batch: bool = False):
@@ -338,17 +504,51 @@ def _lower_to_program(exported) -> bytes:
 def load_executorch(program: bytes | str | os.PathLike, precision: str = "fp32", threads: int | None = None,
                     fixed_batch: int | None = None, max_batch: int | None = None) -> DeployedModel:
     """An ExecuTorch program (its bytes, or a .pte path) loaded in ExecuTorch's runtime as a DeployedModel;
-    ``fixed_batch`` / ``max_batch`` as the program was exported (see :class:`DeployedModel`)."""
+    ``fixed_batch`` / ``max_batch`` as the program was exported (see :class:`DeployedModel`; neither: the
+    program's own batch as a fixed batch, right for a static program and for a bounded one alike).
+    The input shape comes from the program; a file or bytes that are not a program raise DeployInputError."""
     _require("executorch", "ExecuTorch")
     from executorch.runtime import Runtime
 
-    path = None
+    if precision not in ("fp32", "int8"):
+        raise DeployInputError(f"precision: got {precision!r}; allowed values are ('fp32', 'int8')")
+    fixed_batch = _integer(fixed_batch, "fixed_batch", 1, none_ok=True)
+    max_batch = _check_max_batch(max_batch)
+    if fixed_batch is not None and max_batch is not None:
+        raise DeployInputError(f"fixed_batch, max_batch: got {fixed_batch} and {max_batch}; allowed: at most one")
+    path, source = None, "the bytes given"
+    if isinstance(program, (bytearray, memoryview)):
+        program = bytes(program)
     if not isinstance(program, bytes):
-        path = Path(program)
-        program = path.read_bytes()
+        if not isinstance(program, (str, os.PathLike)):
+            raise DeployInputError(f"program: got {type(program).__name__}; allowed: the bytes of an ExecuTorch "
+                                   "program or the path of a .pte file")
+        path = _input_file(program, "program", "ExecuTorch .pte")
+        program, source = path.read_bytes(), str(path)
     set_executorch_threads(threads)
-    loaded = Runtime.get().load_program(program)
-    method = loaded.load_method("forward")
+    try:
+        loaded = Runtime.get().load_program(program)
+        if "forward" not in loaded.method_names:
+            raise DeployInputError(f"program: {source} has no forward method (methods: {sorted(loaded.method_names)})")
+        method = loaded.load_method("forward")
+        meta = method.metadata
+        sizes = tuple(meta.input_tensor_meta(0).sizes()) if meta.num_inputs() == 1 else ()
+    except DeployInputError:
+        raise
+    except (RuntimeError, ValueError) as error:  # the runtime names neither the argument nor the file
+        raise DeployInputError(f"program: {source} is not an ExecuTorch program this runtime can load "
+                               f"({_first_line(error)})") from error
+    if len(sizes) != 4:
+        raise DeployInputError(f"program: {source} takes {meta.num_inputs()} inputs of shape {list(sizes)}; allowed: "
+                               "a program of one (N, C, H, W) input")
+    # the planned input: the static batch, or the bound of a dynamic one
+    if fixed_batch is not None and fixed_batch != sizes[0] or max_batch is not None and max_batch > sizes[0]:
+        argument = "fixed_batch" if fixed_batch is not None else "max_batch"
+        raise DeployInputError(f"{argument}: got {fixed_batch or max_batch}; the program {source} takes an input of "
+                               f"{tuple(sizes)}: allowed: {argument}={sizes[0]}{'' if fixed_batch else ' or less'}, "
+                               "or None")
+    if fixed_batch is None and max_batch is None:
+        fixed_batch = sizes[0]
     keep_alive = (program, loaded)  # the method reads the program's memory: freeing it crashes the process
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -366,14 +566,14 @@ def load_executorch(program: bytes | str | os.PathLike, precision: str = "fp32",
                               f"{tuple(x.shape)}: {error} ({reason or 'no log'})") from error
 
     return DeployedModel("executorch", precision, run, len(program), path, fixed_batch=fixed_batch,
-                         max_batch=max_batch)
+                         max_batch=max_batch, sample_shape=sizes[1:])
 
 
 def _lower_executorch(exported, path: Path | None, precision: str, threads: int | None, trace_batch: int,
                       dynamic_batch: bool) -> DeployedModel:
     buffer = _lower_to_program(exported)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path, "path")
         path.write_bytes(buffer)
     deployed = load_executorch(buffer, precision, threads, fixed_batch=None if dynamic_batch else trace_batch,
                                max_batch=trace_batch if dynamic_batch else None)
@@ -391,9 +591,11 @@ def export_executorch(model: nn.Module, path: str | os.PathLike | None = None, i
     check_eval_model(model)
     _require("executorch", "ExecuTorch export")
     max_batch = _check_max_batch(max_batch)
+    path = None if path is None else _output_path(path, "path", example="model.pte")  # before minutes of lowering
+    tolerance, threads = _check_tolerance(tolerance), _check_threads(threads)
     trace_input, check_input = _executorch_trace_inputs(input_shape, max_batch)
     dynamic = max_batch is not None and max_batch > 1
-    deployed = _lower_executorch(_export_program(model, trace_input, dynamic), Path(path) if path else None, "fp32",
+    deployed = _lower_executorch(_export_program(model, trace_input, dynamic), path, "fp32",
                                  threads, trace_input.shape[0], dynamic)
     if check:
         check_parity(deployed, model, check_input, tolerance)
@@ -407,8 +609,11 @@ def quantize_executorch(model: nn.Module, calibration: list[torch.Tensor], path:
     per-channel weights), calibration on ``calibration`` (training images), ``convert_pt2e``, then
     the same XNNPACK lowering as fp32 (``max_batch`` as in :func:`export_executorch`)."""
     check_eval_model(model)
-    if not calibration:
-        raise ValueError("calibration: got no batches; allowed: a non-empty list of (N, C, H, W) float tensors")
+    shape = _check_shape(input_shape)
+    calibration = _check_calibration(calibration, shape[1:], model=f"the model (input_shape={shape})")
+    max_batch = _check_max_batch(max_batch)
+    path = None if path is None else _output_path(path, "path", example="model.int8.pte")
+    threads = _check_threads(threads)
     _require("torchao", "PT2E quantization")
     _require("executorch", "ExecuTorch export")
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -417,8 +622,7 @@ def quantize_executorch(model: nn.Module, calibration: list[torch.Tensor], path:
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    max_batch = _check_max_batch(max_batch)
-    trace_input, _ = _executorch_trace_inputs(input_shape, max_batch)
+    trace_input, _ = _executorch_trace_inputs(shape, max_batch)
     dynamic = max_batch is not None and max_batch > 1
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     with warnings.catch_warnings():
@@ -429,10 +633,10 @@ def quantize_executorch(model: nn.Module, calibration: list[torch.Tensor], path:
         for batch in calibration:
             calibrate(batch)
         converted = convert_pt2e(prepared)
-    deployed = _lower_executorch(_export_program(converted, trace_input, dynamic), Path(path) if path else None,
-                                 "int8", threads, trace_input.shape[0], dynamic)
+    deployed = _lower_executorch(_export_program(converted, trace_input, dynamic), path, "int8", threads,
+                                 trace_input.shape[0], dynamic)
     if dynamic:
-        check_batch_consistency(deployed, _check_shape(input_shape)[1:], min(max_batch, 4))
+        check_batch_consistency(deployed, shape[1:], min(max_batch, 4))
     return deployed
 
 
@@ -440,6 +644,9 @@ def check_batch_consistency(deployed: DeployedModel, sample_shape, batch: int, t
     """Max |diff| between a batch through ``deployed`` and its samples one at a time; DeployError above
     ``tolerance`` (relative to the largest output). Found with ExecuTorch 1.5: XNNPACK int8 programs
     exported with a dynamic batch return wrong outputs for the first samples of a batch."""
+    batch = _integer(batch, "batch", 1)
+    sample_shape = _check_shape(sample_shape, "sample_shape", 3, "channels, height, width")
+    tolerance = _check_tolerance(tolerance)
     x = example_input((batch, *sample_shape), seed=4)
     together = deployed(x)
     alone = torch.cat([deployed(x[i:i + 1]) for i in range(batch)])
@@ -469,6 +676,9 @@ def pytorch_deployed(model: nn.Module) -> DeployedModel:
 
 def latency_ms(deployed: nn.Module, input_shape=(1, 3, 32, 32), warmup: int = 10, repeats: int = 50) -> float:
     """Median wall time of one call on ``input_shape`` after ``warmup`` calls, in milliseconds."""
+    if not callable(deployed):
+        raise DeployInputError(f"deployed: got {type(deployed).__name__}; allowed: a DeployedModel or nn.Module")
+    warmup, repeats = _integer(warmup, "warmup", 0), _integer(repeats, "repeats", 1)  # no median of nothing
     x = example_input(input_shape, seed=2)
     with torch.no_grad():
         for _ in range(warmup):
@@ -485,9 +695,11 @@ def calibration_batches(dataset, images: int = 256, batch_size: int = 32, seed: 
     """``images`` class-mixed TRAINING images (a seeded random subset), normalized like the model's input."""
     from .data import BatchLoader
 
-    if isinstance(images, bool) or not isinstance(images, int) or not 1 <= images <= len(dataset.train_labels):
-        raise ValueError(f"calibration images: got {images!r}; allowed: 1 .. {len(dataset.train_labels)} "
-                         "(the training set's size)")
+    images = _integer(images, "calibration images", 1, f"1 .. {len(dataset.train_labels)} (the training set's size)")
+    if images > len(dataset.train_labels):
+        raise DeployInputError(f"calibration images: got {images!r}; allowed: 1 .. {len(dataset.train_labels)} "
+                               "(the training set's size)")
+    batch_size = _integer(batch_size, "batch_size", 1)
     order = torch.randperm(len(dataset.train_labels), generator=torch.Generator().manual_seed(seed))[:images]
     loader = BatchLoader(dataset.train_images[order], dataset.train_labels[order], batch_size=batch_size,
                          train=False, mean=dataset.mean, std=dataset.std)
@@ -505,6 +717,30 @@ class DeploySizes:
     latency_repeats: int = 50
     crossover_batch: int = 32          # where int8 is slower than fp32 at batch 1, also timed here
 
+    def __post_init__(self) -> None:
+        from .corruptions import SEVERITIES
+
+        for field in ("test_images", "corruption_images", "calibration_images", "latency_repeats", "crossover_batch"):
+            object.__setattr__(self, field, _integer(getattr(self, field), field, 1))
+        given = self.severities
+        severities = () if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__") else tuple(given)
+        if not severities or not all(not isinstance(v, (bool, np.bool_)) and isinstance(v, numbers.Integral)
+                                     and v in SEVERITIES for v in severities):
+            raise DeployInputError(f"severities: got {given!r}; allowed: a non-empty tuple of values in {SEVERITIES}")
+        object.__setattr__(self, "severities", tuple(int(v) for v in severities))
+
+
+def _check_targets(targets, argument: str = "targets") -> tuple:
+    """``targets`` as a tuple of (runtime, precision) pairs of TARGETS, checked before any export."""
+    if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
+        raise DeployInputError(f"{argument}: got {targets!r}; allowed: a sequence of pairs from {TARGETS}")
+    out = tuple(tuple(t) if isinstance(t, (tuple, list)) else t for t in targets)
+    for target in out:
+        if target not in TARGETS:
+            hint = " (one target: wrap it in a list)" if isinstance(target, str) else ""
+            raise DeployInputError(f"{argument}: got {target!r}{hint}; allowed values are {TARGETS}")
+    return out
+
 
 def deploy_targets(model: nn.Module, calibration: list[torch.Tensor], work_dir: str | os.PathLike,
                    input_shape=(1, 3, 32, 32), targets=TARGETS,
@@ -512,13 +748,17 @@ def deploy_targets(model: nn.Module, calibration: list[torch.Tensor], work_dir: 
     """Every (runtime, precision) of ``targets`` for one model: the DeployedModel, or the exception that
     stopped it (export, quantization or the first run); never left out. ``max_batch``: the ExecuTorch
     fp32 program takes any batch up to it (None: the static batch of ``input_shape``, as int8 always)."""
-    work_dir = Path(work_dir)
+    # arguments are checked before the first export: a bad one is the caller's error, not a target's
+    check_eval_model(model)
+    work_dir = _output_path(work_dir, "work_dir", directory=True)
     shape = _check_shape(input_shape)
+    targets = _check_targets(targets)
+    max_batch = _check_max_batch(max_batch)
+    if any(precision == "int8" for _, precision in targets):
+        calibration = _check_calibration(calibration, shape[1:], model=f"the model (input_shape={shape})")
     out: dict[tuple[str, str], DeployedModel | Exception] = {}
     onnx_fp32: Path | None = None
     for target in targets:
-        if target not in TARGETS:
-            raise ValueError(f"targets: got {target!r}; allowed values are {TARGETS}")
         try:
             runtime, precision = target
             if target == ("pytorch", "fp32"):
@@ -593,9 +833,17 @@ def build_deployments(variants: dict[str, nn.Module], calibration: list[torch.Te
     that dies is recorded as the failure of its variant's targets."""
     from ..utils.progress import progress
 
-    work_dir = Path(work_dir)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers: got {workers!r}; allowed: an integer >= 1")
+    work_dir = _output_path(work_dir, "work_dir", directory=True)
+    workers = _integer(workers, "workers", 1)
+    shape, max_batch = _check_shape(input_shape), _check_max_batch(max_batch)
+    _check_variants(variants)
+    if not callable(targets_of):
+        raise DeployInputError(f"targets_of: got {type(targets_of).__name__}; allowed: a function of a variant name")
+    # checked here, once: a worker would report a bad target of every variant, or leave it out of its jobs
+    wanted = {name: _check_targets(targets_of(name), f"targets_of({name!r})") for name in variants}
+    targets_of = wanted.__getitem__
+    if any(p == "int8" for targets in wanted.values() for _, p in targets):
+        calibration = _check_calibration(calibration, shape[1:], model=f"the models (input_shape={shape})")
     if workers == 1 or len(variants) == 1:
         return {name: deploy_targets(model.eval(), calibration, work_dir / name, input_shape, targets_of(name),
                                      max_batch)
@@ -629,6 +877,18 @@ def build_deployments(variants: dict[str, nn.Module], calibration: list[torch.Te
     return result
 
 
+def _check_variants(variants) -> None:
+    """Variant names become folder names under work_dir: refused where they are not one plain name."""
+    if not isinstance(variants, dict):
+        raise DeployInputError(f"variants: got {type(variants).__name__}; allowed: a dict of name -> nn.Module")
+    for name, model in variants.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name:
+            raise DeployInputError(f"variants: got the name {name!r}; allowed: a non-empty name usable as a folder "
+                                   "name (no path separators, not '.' or '..')")
+        if not isinstance(model, nn.Module):
+            raise DeployInputError(f"variants[{name!r}]: got {type(model).__name__}; allowed: a torch.nn.Module")
+
+
 def measure_deployed(deployed: DeployedModel, dataset, profile, sizes: DeploySizes,
                      input_shape=(1, 3, 32, 32)) -> dict:
     """Size, batch-1 latency, clean and mean corruption accuracy of one deployed model; the clean test
@@ -637,6 +897,8 @@ def measure_deployed(deployed: DeployedModel, dataset, profile, sizes: DeploySiz
     from .corruptions import evaluate_corruptions
     from .train import evaluate
 
+    if not isinstance(sizes, DeploySizes):
+        raise DeployInputError(f"sizes: got {type(sizes).__name__}; allowed: a DeploySizes")
     shape = _check_shape(input_shape)
     n = min(sizes.test_images, len(dataset.test_labels))
     batch = min(profile.train.eval_batch_size, 256)
@@ -701,7 +963,27 @@ def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: De
 
     from ..utils.progress import progress
 
-    shape = input_shape or (1, 3, *dataset.test_images.shape[2:])
+    # input checks, before minutes of exports
+    _check_variants(variants)
+    if not variants:
+        raise DeployInputError("variants: got none; allowed: a dict of name -> nn.Module with at least one variant")
+    if not isinstance(sizes, DeploySizes):
+        raise DeployInputError(f"sizes: got {type(sizes).__name__}; allowed: a DeploySizes")
+    images = tuple(dataset.test_images.shape[1:])
+    shape = (1, *images) if input_shape is None else _check_shape(input_shape)
+    if shape[1:] != images:
+        raise DeployInputError(f"input_shape: got {input_shape!r}; allowed: (N, {', '.join(map(str, images))}), the "
+                               "dataset's images (or None)")
+    targets = _check_targets(targets)
+    if executorch_variants is not None:
+        if isinstance(executorch_variants, (str, bytes)) or not hasattr(executorch_variants, "__iter__"):
+            raise DeployInputError(f"executorch_variants: got {executorch_variants!r}; allowed: None or a sequence "
+                                   f"of variant names from {tuple(variants)}")
+        executorch_variants = tuple(executorch_variants)
+        unknown = [n for n in executorch_variants if n not in variants]
+        if unknown:  # it would be ignored silently: a name no variant has is lowered nowhere
+            raise DeployInputError(f"executorch_variants: got {unknown!r}, which are not variants; allowed values "
+                                   f"are {tuple(variants)}")
     calibration = calibration_batches(dataset, min(sizes.calibration_images, len(dataset.train_labels)))
     rows, failures = [], []
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="mnv2-deploy-"))
@@ -754,6 +1036,11 @@ def int8_drop(results) -> "pd.DataFrame":  # noqa: F821
     """Per variant and runtime: fp32 and int8 accuracies and their difference (int8 - fp32), in points."""
     import pandas as pd
 
+    need = ["variant", "runtime", "precision", "clean_accuracy", "mean_corruption_accuracy"]
+    missing = [c for c in need if c not in getattr(results, "columns", ())]
+    if missing:
+        raise DeployInputError(f"results: missing the columns {missing}; allowed: deployment_study's results table "
+                               f"(columns {need}, ...)")
     rows = []
     for (variant, runtime), group in results.groupby(["variant", "runtime"], sort=False):
         by = group.set_index("precision")
@@ -772,7 +1059,12 @@ def onnx_op_counts(path: str | os.PathLike) -> dict[str, int]:
     onnx = _require("onnx", "ONNX inspection")
     from collections import Counter
 
-    graph = onnx.load(str(path)).graph
+    path = _input_file(path, "path", "ONNX")
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as error:  # protobuf's DecodeError names no file
+        raise DeployInputError(f"path: {path} is not an ONNX model ({type(error).__name__}: {_first_line(error)})"
+                               ) from error
     return dict(Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
                         for n in graph.node))
 

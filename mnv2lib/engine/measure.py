@@ -41,6 +41,36 @@ def flops(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
     return int(counter.get_total_flops())
 
 
+def largest_layer_bytes(model: nn.Module, input_size) -> int:
+    """The largest working set of one layer in an eval forward: the bytes of a leaf module's tensor inputs
+    and output together (a lower bound of peak activation memory, device-independent; the MobileNetV2
+    paper's Table 3 counts the same per layer)."""
+    largest = 0
+
+    def size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        return 0
+
+    def record(module, args, output):
+        nonlocal largest
+        largest = max(largest, size(args) + size(output))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(record) for m in leaves]
+    try:
+        with training_mode(model, False), torch.no_grad():
+            model(_eval_copy_input(model, input_size))
+    finally:
+        for h in handles:
+            h.remove()
+    return largest
+
+
 def saved_activation_bytes(model: nn.Module, input_size, loss_fn: Callable | None = None) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one training forward.
 

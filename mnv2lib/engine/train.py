@@ -70,6 +70,9 @@ class TrainConfig:
     zero_init_residual: bool = False
     ema_decay: float = 0.0
     compile: bool = False                 # torch.compile the training step's model (pays off on GPUs)
+    # learning curve: the dataset's validation images evaluated at this many evenly spaced steps of the
+    # run (0: none); evaluation only, the training is the same
+    curve_points: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -92,6 +95,7 @@ class TrainConfig:
         for name in ("zero_init_residual", "compile"):
             check_bool(name, getattr(self, name))
         check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)
+        check_int("curve_points", self.curve_points, 0, 1000)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,6 +185,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean,
     """Accuracy and mean cross-entropy of ``model`` on uint8 ``images`` (eval mode, no augmentation)."""
     from .data import BatchLoader
 
+    if isinstance(images, torch.Tensor) and images.ndim == 4 and len(images) == 0:  # it used to read accuracy 0.0
+        raise ValueError(f"images: got no images to evaluate (shape {tuple(images.shape)}); allowed: at least one "
+                         "image")
     device = resolve_device(device) if isinstance(device, str) else device
     was_training = model.training
     model.eval()
@@ -248,6 +255,7 @@ class TrainResult:
     seconds: float
     device: str
     resumed_from_epoch: int
+    curve: list[dict] = dataclasses.field(default_factory=list)  # validation points (TrainConfig.curve_points)
 
 
 DIVERGENCE_FACTOR = 10.0  # a mean loss this many times ln(num_classes) (chance) is a diverged run
@@ -406,10 +414,19 @@ class _Training:
     use_amp: bool
     rank: int
     world: int
+    steps_per_epoch: int
 
 
 def _check_model_fits(model: nn.Module, dataset) -> None:
-    """A model with fewer outputs than the dataset's classes, or labels beyond them: a clear error now."""
+    """A dataset that cannot train a classifier (fewer than two classes, no training or test images), a
+    model with fewer outputs than its classes, or labels beyond them: a clear error now, not after training."""
+    if dataset.num_classes < 2:  # one class trains to loss 0 and accuracy 1 and means nothing
+        raise ValueError(f"dataset: {dataset.name!r} has {dataset.num_classes} class(es) {tuple(dataset.classes)}; "
+                         "allowed: at least 2 classes")
+    for split in ("train", "test"):
+        if len(getattr(dataset, f"{split}_labels")) == 0:
+            raise ValueError(f"dataset.{split}_images: dataset {dataset.name!r} has no {split} images; allowed: "
+                             "at least one")
     num_outputs = getattr(getattr(model, "config", None), "num_classes", None)
     if num_outputs is None:
         return
@@ -458,17 +475,20 @@ def _set_up(model: nn.Module, dataset, config: TrainConfig, seed: int) -> _Train
     step_model = torch.compile(step_model) if config.compile else step_model
     return _Training(model, step_model, average.model.module if average is not None else model, optimizer,
                      scheduler, scaler, average, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), device,
-                     amp_dtype, use_amp, rank, world)
+                     amp_dtype, use_amp, rank, world, steps_per_epoch)
 
 
-def _train_epoch(t: _Training, loader, description: str, show_progress: bool) -> tuple[float, float]:
+def _train_epoch(t: _Training, loader, description: str, show_progress: bool,
+                 after_step: Callable[[int], None] | None = None) -> tuple[float, float]:
     """One pass over ``loader``: (mean training loss, training accuracy), over every rank's share. The
-    sums stay on the device: the epoch's one host sync is at its end."""
+    sums stay on the device: the epoch's one host sync is at its end. ``after_step(i)``: called after the
+    epoch's i-th step (the learning curve's evaluations)."""
     t.model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     correct = torch.zeros((), dtype=torch.int64, device=t.device)
     seen = 0
-    for x, y in progress(loader, enabled=show_progress, desc=description, leave=False, unit="batch"):
+    for step, (x, y) in enumerate(progress(loader, enabled=show_progress, desc=description, leave=False,
+                                           unit="batch"), start=1):
         with torch.autocast(t.device.type, dtype=t.amp_dtype, enabled=t.use_amp):
             logits = t.step_model(x)
             loss = t.loss_fn(logits.float(), y)
@@ -482,6 +502,8 @@ def _train_epoch(t: _Training, loader, description: str, show_progress: bool) ->
         loss_sum += loss.detach() * y.numel()
         correct += (logits.argmax(1) == y).sum()
         seen += y.numel()
+        if after_step is not None:
+            after_step(step)
     if t.world > 1:  # the epoch's numbers over the global batches; BN running statistics: rank 0's
         import torch.distributed as dist
 
@@ -494,14 +516,22 @@ def _train_epoch(t: _Training, loader, description: str, show_progress: bool) ->
     return loss_sum.item() / seen, float(correct.item()) / seen
 
 
-def _save_checkpoint(t: _Training, config: TrainConfig, path: Path, history: list[dict], seconds: float) -> None:
+def _save_checkpoint(t: _Training, config: TrainConfig, path: Path, history: list[dict], seconds: float,
+                     curve: list[dict]) -> None:
     state = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
              "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(),
              "rng": _rng_state(t.model), "config": config.to_dict(), "history": history,
-             "model_signature": model_signature(t.model), "epoch": len(history), "seconds": seconds}
+             "model_signature": model_signature(t.model), "epoch": len(history), "seconds": seconds,
+             "curve": curve}
     if t.average is not None:
         state["average"] = t.average.state_dict()
     save_atomic(state, path)
+
+
+def _curve_steps(config: TrainConfig, steps_per_epoch: int) -> set[int]:
+    """The global steps (1-based) after which the learning curve evaluates: evenly spread over the run."""
+    total, points = steps_per_epoch * config.epochs, min(config.curve_points, steps_per_epoch * config.epochs)
+    return {round(total * (i + 1) / points) for i in range(points)} if points else set()
 
 
 def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), seed: int = 0,
@@ -511,7 +541,9 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
 
     With ``checkpoint_path`` a checkpoint is written after every epoch and an existing one
     is resumed. ``stop_after_epoch`` ends the call early (to test resume), as a kill would.
-    With ``config.ema_decay`` the model ends holding the averaged weights.
+    With ``config.ema_decay`` the model ends holding the averaged weights. With ``config.curve_points``
+    and a dataset with validation images (``data.split_validation``), the result's ``curve`` holds the
+    validation accuracy and loss at that many evenly spaced steps (the training is the same without it).
 
     On a GPU the uint8 images are copied to it once and augmented there in batches, and the loop
     makes no host sync per step (losses and accuracies are summed on the device and read once per
@@ -528,6 +560,7 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
     """
     t = _set_up(model, dataset, config, seed)
     history: list[dict] = []
+    curve: list[dict] = []
     start_epoch, elapsed_before = 0, 0.0
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     if checkpoint_path and checkpoint_path.exists():
@@ -535,16 +568,30 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
         if t.average is not None:
             t.average.load_state_dict(state["average"])
         history, start_epoch, elapsed_before = state["history"], state["epoch"], state["seconds"]
+        curve = list(state.get("curve") or [])
     # the uint8 training images live on the training device (once per call, not per batch)
     train_images, train_labels = dataset.train_images.to(t.device), dataset.train_labels.to(t.device)
     t_start = time.perf_counter()
     epochs = progress(range(start_epoch, config.epochs), enabled=show_progress, desc="epochs", unit="epoch",
                       initial=start_epoch, total=config.epochs)
+    validation = getattr(dataset, "validation_images", None)
+    curve_steps = _curve_steps(config, t.steps_per_epoch) if validation is not None and len(validation) else set()
+
+    def evaluate_curve(epoch: int, step: int) -> None:
+        done = epoch * t.steps_per_epoch + step
+        if done in curve_steps:
+            v = evaluate(t.eval_model, validation, dataset.validation_labels, dataset.mean, dataset.std,
+                         config.eval_batch_size, t.device, config.channels_last)
+            curve.append({"step": done, "epoch": done / t.steps_per_epoch, "images_seen": done * config.batch_size,
+                          "validation_accuracy": v["accuracy"], "validation_loss": v["loss"]})
+
     for epoch in epochs:
         t0 = time.perf_counter()
         loader = _train_loader(train_images, train_labels, dataset, config, seed * 100_003 + epoch, t.device,
                                shard=(t.rank, t.world))
-        train_loss, train_accuracy = _train_epoch(t, loader, f"epoch {epoch + 1}", show_progress)
+        train_loss, train_accuracy = _train_epoch(t, loader, f"epoch {epoch + 1}", show_progress,
+                                                  (lambda step, e=epoch: evaluate_curve(e, step)) if curve_steps
+                                                  else None)
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(f"loss became {train_loss} in epoch {epoch + 1}; "
                                      "the run is stopped (try a lower lr)")
@@ -562,10 +609,10 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
         if on_epoch:
             on_epoch(record)
         if checkpoint_path and t.rank == 0:
-            _save_checkpoint(t, config, checkpoint_path, history, elapsed_before + time.perf_counter() - t_start)
+            _save_checkpoint(t, config, checkpoint_path, history, elapsed_before + time.perf_counter() - t_start, curve)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
             break
     if t.average is not None and len(history) == config.epochs:
         t.model.load_state_dict(t.average.model.module.state_dict())
     return TrainResult(history=history, seconds=elapsed_before + time.perf_counter() - t_start,
-                       device=str(t.device), resumed_from_epoch=start_epoch)
+                       device=str(t.device), resumed_from_epoch=start_epoch, curve=curve)

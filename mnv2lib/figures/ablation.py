@@ -70,7 +70,27 @@ def make_paired_difference_figure(diffs: dict[str, pd.DataFrame], context: Figur
         ax.set_yticks(y, order)
         ax.invert_yaxis()
         ax.set_xlabel(f"{METRICS.get(f['metric'].iloc[0], f['metric'].iloc[0])}: variant - baseline (pp)")
-    axes[0].set_title("paired difference to the baseline, 95% CI", loc="left")
+    axes[0].set_title("difference to the baseline, 95% CI from the whole design", loc="left")
+    return source_note(fig, context)
+
+
+def make_factorial_effects_figure(effects: pd.DataFrame, context: FigureContext | None = None) -> Figure:
+    """Forest plot of the factorial model's terms (main effects, then interactions), one panel per metric."""
+    metrics = list(dict.fromkeys(effects["metric"]))
+    fig = new_figure(4.2 * max(1, len(metrics)), 0.9 + 0.42 * effects.groupby("metric").size().max())
+    axes = fig.subplots(1, max(1, len(metrics)), squeeze=False, sharey=True)[0]
+    for ax, metric in zip(axes, metrics):
+        f = effects[effects["metric"] == metric].sort_values(["order", "term"], kind="stable")
+        for i, (_, row) in enumerate(f.iterrows()):
+            colour = _colour(row["term"]) if row["order"] == 1 else "0.35"
+            ax.plot([100 * row["ci_low"], 100 * row["ci_high"]], [i, i], color=colour, lw=2.5)
+            ax.plot(100 * row["effect"], i, "o", color=colour, mec="black", ms=6)
+        ax.axvline(0, color="black", lw=0.8, ls="--")
+        ax.set_yticks(np.arange(len(f)), [t.replace(":", " x ") for t in f["term"]])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{METRICS.get(metric, metric)}: effect (pp)")
+    df = int(effects["df_resid"].iloc[0])
+    axes[0].set_title(f"factorial effects, 95% CI ({df} residual df)", loc="left")
     return source_note(fig, context)
 
 
@@ -115,17 +135,24 @@ def make_corruption_heatmap_figure(corruption_table: pd.DataFrame, context: Figu
     return source_note(fig, context)
 
 
-def make_training_curves_figure(histories: pd.DataFrame, context: FigureContext | None = None) -> Figure:
-    """Test accuracy per epoch; a line per variant (mean over seeds), a band for the seed range."""
+def make_training_curves_figure(curves: pd.DataFrame, context: FigureContext | None = None, x: str = "epoch",
+                                y: str = "test_accuracy") -> Figure:
+    """Accuracy along training (``x``: epoch or images_seen; ``y``: test_accuracy or validation_accuracy); a
+    line per variant (mean over seeds), a band for the seed range."""
+    labels = {"epoch": "epoch", "images_seen": "training images seen", "test_accuracy": "test accuracy (%)",
+              "validation_accuracy": "validation accuracy (%)"}
+    for name, value in (("x", x), ("y", y)):
+        if value not in labels or value not in curves:
+            raise ValueError(f"{name}: got {value!r}; allowed: columns of the table among {tuple(labels)}")
     fig = new_figure(6.0, 4.0)
     ax = fig.subplots()
-    for label in variant_order(histories["label"]):
-        h = histories[histories["label"] == label].groupby("epoch")["test_accuracy"]
+    for label in variant_order(curves["label"]):
+        h = curves[curves["label"] == label].groupby(x)[y]
         mean, low, high = 100 * h.mean(), 100 * h.min(), 100 * h.max()
-        ax.plot(mean.index, mean, color=_colour(label), label=label, lw=1.6)
+        ax.plot(mean.index, mean, color=_colour(label), label=label, lw=1.6, marker="." if x != "epoch" else None)
         ax.fill_between(mean.index, low, high, color=_colour(label), alpha=0.15)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel(labels[x])
+    ax.set_ylabel(labels[y])
     ax.legend(ncol=2, fontsize=8)
     ax.set_title("learning curves (band: range over seeds)", loc="left")
     return source_note(fig, context)

@@ -6,14 +6,15 @@ softplus, tanh and (in backward) sigmoid separately, which on CPU costs about ni
 no maintained library ships a faster CPU Mish, so it is written here. On dense float32 CPU tensors
 it runs as the ``mnv2::mish`` operator (a C kernel, see :mod:`mnv2lib.ops`); in inference
 ``Mish(inplace=True)``, as ``Conv2dNormActivation`` builds it, overwrites its input like
-torchvision's in-place ReLU6 (``mnv2::mish_``). Elsewhere (CUDA, other dtypes, export and tracing)
-:func:`mish_pytorch`, a few standard ops with bounded intermediates (one sigmoid), computes the same
-function.
+torchvision's in-place ReLU6 (``mnv2::mish_``). Elsewhere (CUDA, other dtypes, export, tracing and
+scripting, ``torch.func`` transforms) :func:`mish_pytorch`, a few standard ops with bounded
+intermediates (one sigmoid), computes the same function.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from .. import ops
 
@@ -21,9 +22,20 @@ from .. import ops
 
 
 def exporting() -> bool:
-    """True while ``torch.export``, ``torch.jit.trace`` or ``torch.jit.script`` captures the model:
-    modules then take their PyTorch path, so that exported graphs hold standard operators only."""
+    """True while ``torch.export``, ``torch.jit.trace`` or ``torch.jit.script`` captures the model: modules
+    then take their PyTorch path, so that exported graphs hold standard operators only. (Scripted modules
+    branch on ``torch.jit.is_scripting()`` in ``forward`` itself: TorchScript compiles only that branch.)"""
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def pytorch_only() -> bool:
+    """True where the modules must run their PyTorch implementation rather than the native operators: while
+    exporting (:func:`exporting`), under a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``,
+    ...) and in forward-mode AD (``torch.autograd.forward_ad``): the operators' autograd is a C++
+    ``torch::autograd::Function``, which functorch and forward-mode AD refuse."""
+    # (exporting()'s three tests inlined: this runs at every module call)
+    return (torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
 def mish_reference(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +57,8 @@ def mish_pytorch(x: torch.Tensor) -> torch.Tensor:
 
 
 def _native(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and ops.is_dense(x) and not exporting()
+    # (pytorch_only first: under vmap a channels_last layout query raises)
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not pytorch_only() and ops.is_dense(x)
             and ops.available("mish"))
 
 
@@ -62,7 +75,7 @@ def mish(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
             torch.ops.mnv2.mish_(x)
             return x
         return torch.ops.mnv2.mish(x)
-    if overwrite and ops.is_dense(x) and not exporting():  # (exported graphs stay functional)
+    if overwrite and not pytorch_only() and ops.is_dense(x):  # (exported and transformed graphs stay functional)
         return x.copy_(mish_pytorch(x))
     return mish_pytorch(x)
 
@@ -94,6 +107,8 @@ class Mish(nn.Module):
         return "inplace=True" if self.inplace else ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # (the branch TorchScript compiles: functional, standard ops)
+            return mish_pytorch(x)
         return mish(x, self.inplace)
 
 

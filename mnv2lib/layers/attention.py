@@ -24,6 +24,7 @@ hard-sigmoid gate.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
@@ -32,19 +33,25 @@ from torch import nn
 from torchvision.models._utils import _make_divisible
 
 from .. import ops
-from .activations import exporting
+from .activations import pytorch_only
 
 BRANCHES = ("channel_width", "height_channel", "spatial")
+# ModelConfig's bound on attention_kernel (as width_mult has one): the studies use 3 to 7, and a typo such as 77
+# makes every Triplet Attention call some hundred times slower; the module itself takes any odd size
+MAX_ATTENTION_KERNEL = 31
 
 
-def check_kernel_size(kernel_size: int, field: str = "attention_kernel") -> None:
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"{field}: got {kernel_size!r}; allowed values are odd integers >= 1 (3, 5, 7, ...)")
+def check_kernel_size(kernel_size: int, field: str = "attention_kernel", maximum: int | None = None) -> None:
+    """An odd integer >= 1 (and <= ``maximum``); a bool is not a size (``True`` is not 1)."""
+    ok = isinstance(kernel_size, numbers.Integral) and not isinstance(kernel_size, bool)
+    if not ok or kernel_size < 1 or kernel_size % 2 == 0 or (maximum is not None and kernel_size > maximum):
+        bound = f"from 1 to {maximum}" if maximum is not None else ">= 1"
+        raise ValueError(f"{field}: got {kernel_size!r}; allowed values are odd integers {bound} (3, 5, 7, ...)")
 
 
 def check_feature_map(x: torch.Tensor, module: str) -> None:
     if x.dim() != 4:
-        raise ValueError(f"{module} input: got a {x.dim()}-D tensor of shape {tuple(x.shape)}; "
+        raise ValueError(f"{module} input: got a {x.dim()}-D tensor of shape {list(x.shape)}; "
                          "allowed: a 4-D tensor (batch, channels, height, width)")
 
 
@@ -66,10 +73,13 @@ class AttentionGate(nn.Sequential):
 class TripletAttention(nn.Module):
     """Triplet Attention with broadcast gates; ``record=True`` keeps the last sigmoid maps.
 
-    Same parameters, buffers and results as :class:`TripletAttentionReference`. On float32 CPU
-    tensors the module is the ``mnv2::triplet_attention`` operator (``..._inference`` without
-    autograd); elsewhere, while exporting or tracing, with ``record=True`` or ``no_spatial=True``,
-    the same broadcast-gate formulation runs as PyTorch ops.
+    Same parameters, buffers and results as :class:`TripletAttentionReference` for finite inputs (an
+    infinite element can give inf where the reference's per-branch products give NaN; see
+    docs/native-operators.md). On float32 CPU tensors the module is the ``mnv2::triplet_attention``
+    operator (``..._inference`` without autograd); elsewhere, while exporting, tracing or scripting, under
+    ``torch.func`` transforms, with ``record=True`` or ``no_spatial=True``, the same broadcast-gate
+    formulation runs as PyTorch ops. An empty input (a zero batch, channel, height or width) gives an
+    empty result.
 
     ``inplace=True`` lets that inference operator write its result over x (like ``nn.ReLU(inplace=True)``);
     the network's blocks turn it on for the tensors they own. Training and autograd never overwrite x.
@@ -77,7 +87,8 @@ class TripletAttention(nn.Module):
 
     def __init__(self, kernel_size: int = 7, no_spatial: bool = False, inplace: bool = False) -> None:
         super().__init__()
-        check_kernel_size(kernel_size)
+        check_kernel_size(kernel_size, "TripletAttention kernel_size (ModelConfig's attention_kernel)")
+        kernel_size = int(kernel_size)
         self.kernel_size = kernel_size
         self.no_spatial = no_spatial
         self.inplace = inplace
@@ -85,7 +96,7 @@ class TripletAttention(nn.Module):
         self.height_channel = AttentionGate(kernel_size)
         self.spatial = None if no_spatial else AttentionGate(kernel_size)
         self.record = False
-        self.recorded: dict[str, torch.Tensor] = {}
+        self.recorded = {}  # name -> tensor (unannotated: a scripted module leaves it out, silently)
 
     def _branches(self) -> list[AttentionGate]:
         return [g for g in (self.channel_width, self.height_channel, self.spatial) if g is not None]
@@ -107,6 +118,9 @@ class TripletAttention(nn.Module):
         gates = self.gates(x)
         if self.record:
             self.recorded = {name: g.detach() for name, g in gates.items()}
+        return self._gate_input(x, gates)
+
+    def _gate_input(self, x: torch.Tensor, gates: dict[str, torch.Tensor]) -> torch.Tensor:
         weight = 1.0 / len(gates)
         g = list(gates.values())
         # Scale the small gates, not the full-size product.
@@ -117,13 +131,14 @@ class TripletAttention(nn.Module):
 
     def _op_arguments(self, x: torch.Tensor):
         """(tensors for the ``mnv2::triplet_attention`` operators, the first BatchNorm) where they apply:
-        float32 CPU x (NCHW or channels_last), all three branches, BatchNorms with running statistics,
-        one eps and one momentum, and not exporting, tracing or recording; else None. (Submodules are
+        float32 CPU x (NCHW or channels_last; non-empty: ``forward`` returns first for an empty x), all three
+        branches, BatchNorms with running statistics, one eps and one momentum, and not exporting, tracing,
+        under a transform (:func:`pytorch_only`) or recording; else None. (Submodules are
         read from ``_modules``: ``nn.Module.__getattr__`` would cost more than the kernel on small maps.)"""
         gates = self._modules
         spatial = gates.get("spatial")
-        if spatial is None or self.record or not x.is_cpu or x.dtype != torch.float32 or x.numel() == 0 \
-                or not ops.is_dense(x) or exporting() or not ops.available("triplet_attention"):
+        if spatial is None or self.record or not x.is_cpu or x.dtype != torch.float32 \
+                or pytorch_only() or not ops.is_dense(x) or not ops.available("triplet_attention"):
             return None
         branches = (gates["channel_width"]._modules, gates["height_channel"]._modules, spatial._modules)
         bns = [b["bn"] for b in branches]
@@ -142,8 +157,15 @@ class TripletAttention(nn.Module):
         return tensors, bns
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # (the branch TorchScript compiles: standard ops, nothing recorded)
+            check_feature_map(x, "TripletAttention")
+            if x.numel() == 0:
+                return x.clone()
+            return self._gate_input(x, self.gates(x))
         if x.dim() != 4:
             check_feature_map(x, "TripletAttention")
+        if x.numel() == 0:  # an empty result, as the operators give (pooling and conv refuse empty maps)
+            return x.clone()
         arguments = self._op_arguments(x)
         if arguments is None:
             return self._forward_torch(x)

@@ -9,14 +9,21 @@ Distribution Shifts", ICCV 2021), following the paper and the official code.
   CrossNorm on in ``active_num`` random modules with probability ``cn_prob`` per step.
 
 Statistics are taken over H x W with the unbiased variance plus 1e-5 (1e-12 in
-SelfNorm, as the official code), and in float32 for half-precision inputs. A map with a
-single pixel has no spatial spread: its variance is taken as 0 (not NaN), so its std is
-sqrt(eps). Every random draw comes from a ``torch.Generator`` that the caller can seed.
+SelfNorm, as the official code), in float32 for half-precision inputs and in float64 for
+float64 ones. A map with a single pixel has no spatial spread: its variance is taken as 0
+(not NaN), so its std is sqrt(eps); an empty map (H x W = 0) has NaN mean and std, as
+``torch.mean`` and ``torch.std`` of an empty set, and SelfNorm returns an empty result without
+touching its running statistics. Every random draw comes from a ``torch.Generator`` that the
+caller can seed.
 
 On float32 CPU tensors (NCHW or channels_last) the statistics are the ``mnv2::channel_stats``
 operator and SelfNorm the ``mnv2::selfnorm`` operator (``..._inference`` without autograd; C
-kernels, see :mod:`mnv2lib.ops`); elsewhere, while exporting or tracing, and for two gates in
-training, they run as PyTorch ops (``torch.mean`` and ``torch.var``, Core ATen operators).
+kernels, see :mod:`mnv2lib.ops`); elsewhere (float64 included), while exporting, tracing or
+scripting, under ``torch.func`` transforms, and for two gates in training, they run as PyTorch
+ops. Scripted (``torch.jit.script``), CrossNorm is the identity (its random draws are Python; a
+scripted CrossNorm switched on in training raises) and SelfNorm's gates are ``nn.BatchNorm1d``
+calls (in training a batch of one raises, as BatchNorm does, where eager SelfNorm falls back to
+the running statistics).
 
 CrossNorm's random schedule never breaks a ``torch.compile`` graph: in eager mode the draws come
 from the schedule's ``torch.Generator`` on the CPU (reproducible with ``schedule.seed``; CPU values,
@@ -27,13 +34,14 @@ cannot trace a ``torch.Generator``) and every module blends its result with ``to
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import ops
-from .activations import exporting
+from .activations import pytorch_only
 from .attention import check_feature_map
 
 CROSSNORM_MODES = ("2-instance", "1-instance")
@@ -41,17 +49,28 @@ CROSSNORM_CROPS = ("neither", "style", "content", "both")
 
 
 def _native(x: torch.Tensor, name: str) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0
-            and ops.is_dense(x) and not exporting() and ops.available(name))
+    # (an empty x too: the operators give empty results and NaN statistics for empty maps, as the PyTorch path)
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and not pytorch_only() and ops.is_dense(x) and ops.available(name))
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the precision its statistics take: float32, float64 for float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-channel mean and std over H x W, shaped (B, C, 1, 1), in float32."""
-    if _native(x, "cnsn"):
-        mean, std = torch.ops.mnv2.channel_stats(x, float(eps))
-        return mean[..., None, None], std[..., None, None]
+    """Per-sample, per-channel mean and std over H x W, shaped (B, C, 1, 1), in float32 (float64 for a
+    float64 x); NaN for an empty map (H x W = 0), as ``torch.mean`` and ``torch.std`` of an empty set."""
+    if not torch.jit.is_scripting():
+        if _native(x, "cnsn"):
+            mean, std = torch.ops.mnv2.channel_stats(x, float(eps))
+            return mean[..., None, None], std[..., None, None]
     n = x.shape[2] * x.shape[3]
-    xf = x.float()
+    xf = _stats_dtype(x)
+    if xf.numel() == 0:  # (global pooling refuses empty maps; the mean of one is NaN, and so is its std)
+        mean = xf.mean((2, 3), keepdim=True)
+        return mean, mean.clone()
     # Global average pooling rather than torch.mean/var over (H, W): the same statistics, and the reduction
     # mobile runtimes implement best (ExecuTorch 1.5.1's XNNPACK int8 mean over (H, W) returns a wrongly
     # shaped tensor at run time; its global average pooling is right).
@@ -122,6 +141,11 @@ class CrossNorm(nn.Module):
         return f"mode={self.mode!r}, crop={self.crop!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # (the branch TorchScript compiles: the draws are Python)
+            if self.training and self.active:
+                raise RuntimeError("CrossNorm: a scripted module cannot exchange statistics (its random draws are "
+                                   "Python); train the eager or torch.compile'd model")
+            return x
         active, self.active = self.active, False
         if not self.training or active is False:
             return x
@@ -192,7 +216,7 @@ def _masked_stats(x: torch.Tensor, box: torch.Tensor | None, eps: float):
     """channel_stats of x inside ``box`` (an (H, W) bool mask; None: the whole map)."""
     if box is None:
         return channel_stats(x, eps)
-    xf = x.float()
+    xf = _stats_dtype(x)
     weight = box.to(xf.dtype)
     n = weight.sum()
     mean = (xf * weight).sum((2, 3), keepdim=True) / n
@@ -243,6 +267,9 @@ class SelfNorm(nn.Module):
 
     def __init__(self, channels: int, two_gates: bool = False, eps: float = 1e-12, inplace: bool = False) -> None:
         super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
+            raise ValueError(f"SelfNorm channels: got {channels!r}; allowed values are integers >= 1")
+        channels = int(channels)
         self.channels, self.two_gates, self.eps, self.inplace = channels, two_gates, eps, inplace
         self.g_fc = nn.Conv1d(channels, channels, kernel_size=2, bias=False, groups=channels)
         self.g_bn = nn.BatchNorm1d(channels)
@@ -250,7 +277,7 @@ class SelfNorm(nn.Module):
             self.f_fc = nn.Conv1d(channels, channels, kernel_size=2, bias=False, groups=channels)
             self.f_bn = nn.BatchNorm1d(channels)
         self.record = False
-        self.recorded: dict[str, torch.Tensor] = {}
+        self.recorded = {}  # name -> tensor (unannotated: a scripted module leaves it out, silently)
 
     def _gate(self, fc: nn.Conv1d, bn: nn.BatchNorm1d, stats: torch.Tensor) -> torch.Tensor:
         w = fc.weight
@@ -296,11 +323,39 @@ class SelfNorm(nn.Module):
                 return None
         return gates
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
             check_feature_map(x, "SelfNorm")
         if x.shape[1] != self.channels:
             raise ValueError(f"SelfNorm input channels: got {x.shape[1]}; allowed: {self.channels}")
+
+    def _forward_scripted(self, x: torch.Tensor) -> torch.Tensor:
+        """What TorchScript compiles: the PyTorch path with the gates as module calls (Conv1d, BatchNorm1d)."""
+        self._check_input(x)
+        if x.numel() == 0:
+            return x.clone()
+        mean, std = channel_stats(x, self.eps)
+        stats = torch.cat((mean, std), dim=-1).flatten(2)  # (B, C, 2)
+        g = torch.sigmoid(self.g_bn(self.g_fc(stats.to(self.g_fc.weight.dtype)))).unsqueeze(-1)
+        if not hasattr(self, "f_fc"):
+            return x * g.to(x.dtype)
+        f = torch.sigmoid(self.f_bn(self.f_fc(stats.to(self.f_fc.weight.dtype)))).unsqueeze(-1)
+        return torch.addcmul((mean * (f - g)).to(x.dtype), x, g.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x)
+        return self._forward_eager(x)
+
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The native operators where they apply, else the PyTorch path (outside TorchScript, whose frontend
+        parses every line of a method it compiles)."""
+        if x.dim() != 4:  # (_check_input inlined: this runs at every call)
+            check_feature_map(x, "SelfNorm")
+        if x.shape[1] != self.channels:
+            raise ValueError(f"SelfNorm input channels: got {x.shape[1]}; allowed: {self.channels}")
+        if x.numel() == 0:  # nothing to gate, and no statistics for the running averages (as aten's batch_norm)
+            return x.clone()
         gates = self._native_gates(x)
         if gates is not None:
             tensors = [(fc._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"],
@@ -339,12 +394,14 @@ class CNSN(nn.Module):
     of the input, after CrossNorm and after SelfNorm, and the SelfNorm gates.
     """
 
+    __jit_unused_properties__ = ["inplace"]  # (a Python-side switch, not part of a scripted forward)
+
     def __init__(self, crossnorm: CrossNorm | None, selfnorm: SelfNorm | None) -> None:
         super().__init__()
         self.crossnorm = crossnorm
         self.selfnorm = selfnorm
         self.record = False
-        self.recorded: dict[str, torch.Tensor] = {}
+        self.recorded = {}  # name -> tensor (unannotated: a scripted module leaves it out, silently)
 
     @property
     def inplace(self) -> bool:
@@ -357,6 +414,12 @@ class CNSN(nn.Module):
             self.selfnorm.inplace = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # (the branch TorchScript compiles: nothing recorded)
+            if self.crossnorm is not None:
+                x = self.crossnorm(x)
+            if self.selfnorm is not None:
+                x = self.selfnorm(x)
+            return x
         if not self.record:
             modules = self._modules
             crossnorm, selfnorm = modules.get("crossnorm"), modules.get("selfnorm")  # None: not submodules

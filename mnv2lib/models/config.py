@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..layers.activations import activation_names
-from ..layers.attention import attention_names, check_kernel_size
-from ..utils.checks import check_bool, check_int, check_number
+from ..layers.attention import MAX_ATTENTION_KERNEL, attention_names, check_kernel_size
+from ..utils.checks import check_bool, check_int, check_number, plain_number, plain_numbers
 from .mobilenetv2 import SHORTCUTS
 from .registry import arch_names, default_activation
 
@@ -24,7 +24,10 @@ MAX_WIDTH_MULT = 4.0
 MAX_EXPAND_RATIO = 16.0
 # Fields added after run records were first stored: ``to_dict`` leaves them out while they
 # hold their defaults, so the run keys (hashes of that dict) of earlier configs do not change.
-_OMITTED_AT_DEFAULT = ("bottleneck_activation", "shortcut", "expand_ratio", "pretrained")
+_OMITTED_AT_DEFAULT = ("bottleneck_activation", "shortcut", "expand_ratio", "pretrained", "selfnorm_gate_bias",
+                       "cnsn_max_reduction")
+# Architectures whose builders read no ``extra`` option (MobileNetV4's builders check their own).
+_NO_EXTRA_ARCHS = ("mobilenet_v2", "mobilenet_v1")
 
 
 def _allowed(field_name: str, value: Any, allowed: tuple) -> None:
@@ -52,6 +55,12 @@ class ModelConfig:
     cn_prob: float = 0.25
     active_num: int = 2
     selfnorm_two_gates: bool = False
+    # Deviations from the official CNSN, for the decomposition of its effect (notebook 04): the initial bias
+    # of SelfNorm's gate BatchNorms (0: the official; 4: gates start at sigmoid(4) = 0.98, near the
+    # identity), and CNSN only in blocks whose output is at most this many times smaller than the input
+    # (4 at 32x32: maps of 8x8 and larger, where the official CIFAR models place it; None: every block).
+    selfnorm_gate_bias: float = 0.0
+    cnsn_max_reduction: int | None = None
     # MobileNetV2's own design choices (the paper's Figure 6 ablations) and initialization.
     bottleneck_activation: str | None = None  # None: linear projection (the paper's)
     shortcut: str = "bottleneck"              # "bottleneck" (the paper's), "expansion", "none"
@@ -61,6 +70,12 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # numpy numbers become Python ones here, once: the run key hashes to_dict() and json cannot write them
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            plain = plain_numbers(value) if f.name == "extra" else plain_number(value)
+            if plain is not value:
+                object.__setattr__(self, f.name, plain)
         _allowed("arch", self.arch, arch_names())
         if self.activation is None:
             object.__setattr__(self, "activation", default_activation(self.arch))
@@ -68,9 +83,8 @@ class ModelConfig:
         check_number("width_mult", self.width_mult, 0, MAX_WIDTH_MULT, low_open=True)
         _allowed("activation", self.activation, activation_names())
         _allowed("attention", self.attention, (None,) + attention_names())
-        if isinstance(self.attention_kernel, bool):
-            raise ValueError(f"attention_kernel: got {self.attention_kernel!r}; allowed values are odd integers >= 1")
-        check_kernel_size(self.attention_kernel, "attention_kernel")
+        # (bool refused there) bounded as width_mult is: a typo such as 77 makes attention some 100x slower
+        check_kernel_size(self.attention_kernel, "attention_kernel", maximum=MAX_ATTENTION_KERNEL)
         _allowed("attention_position", self.attention_position, ATTENTION_POSITIONS)
         _allowed("stem", self.stem, STEMS)
         check_int("in_channels", self.in_channels, 1)
@@ -82,6 +96,9 @@ class ModelConfig:
         check_number("cn_prob", self.cn_prob, 0.0, 1.0)
         check_int("active_num", self.active_num, 1)
         check_bool("selfnorm_two_gates", self.selfnorm_two_gates)
+        check_number("selfnorm_gate_bias", self.selfnorm_gate_bias, -20.0, 20.0)
+        if self.cnsn_max_reduction is not None:
+            check_int("cnsn_max_reduction", self.cnsn_max_reduction, 1)
         _allowed("bottleneck_activation", self.bottleneck_activation, (None,) + activation_names())
         _allowed("shortcut", self.shortcut, SHORTCUTS)
         if self.expand_ratio is not None:
@@ -92,6 +109,9 @@ class ModelConfig:
             object.__setattr__(self, "expand_ratio", float(self.expand_ratio))  # 4 and 4.0: one config
         if not isinstance(self.extra, dict) or not all(isinstance(k, str) for k in self.extra):
             raise ValueError(f"extra: got {self.extra!r}; allowed: a dict of option name -> value")
+        if self.extra and self.arch in _NO_EXTRA_ARCHS:  # it would change the run key, not the network
+            raise ValueError(f"extra: got unknown option(s) {sorted(self.extra)}; {self.arch} takes no extra options "
+                             "(allowed: {}; extra options are for mobilenet_v4_custom)")
         _allowed("pretrained", self.pretrained, PRETRAINED)
         if self.cnsn is not None and self.cnsn_position == "identity" and self.shortcut == "none":
             raise ValueError(f"cnsn_position: got 'identity' with shortcut='none' (no shortcut to put CNSN "
@@ -133,7 +153,8 @@ class ModelConfig:
         if self.attention:
             parts.append(self.attention)
         if self.cnsn:
-            parts.append(self.cnsn)
+            parts.append(self.cnsn + (f"(gate bias {self.selfnorm_gate_bias:g})" if self.selfnorm_gate_bias else "")
+                         + (f"(<={self.cnsn_max_reduction}x)" if self.cnsn_max_reduction else ""))
         if self.bottleneck_activation:
             parts.append(f"bottleneck={self.bottleneck_activation}")
         if self.shortcut != "bottleneck":

@@ -19,18 +19,32 @@ from .registry import arch_names, get_builder, register_arch
 __all__ = ["build_model", "register_arch", "arch_names", "attach_crossnorm_schedule"]
 
 
-def build_model(config=None, **kwargs) -> nn.Module:
+def build_model(config=None, *, features_only: bool = False, out_indices=None, output_stride: int | None = None,
+                **kwargs) -> nn.Module:
     """Build a model from a ``ModelConfig`` and/or keyword overrides.
 
     >>> build_model(arch="mobilenet_v2", num_classes=10, stem="cifar", activation="mish",
     ...             attention="triplet", cnsn="cnsn")
+
+    ``features_only=True`` returns the feature maps of the stages ``out_indices`` instead of logits, with
+    ``model.feature_info`` (timm's convention; ``output_stride`` 8 or 16 dilates the later stages, see
+    :mod:`mnv2lib.models.features`).
     """
+    if not isinstance(features_only, bool):
+        raise ValueError(f"features_only: got {features_only!r}; allowed values are True or False")
+    if not features_only and (out_indices is not None or output_stride is not None):
+        raise ValueError("out_indices, output_stride: allowed only with features_only=True")
     if config is None:
         config = ModelConfig(**kwargs)
     elif kwargs:
         config = config.replace(**kwargs)
     model = get_builder(config.arch)(config)
     model.config = config
+    if features_only:
+        from .features import features_only as extract
+
+        model = extract(model, out_indices, output_stride)
+        model.config = config
     return model
 
 
@@ -59,6 +73,9 @@ def _cnsn_layer(config) -> Callable[[int], nn.Module] | None:
                      if config.cnsn in ("cn", "cnsn") else None)
         selfnorm = (SelfNorm(channels, two_gates=config.selfnorm_two_gates)
                     if config.cnsn in ("sn", "cnsn") else None)
+        if selfnorm is not None and config.selfnorm_gate_bias:
+            for _, bn in selfnorm._gate_modules():
+                nn.init.constant_(bn.bias, config.selfnorm_gate_bias)
         return CNSN(crossnorm, selfnorm)
 
     return make
@@ -74,6 +91,16 @@ def attach_crossnorm_schedule(model: nn.Module, cn_prob: float, active_num: int,
     model.register_forward_pre_hook(schedule)
     model.crossnorm_schedule = schedule
     return schedule
+
+
+def _drop_cnsn_beyond(model: nn.Module, max_reduction: int) -> None:
+    """No CNSN in the blocks whose output is more than ``max_reduction`` times smaller than the input."""
+    reduction = 1
+    for block in model.features:
+        reduction *= 2 ** sum(1 for name, m in block.named_modules()
+                              if isinstance(m, nn.Conv2d) and m.stride[0] == 2 and "attention" not in name)
+        if reduction > max_reduction and getattr(block, "cnsn", None) is not None:
+            block.cnsn = None
 
 
 def _reject(config, fields: tuple[str, ...], defaults) -> None:
@@ -97,6 +124,8 @@ def _build_mobilenet_v2(config) -> nn.Module:
     model = MobileNetV2(num_classes=config.num_classes, width_mult=config.width_mult, block=block,
                         dropout=config.dropout, activation_layer=_activation_layer(config),
                         in_channels=config.in_channels, stem=config.stem, expand_ratio=config.expand_ratio)
+    if config.cnsn_max_reduction is not None:
+        _drop_cnsn_beyond(model, config.cnsn_max_reduction)
     if config.cnsn in ("cn", "cnsn"):
         attach_crossnorm_schedule(model, config.cn_prob, config.active_num)
     if config.pretrained is not None:

@@ -48,3 +48,12 @@ def check_model_input(model: nn.Module, x, name: str, dtype: torch.dtype, smalle
                 "a batch of at least 2 images" + ("" if smallest_map is None else
                                                    f" or images larger than {smallest_map}x{smallest_map}")
                 + ", or model.eval() for inference")
+
+
+def refuse_scripting(module) -> None:
+    """``__prepare_scriptable__`` of the networks: TorchScript's frontend cannot compile their blocks (an
+    expansion shortcut's tensor handed between blocks, CrossNorm's schedule hook), so ``torch.jit.script``
+    says what works instead of failing deep in the frontend. The layers themselves script."""
+    raise TypeError(f"torch.jit.script: {type(module).__name__} cannot be scripted; allowed: torch.jit.trace(model."
+                    "eval(), example) or torch.export.export(model.eval(), (example,)), which take the PyTorch path "
+                    "of every layer (docs/native-operators.md, 'Transforms: what works')")

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models._utils import _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation
 
-from .inputs import check_model_input, output_stride
+from .inputs import check_model_input, output_stride, refuse_scripting
 from .mobilenetv2 import init_mobilenet_weights
 
 # (output channels, stride) of the 13 depthwise-separable layers
@@ -30,6 +30,8 @@ class DepthwiseSeparable(nn.Sequential):
 
 
 class MobileNetV1(nn.Module):
+
+    __prepare_scriptable__ = refuse_scripting
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2,
                  activation_layer=nn.ReLU, in_channels: int = 3, stem: str = "imagenet",
                  round_nearest: int = 8) -> None:

@@ -39,7 +39,7 @@ from torch import nn
 from torchvision.models._utils import _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation
 
-from .inputs import check_model_input, output_stride
+from .inputs import check_model_input, output_stride, refuse_scripting
 
 ModuleFactory = Callable[..., nn.Module]
 
@@ -176,12 +176,14 @@ class InvertedResidual(nn.Module):
         if cnsn_position in ("post", "residual"):
             _allow_inplace(self.cnsn)
 
-    def _residual_branch(self, x: torch.Tensor, expanded: torch.Tensor | None = None) -> torch.Tensor:
+    def _residual_branch(self, x: torch.Tensor, expanded: torch.Tensor | None = None,
+                         taps: list | None = None) -> torch.Tensor:
+        """``taps``: a list that receives the expanded tensor (a feature extractor's SSDLite tap)."""
         after_depthwise = self.attention is not None and self.attention_position == "after_depthwise"
-        if not (after_depthwise or self.sends_expansion or expanded is not None):
+        if not (after_depthwise or self.sends_expansion or expanded is not None or taps is not None):
             return self.conv(x)
         start = 0
-        if expanded is not None or self.sends_expansion:  # e: the expanded tensor, shortcut="expansion"
+        if expanded is not None or self.sends_expansion or taps is not None:  # e: the expanded tensor
             if self.has_expansion:
                 x, start = self.conv[0](x), 1
             if expanded is not None:
@@ -191,6 +193,8 @@ class InvertedResidual(nn.Module):
                 x = x + identity
             if self.sends_expansion:
                 self._sent = x
+            if taps is not None:
+                taps.append(x)
         for index in range(start, len(self.conv)):
             x = self.conv[index](x)
             if after_depthwise and index == self._depthwise_index:
@@ -202,9 +206,11 @@ class InvertedResidual(nn.Module):
         sent, self._sent = self._sent, None
         return sent
 
-    def forward(self, x: torch.Tensor, expanded: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, expanded: torch.Tensor | None = None,
+                taps: list | None = None) -> torch.Tensor:
         """``expanded``: the previous block's expanded tensor, for a block that receives an
-        expansion shortcut (``MobileNetV2.features`` passes it)."""
+        expansion shortcut (``MobileNetV2.features`` passes it); ``taps``: a list that receives this
+        block's expanded tensor (``models.features``)."""
         if self.receives_expansion and expanded is None:
             raise ValueError("expanded: got None; this block adds the previous block's expanded tensor "
                              "(shortcut='expansion'): run it inside MobileNetV2.features, which passes it")
@@ -214,7 +220,7 @@ class InvertedResidual(nn.Module):
         cnsn, cnsn_at = self.cnsn, self.cnsn_position
         if cnsn is not None and cnsn_at == "pre":
             x = cnsn(x)
-        out = self._residual_branch(x, expanded)
+        out = self._residual_branch(x, expanded, taps)
         if self.bottleneck_activation is not None:
             out = self.bottleneck_activation(out)
         if self.attention is not None and self.attention_position == "residual":
@@ -248,6 +254,8 @@ class Features(nn.Sequential):
 
 
 class MobileNetV2(nn.Module):
+
+    __prepare_scriptable__ = refuse_scripting
     def __init__(
         self,
         num_classes: int = 1000,

@@ -62,7 +62,7 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 from ..utils.checks import check_int, check_number
 from .config import STEMS
 from .factory import _activation_factory, _reject, register_arch
-from .inputs import check_model_input
+from .inputs import check_model_input, refuse_scripting
 from .mobilenetv2 import init_mobilenet_weights
 
 ModuleFactory = Callable[..., nn.Module]
@@ -321,6 +321,8 @@ class MobileMQA(nn.Module):
     (head h, value channel d at ``h * key_dim + d``), as in timm.
     """
 
+    is_attention = True  # its key/value downsampling is not the backbone's spatial path (models.features)
+
     def __init__(self, dim: int, num_heads: int, key_dim: int, kv_stride: int = 1, dw_kernel_size: int = 3,
                  out_dim: int | None = None, norm_layer: ModuleFactory = nn.BatchNorm2d) -> None:
         super().__init__()
@@ -399,6 +401,8 @@ class MobileNetV4(nn.Module):
     squeeze-and-excitation after the expansion (FusedIB) / middle depthwise conv (UIB) of every
     block, squeezing to ``se_ratio`` of its expanded channels; 0: none (the paper's).
     """
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, variant: Variant, num_classes: int = 1000, in_channels: int = 3, width_mult: float = 1.0,
                  dropout: float = 0.2, activation: str | ModuleFactory | None = None, stem: str = "imagenet",

@@ -1,7 +1,8 @@
 """CNSN operators: ``csrc/cnsn_ops.cpp`` over ``csrc/cnsn.c``: per-(sample, channel) statistics and SelfNorm.
 
 - ``mnv2::channel_stats(x, eps) -> (mean, std)``, (B, C) each: mean and sqrt(unbiased var + eps) over
-  H x W (variance 0 for a single pixel); ``mnv2::channel_stats_backward``.
+  H x W (variance 0 for a single pixel; NaN mean and std for an empty map, as ``torch.std``);
+  ``mnv2::channel_stats_backward``.
 - ``mnv2::selfnorm``: SelfNorm with one gate in training (or with autograd): statistics, the gate
   ``sigmoid(BN1d(fc0 * mean + fc1 * std))`` (batch statistics, whose running averages and batch count it
   updates in place with ``momentum`` as nn.BatchNorm1d does, or running statistics) and ``x * g``; returns
@@ -10,7 +11,8 @@
 - ``mnv2::selfnorm_inference``: one or two gates with running statistics, one fused pass;
   ``mnv2::selfnorm_inference_`` writes the result over x.
 
-x: float32 CPU (B, C, H, W), contiguous or channels_last.
+x: float32 CPU (B, C, H, W), contiguous or channels_last; an empty x gives an empty result (the training
+operator then leaves the running statistics alone, as aten's batch_norm).
 
 The operators, their CPU kernels and autograd are C++, defined when the library is first loaded
 (``mnv2lib.ops.available("cnsn")``); this module registers their fake kernels and FLOP formulas then.

@@ -22,7 +22,18 @@ from . import build
 
 LIBRARIES = ("mish", "triplet_attention", "cnsn")
 BACKENDS = ("auto", "compiled", "eager")
-_state = {"backend": os.environ.get("MNV2_KERNEL_BACKEND", "auto")}
+
+
+def _environment_backend() -> str:
+    """``MNV2_KERNEL_BACKEND`` (unset or empty: "auto"), checked when the package is imported: a typo
+    ("eagre") used to leave the native kernels running without a word."""
+    backend = os.environ.get("MNV2_KERNEL_BACKEND") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"MNV2_KERNEL_BACKEND: got {backend!r}; allowed values are {BACKENDS} (or unset: 'auto')")
+    return backend
+
+
+_state = {"backend": _environment_backend()}
 _libraries: dict[str, Path] = {}  # built (or found) and verified in the current cache
 _failed: set[str] = set()
 _loaded: dict[str, Path] = {}  # loaded into this process: never again

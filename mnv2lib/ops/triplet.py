@@ -12,8 +12,10 @@
 
 Arguments per branch (channel_width, height_channel, spatial): conv weight (1, 2, k, k), BN weight,
 bias, running mean, running var (shape (1,) each), batches tracked (int64, shape ()). x: float32 CPU,
-(B, C, H, W), contiguous or channels_last. Planes are stored as they are or transposed, whichever 16-column
-tiles cover with fewer positions (on a tie the pooling's natural layout); a channels_last x is
+(B, C, H, W), contiguous or channels_last; an empty x (any of B, C, H, W zero) gives an empty result,
+zero-filled saved planes and zero parameter gradients, and leaves the running statistics alone. Any odd
+kernel size runs (the work buffers are on the heap). Planes are stored as they are or transposed, whichever
+16-column tiles cover with fewer positions (on a tie the pooling's natural layout); a channels_last x is
 read in place as the contiguous (B, H, W, C) tensor y: Triplet Attention of y is that of x with the branches
 rotated (y's channel-width plane is x's height-channel plane, y's height-channel plane x's spatial plane
 transposed, y's spatial plane x's channel-width plane transposed; the "lanes" of the C++ code).

@@ -9,11 +9,13 @@ from typing import Iterable
 from ..utils.progress import progress
 from .profiles import LADDER_FACTORS, PROFILES, Profile, budget_rung, get_profile
 from .runner import load_profile_dataset, load_trained_model, run_experiment
-from .spec import IMPROVEMENTS, ablation_configs, model_config_for
-from .store import CorruptRunError, ResultsStore, finished, load_results, records_to_frame
+from .spec import IMPROVEMENTS, ablation_configs, check_seed, model_config_for, parse_factors
+from .store import (CorruptRunError, ResultsStore, export_results, finished, load_results, records_to_frame,
+                    results_table)
 
-__all__ = ["ResultsStore", "ablation_configs", "ensure_runs", "finished", "ladder_records", "load_results",
-           "records_to_frame", "run_grid", "train_ladder", "trained_model"]
+__all__ = ["ResultsStore", "ablation_configs", "ensure_runs", "export_results", "finished", "ladder_records",
+           "load_results", "parse_factors", "records_to_frame", "results_table", "run_grid", "train_ladder",
+           "trained_model"]
 
 
 def run_grid(overrides_list: list[dict], profile: str | Profile = "quick", dataset="auto", seeds=None,
@@ -29,7 +31,7 @@ def ensure_runs(overrides_list: list[dict], profile: str | Profile = "quick", da
     store = store or ResultsStore()
     if isinstance(dataset, str):
         dataset = load_profile_dataset(profile, dataset)
-    seeds = tuple(seeds if seeds is not None else profile.seeds)
+    seeds = tuple(map(check_seed, seeds if seeds is not None else profile.seeds))
     jobs = [(model_config_for(o, profile, len(dataset.classes)), s) for o in overrides_list for s in seeds]
     records = []
     for config, seed in progress(jobs, enabled=show_progress, desc="runs", unit="run"):
@@ -72,10 +74,10 @@ def train_ladder(dataset: str = "auto", factors=LADDER_FACTORS, store: ResultsSt
                  show_progress: bool = True) -> list[dict]:
     """The budget ladder's runs: the quick rung (its seeds) and each ``quick_x<factor>`` rung (one seed),
     for the baseline and each single improvement; only what the store lacks is trained."""
+    rungs = [budget_rung(PROFILES["quick"], factor) for factor in factors]  # a bad factor: before any training
     records = ensure_runs(LADDER_CONFIGS, "quick", dataset, store=store, show_progress=show_progress)
-    for factor in factors:
-        records += ensure_runs(LADDER_CONFIGS, budget_rung(PROFILES["quick"], factor), dataset, store=store,
-                               show_progress=show_progress)
+    for rung in rungs:
+        records += ensure_runs(LADDER_CONFIGS, rung, dataset, store=store, show_progress=show_progress)
     return records
 
 

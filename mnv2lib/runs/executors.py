@@ -14,20 +14,25 @@ storage). A run that is being trained by another process is waited for, never tr
 """
 from __future__ import annotations
 
+import math
 import os
+import socket
 
 import torch
 
 from ..models import ModelConfig
+from ..utils.checks import plain_number
 from ..utils.progress import progress
 from .profiles import Profile, get_profile
-from .runner import run_experiment
+from .runner import measure_config_costs, run_experiment
 from .spec import PlannedRun
 from .store import ResultsStore
 
 EXECUTORS = ("local", "ray")
 EXECUTOR_ENV_VAR = "MNV2_EXECUTOR"
 RAY_MAX_RETRIES = 3  # a run whose worker dies (killed, out of memory, node lost) is tried again
+# ray.init retries an unreachable address for minutes; a plain TCP connect answers in milliseconds
+RAY_CONNECT_TIMEOUT_S = 3.0
 
 
 class GridError(RuntimeError):
@@ -44,21 +49,50 @@ def resolve_executor(executor: str | None = None) -> str:
 
 
 def _check_count(field: str, value, minimum: int = 1) -> None:
+    value = plain_number(value)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
         raise ValueError(f"{field}: got {value!r}; allowed values are integers >= {minimum} (or None)")
 
 
+def check_ray_address(address: str | None, field: str = "address") -> None:
+    """A ValueError naming ``field`` within seconds when nothing listens at ``address`` (host:port or
+    ray://host:port); "auto", "local" and no address are left to Ray."""
+    if not address or address in ("auto", "local"):
+        return
+    if not isinstance(address, str):
+        raise ValueError(f"{field}: got {address!r}; allowed: host:port of a Ray head (e.g. 10.0.0.5:6379)")
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{field}: got {address!r}; allowed: host:port of a Ray head (e.g. 10.0.0.5:6379, as "
+                         "`ray start --head` prints it), ray://host:port, 'auto', or none for a local cluster")
+    try:
+        with socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise ValueError(f"{field}: got {address!r}, but nothing answers at {host}:{port} ({reason}; waited at most "
+                         f"{RAY_CONNECT_TIMEOUT_S:g} s); allowed: the address of a running Ray head (`ray start "
+                         "--head` prints it), or no address for a local cluster") from None
+
+
 def check_options(executor: str | None = None, address: str | None = None, workers: int | None = None,
-                  threads: int | None = None) -> str:
+                  threads: int | None = None, gpus_per_run: float | None = None) -> str:
     """The executor's name, or a ValueError naming the option that does not fit (before any work)."""
     executor = resolve_executor(executor)
     _check_count("workers", workers)
     _check_count("threads", threads)
-    if executor == "local" and workers not in (None, 1):
-        raise ValueError(f"workers: got {workers} with executor 'local'; allowed: 1 (runs side by side need "
-                         "executor 'ray')")
+    gpus = plain_number(gpus_per_run)
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not math.isfinite(gpus)
+                             or gpus < 0):
+        raise ValueError(f"gpus_per_run: got {gpus_per_run!r}; allowed values are finite numbers >= 0")
     if executor == "local" and address:
         raise ValueError(f"address: got {address!r} with executor 'local'; allowed: an address only with 'ray'")
+    if executor == "local" and gpus:
+        raise ValueError(f"gpus_per_run: got {gpus_per_run!r} with executor 'local'; allowed: 0 (a GPU request "
+                         "is for Ray's tasks; the local executor uses the profile's device)")
+    if executor == "ray":
+        check_ray_address(address or os.environ.get("RAY_ADDRESS"), "address" if address else "RAY_ADDRESS")
     return executor
 
 
@@ -103,17 +137,19 @@ def train_runs(runs: list[PlannedRun], profile: str | Profile, dataset, store: R
                max_retries: int = RAY_MAX_RETRIES) -> list[dict]:
     """Train the runs of ``runs`` the store lacks; returns every run's record (in ``runs``' order).
 
-    ``threads``: torch threads per run (None: torch's default here, 1 on Ray). ``workers``: runs side
-    by side (Ray's local cluster gets ``workers x threads`` CPUs; the local executor trains one at a
-    time). A run that fails (non-finite loss, or an error) is reported at the end as a GridError
+    ``threads``: torch threads per run (None: torch's default here, 1 on Ray and beside other runs).
+    ``workers``: runs side by side (Ray's local cluster gets ``workers x threads`` CPUs; the local
+    executor starts that many processes, None: one run at a time). A run that fails (non-finite loss, or an error) is reported at the end as a GridError
     after every other run has been trained."""
-    executor = check_options(executor, address, workers, threads)
+    executor = check_options(executor, address, workers, threads, gpus_per_run)
     profile = get_profile(profile)
     store = store or ResultsStore()
     todo = missing_runs(runs, store)
     bar = _GridProgress(len(todo), show_progress and bool(todo), executor)
     try:
-        if todo and executor == "local":
+        if todo and executor == "local" and (workers or 1) > 1 and len(todo) > 1:
+            errors = _train_side_by_side(todo, profile, dataset, store, workers, threads or 1, bar)
+        elif todo and executor == "local":
             errors = _train_local(todo, profile, dataset, store, threads, bar)
         elif todo:
             errors = _train_ray(todo, profile, dataset, store, address, workers, threads or 1, gpus_per_run, bar,
@@ -150,6 +186,65 @@ def _train_local(todo: list[PlannedRun], profile: Profile, dataset, store: Resul
     finally:
         torch.set_num_threads(before)
     return errors
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(dataset, threads: int, results_dir: str, runs_dir: str) -> None:
+    """Once per side-by-side process: its thread count, the dataset (sent once, not per run) and the store."""
+    torch.set_num_threads(threads)
+    _WORKER.update(dataset=dataset, store=ResultsStore(results_dir, runs_dir))
+
+
+def _train_in_worker(model_config: dict, profile: Profile, seed: int) -> tuple[str, str | None]:
+    """One run in a side-by-side process, its costs left to be measured alone: (status, error)."""
+    try:
+        record = run_experiment(ModelConfig.from_dict(model_config), profile, _WORKER["dataset"], seed,
+                                _WORKER["store"], show_progress=False, measure_costs=False)
+        return record["status"], record.get("error")
+    except Exception as error:  # noqa: BLE001 - reported with the run's name once the grid is done
+        return "error", f"{type(error).__name__}: {error}"
+
+
+def _train_side_by_side(todo: list[PlannedRun], profile: Profile, dataset, store: ResultsStore, workers: int,
+                        threads: int, bar: _GridProgress) -> dict[str, str]:
+    """The local executor with ``workers`` processes of ``threads`` threads (no Ray): a 2-core machine
+    trains two one-thread runs at once faster than one two-thread run after the other. The costs of each
+    config (latency, throughput, memory) are measured afterwards in this process, one at a time, so
+    that no timing shares the CPU with a training run."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    errors, workers = {}, min(workers, len(todo))
+    context = multiprocessing.get_context("spawn")  # no forked copy of this process' threads and locks
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(dataset, threads, str(store.results_dir), str(store.runs_dir))) as pool:
+        jobs = {pool.submit(_train_in_worker, run.model_config.to_dict(), profile, run.seed): run for run in todo}
+        bar.started(min(workers, len(jobs)))
+        for done, future in enumerate(as_completed(jobs), start=1):
+            run = jobs[future]
+            try:
+                status, error = future.result()
+            except Exception as crash:  # noqa: BLE001 - the worker process died (killed, out of memory)
+                status, error = "error", f"{type(crash).__name__}: {crash}"
+            if status not in ("finished", "failed"):
+                errors[run.key] = error or status
+            bar.finished(status == "finished", running=min(workers, len(jobs) - done))
+    for run in todo:  # the costs, alone, once per config (cached), written into each record
+        record = store.get(run.key)
+        if record is not None and record["status"] == "finished" and not record.get("costs"):
+            record["costs"] = measure_config_costs(run.model_config, profile, store)
+            store.put(record)
+    return errors
+
+
+def local_workers(profile: str | Profile, executor: str | None = None) -> int | None:
+    """How many runs ``make reports`` trains side by side: one per core for CPU profiles with the local
+    executor (measured on the quick plan with Ray's equivalent: 1.39x), None (one at a time) on a GPU."""
+    if resolve_executor(executor) != "local" or torch.cuda.is_available():
+        return None
+    return max(1, os.cpu_count() or 1) if get_profile(profile).train.device in ("auto", "cpu") else None
 
 
 def _train_task(model_config: dict, profile: Profile, dataset, seed: int, results_dir: str, runs_dir: str,

@@ -14,21 +14,34 @@ import warnings
 
 import torch
 
-from ..engine.corruptions import evaluate_corruptions
+from ..engine.corruptions import IMAGE_SIZE as CORRUPTION_IMAGE_SIZE
+from ..engine.corruptions import check_dataset_images, evaluate_corruptions
 from ..engine.train import CheckpointError, NonFiniteLossError, distributed_context, resolve_device, train_model
 from ..models import ModelConfig, build_model
 from ..utils.allocator import keep_freed_memory
 from ..utils.io import save_atomic, write_json_atomic
 from ..utils.provenance import git_commit
 from .profiles import Profile, get_profile
-from .spec import RECORD_VERSION, _canonical, dataset_identity, run_key
-from .store import CorruptRunError, ResultsStore
+from .spec import RECORD_VERSION, _canonical, check_seed, dataset_identity, run_key
+from .store import CorruptRunError, ResultsStore, write_learning_curve
 
 
 def load_profile_dataset(profile: Profile, dataset: str = "auto", seed: int = 0):
-    from ..engine.data import load_dataset
+    from ..engine.data import load_dataset, split_validation
 
-    return load_dataset(dataset, train_size=profile.train_size, test_size=profile.test_size, seed=seed)
+    # the profiles train and evaluate 32x32 images (CIFAR-10-C's parameters are for that size): another
+    # size is resized, and says so in the dataset's name and description (so in the run key)
+    extra = profile.validation_size if profile.train_size else 0  # with every image loaded there are none left
+    try:
+        loaded = load_dataset(dataset, train_size=profile.train_size + extra if extra else profile.train_size,
+                              test_size=profile.test_size, seed=seed, image_size=CORRUPTION_IMAGE_SIZE)
+    except ValueError as error:
+        if not (extra and str(error).startswith("train_size")):
+            raise
+        raise ValueError(f"validation_size: profile {profile.name!r} holds {extra} training images out for its "
+                         f"learning curves beside its {profile.train_size} training images, more than {dataset!r} "
+                         f"has ({error}); allowed: a smaller train_size or validation_size") from None
+    return split_validation(loaded, profile.train_size) if extra else loaded
 
 
 
@@ -46,7 +59,15 @@ def measure_config_costs(model_config: ModelConfig, profile: Profile, store: Res
                                     ).encode()).hexdigest()[:16]
     path = store.results_dir / "costs" / f"{key}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            cached = error
+        if isinstance(cached, dict):
+            return cached
+        # a truncated or foreign cache file is a cache miss: measured again and replaced atomically
+        problem = f"{type(cached).__name__}: {cached}" if isinstance(cached, Exception) else "not a JSON object"
+        warnings.warn(f"cost cache {path} is unreadable ({problem}); measuring the costs again", stacklevel=2)
     size = profile.cost_input_size
     report = measure_costs(lambda: build_model(model_config), input_size=(model_config.in_channels, size, size),
                            num_classes=model_config.num_classes, device="cpu",
@@ -59,13 +80,17 @@ def measure_config_costs(model_config: ModelConfig, profile: Profile, store: Res
 
 def run_experiment(model_config: ModelConfig, profile: str | Profile, dataset, seed: int,
                    store: ResultsStore | None = None, show_progress: bool = True,
-                   stop_after_epoch: int | None = None) -> dict:
+                   stop_after_epoch: int | None = None, measure_costs: bool = True) -> dict:
     """Train, evaluate (clean and corrupted) and record one run; a finished run is read back, not redone.
+    ``measure_costs=False``: record no costs (a run trained beside others must not time anything; whoever
+    reads the record measures them alone, see :func:`_stored_run`).
 
     A per-run file lock makes a second process that asks for the same run wait and read the
     first one's record instead of training it again. Inside a torch.distributed process group
     (torchrun) every rank trains its share and rank 0 alone holds the lock and writes."""
     profile = get_profile(profile)
+    seed = check_seed(seed)  # the record stores it: 0, never np.int64(0) written as "0"
+    check_dataset_images(dataset)  # before training, not after it: the corruption evaluation needs 32x32
     store = store or ResultsStore()
     identity = dataset_identity(dataset)
     key = run_key(model_config, profile, identity, seed)
@@ -81,7 +106,7 @@ def run_experiment(model_config: ModelConfig, profile: str | Profile, dataset, s
         if done is not None:
             return done
         return _run_locked(model_config, profile, dataset, seed, store, key, identity, show_progress,
-                           stop_after_epoch)
+                           stop_after_epoch, measure_costs=measure_costs)
     finally:
         lock.release()
 
@@ -140,7 +165,8 @@ def _stored_run(store: ResultsStore, key: str, model_config: ModelConfig, profil
 
 
 def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int, store: ResultsStore, key: str,
-                identity: dict, show_progress: bool, stop_after_epoch: int | None, writer: bool = True) -> dict:
+                identity: dict, show_progress: bool, stop_after_epoch: int | None, writer: bool = True,
+                measure_costs: bool = True) -> dict:
     """Train and record run ``key`` while holding its lock (``writer``: this process writes; False for
     the ranks > 0 of a distributed run, which only train)."""
     allocator = keep_freed_memory()  # training steps without page faults (see mnv2lib.utils.allocator)
@@ -189,15 +215,17 @@ def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int,
                                       profile.corruption_test_size, profile.train.eval_batch_size, device)
     flat = [acc for per in corruption.values() for acc in per.values()]
     record.update(
-        status="finished", history=result.history, train_seconds=result.seconds, device=result.device,
+        status="finished", history=result.history, curve=result.curve, train_seconds=result.seconds,
+        device=result.device,
         resumed_from_epoch=result.resumed_from_epoch,
         clean_accuracy=result.history[-1]["test_accuracy"], corruption_accuracy=corruption,
         mean_corruption_accuracy=statistics.fmean(flat) if flat else None,
         corruption_eval_seconds=time.perf_counter() - t0,
-        costs=measure_config_costs(model_config, profile, store),
+        costs=measure_config_costs(model_config, profile, store) if measure_costs else {},
         finished=_dt.datetime.now().isoformat(timespec="seconds"),
     )
     store.put(record)
+    write_learning_curve(record, store)
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return record
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -25,12 +26,33 @@ class CorruptRunError(ValueError):
     """A finished run's weights file cannot be loaded; the message names the file."""
 
 
+class StoreLocationError(ValueError):
+    """A folder of the results store is a regular file or lies under one (``MNV2_REPORTS_DIR`` naming a file)."""
+
+
+def _check_folder(path: Path, from_environment: bool) -> None:
+    """``path`` is a folder or can be made one: else every lookup would read "missing" and every write fail."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if folder.is_dir():
+                return
+            if from_environment:
+                raise StoreLocationError(
+                    f"{paths.REPORTS_ENV_VAR}: got {os.environ[paths.REPORTS_ENV_VAR]!r}; {folder} is a regular file, "
+                    "not a folder; allowed: a folder (made if missing) for the reports and the results store")
+            raise StoreLocationError(f"results store: {path} lies under the regular file {folder}; allowed: a folder "
+                                     "(made if missing)")
+
+
 class ResultsStore:
     """Run records in ``results_dir`` (JSON), weights and checkpoints in ``runs_dir``."""
 
     def __init__(self, results_dir: Path | None = None, runs_dir: Path | None = None) -> None:
         self.results_dir = Path(results_dir or paths.RESULTS_DIR)
         self.runs_dir = Path(runs_dir or paths.RUNS_DIR)
+        from_environment = bool(os.environ.get(paths.REPORTS_ENV_VAR))
+        _check_folder(self.results_dir, from_environment and not results_dir)
+        _check_folder(self.runs_dir, from_environment and not runs_dir)
 
     def record_path(self, key: str) -> Path:
         return self.results_dir / f"{key}.json"
@@ -142,6 +164,70 @@ def records_to_frame(records: Iterable[dict]):
             "wall_seconds": _wall_seconds(r),
         })
     return pd.DataFrame(rows)
+
+
+def results_table(records: Iterable[dict]):
+    """One row per run for tools that read tables (timm's results CSVs): the key, every model config field
+    (``config.<field>``), profile, dataset, seed, status, clean and mean corruption accuracy, the accuracy
+    of every corruption (mean over its severities, ``corruption.<name>``), the costs, training time and the
+    git commit the run was trained at. Records are sorted by profile, label and seed."""
+    import pandas as pd
+
+    rows = []
+    for r in valid_records(records):
+        costs = r.get("costs") or {}
+        row = {"key": r["key"], "label": r.get("label"), "profile": r.get("profile_name"),
+               "dataset": r["dataset"]["name"], "train_size": r["dataset"].get("train_size"), "seed": r["seed"],
+               "status": r["status"], "clean_accuracy": r.get("clean_accuracy"),
+               "mean_corruption_accuracy": r.get("mean_corruption_accuracy")}
+        row.update({f"config.{k}": json.dumps(v) if isinstance(v, (dict, list)) else v
+                    for k, v in r["model_config"].items()})
+        for corruption, per_severity in sorted((r.get("corruption_accuracy") or {}).items()):
+            values = [v for v in per_severity.values() if v is not None]
+            row[f"corruption.{corruption}"] = sum(values) / len(values) if values else None
+        row.update({"parameters": costs.get("parameters"), "multiply_adds": costs.get("multiply_adds"),
+                    "train_seconds": r.get("train_seconds"), "wall_seconds": _wall_seconds(r),
+                    "train_images_per_s": costs.get("train_images_per_s"),
+                    "latency_ms_batch1": costs.get("latency_ms_batch1"),
+                    "latency_ms_batch64": costs.get("latency_ms_batch64"), "epochs": len(r.get("history") or []),
+                    "device": r.get("device"), "torch": r.get("torch"), "git_commit": r.get("git_commit"),
+                    "finished": r.get("finished")})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(["profile", "label", "seed"], kind="stable", ignore_index=True) if rows else frame
+
+
+def write_learning_curve(record: dict, store: "ResultsStore") -> Path | None:
+    """``runs/<key>/history.csv``: the run's per-epoch records (and its learning curve points when it has
+    them), beside its weights; None for a run without history."""
+    import pandas as pd
+
+    rows = [{"kind": "epoch", **h} for h in record.get("history") or []]
+    rows += [{"kind": "curve", **c} for c in record.get("curve") or []]
+    if not rows:
+        return None
+    path = store.run_dir(record["key"]) / "history.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def export_results(store: "ResultsStore | None" = None, path: Path | None = None) -> Path:
+    """Write :func:`results_table` of every record in the store to ``path`` (default ``reports/results.csv``,
+    beside the results index) and each finished run's ``history.csv``; returns the CSV's path."""
+    store = store or ResultsStore()
+    records = store.records()
+    path = Path(path or paths.REPORTS_DIR / "results.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    results_table(records).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    for r in records:
+        if r["status"] == "finished":
+            write_learning_curve(r, store)
+    return path
 
 
 def load_results(store: ResultsStore | None = None, status: str | None = "finished"):

@@ -6,10 +6,36 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 
 def is_number(value) -> bool:
     """A real number (int, float, numpy scalar), not a bool and not a string."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def plain_number(value):
+    """A numpy scalar as the Python number it holds (np.int64(3) -> 3, np.float32(0.5) -> 0.5, np.bool_ ->
+    bool); anything else unchanged. Run keys hash and records store the value: 0 and np.int64(0) must be
+    one value, and json cannot write numpy integers."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def plain_numbers(obj):
+    """``obj`` with every numpy scalar inside dicts, lists and tuples made a Python number."""
+    if isinstance(obj, dict):
+        return {key: plain_numbers(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [plain_numbers(value) for value in obj]
+    if type(obj) is tuple:
+        return tuple(plain_numbers(value) for value in obj)
+    return plain_number(obj)
 
 
 def check_int(field: str, value, minimum: int | None = None, maximum: int | None = None) -> None:

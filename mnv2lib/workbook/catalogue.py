@@ -10,6 +10,7 @@ NOTEBOOK_SEQUENCE = (
     "05_mobilenet_families",
     "06_mobilenetv2_design",
     "07_deployment",
+    "08_applications",
 )
 PROFILES = ("smoke", "quick", "gpu", "full")
 KERNEL_NAME = "mnv2lib"

@@ -2,14 +2,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from ..engine.data import check_dataset_name
 from ..runs.api import ensure_runs, train_ladder
-from ..runs.executors import check_options
-from ..runs.profiles import LADDER_FACTORS, PROFILES, get_profile
+from ..runs.executors import GridError, check_options, local_workers
+from ..runs.profiles import LADDER_FACTORS, PROFILES, budget_rung, check_device_for, get_profile
 from ..runs.runner import load_profile_dataset, run_experiment
-from ..runs.spec import PlannedRun, _canonical, ablation_configs, model_config_for
-from ..runs.store import ResultsStore, _wall_seconds, finished
-from .plan import plan_notebook_runs, train_plan
+from ..runs.spec import PlannedRun, _canonical, ablation_configs, check_seed, model_config_for
+from ..runs.store import ResultsStore, _wall_seconds, export_results, finished
+from .plan import plan_notebook_runs, requests_for, train_plan
+from .report import as_flag, fail
+
+
+def check_notebook_names(parser, notebooks) -> None:
+    """``--notebooks``: each name once (argparse's nargs="+" already refuses none)."""
+    twice = sorted({n for n in notebooks or () if list(notebooks).count(n) > 1})
+    if twice:
+        parser.error(f"--notebooks: got {twice} more than once; allowed: each notebook once")
 
 
 def _print_runs(records: list[dict]) -> None:
@@ -20,21 +30,32 @@ def _print_runs(records: list[dict]) -> None:
               f"on {r.get('device')}", flush=True)
 
 
+def _factor_option(parser) -> None:
+    parser.add_argument("--factors", default=None, help="the ablation's factors, comma-separated (default: "
+                                                        "mish,triplet,cnsn; any registered activation or attention)")
+
+
 def _grid_options(parser) -> None:
     parser.add_argument("--profile", default="quick", choices=sorted(PROFILES))
     parser.add_argument("--dataset", default="auto", help="auto | cifar10 | cifar100 | synthetic | <ImageFolder path>")
     parser.add_argument("--seed", type=int, default=0, help="the notebooks' seed parameter (notebooks 01-03)")
-    parser.add_argument("--notebooks", nargs="*", help="only the runs of these notebooks (default: all)")
+    parser.add_argument("--notebooks", nargs="+", help="only the runs of these notebooks (default: all)")
 
 
 def _run_options(parser) -> None:
     parser.add_argument("--executor", default=None, help="local (default; or $MNV2_EXECUTOR) | ray")
     parser.add_argument("--address", default=None, help="Ray cluster to connect to (default: $RAY_ADDRESS, else "
                                                         "a local cluster of workers x threads CPUs)")
-    parser.add_argument("--workers", type=int, default=None, help="runs side by side (ray; default: cores / threads)")
+    parser.add_argument("--workers", type=int, default=None, help="runs side by side (default: one per core on a CPU, "
+                                                                  "one at a time on a GPU; ray: cores / threads)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's "
                                                                   "here, 1 per Ray task)")
     parser.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs each Ray task requests (e.g. 1)")
+
+
+def _allow_cpu_option(parser) -> None:
+    parser.add_argument("--allow-cpu", action="store_true", help="train a GPU profile (gpu, full) on a machine "
+                                                                 "without CUDA (hours to days)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,26 +66,36 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="print the runs the notebooks need (key, status, config), training nothing")
     _grid_options(plan)
+    _factor_option(plan)
     plan.add_argument("--json", action="store_true", help="one JSON object per run")
     run = sub.add_parser("run", help="train the runs of the plan that the store lacks (--executor local|ray)")
     _grid_options(run)
+    _factor_option(run)
     _run_options(run)
+    _allow_cpu_option(run)
     train = sub.add_parser("train", help="train one run; under `torchrun --nproc_per_node=N` with "
                                          "DistributedDataParallel")
     train.add_argument("--profile", default="quick", choices=sorted(PROFILES))
     train.add_argument("--dataset", default="auto")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--config", default="{}", help='build_model overrides as JSON, e.g. \'{"activation": "mish"}\'')
+    _allow_cpu_option(train)
     ablation = sub.add_parser("ablation", help="the 2^3 ablation of a profile (e.g. --profile gpu on a GPU machine)")
     ablation.add_argument("--profile", default="quick", choices=sorted(PROFILES))
     ablation.add_argument("--dataset", default="auto")
     ablation.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
-    ladder = sub.add_parser("ladder", help="the budget ladder: quick, 2x and 4x for the baseline and each "
+    _factor_option(ablation)
+    _allow_cpu_option(ablation)
+    ladder = sub.add_parser("ladder", help="the budget ladder: quick, 2x, 4x, 8x and 16x for the baseline and each "
                                            "improvement alone (notebook 04 reads them)")
     ladder.add_argument("--dataset", default="auto")
     ladder.add_argument("--factors", default=",".join(map(str, LADDER_FACTORS)),
                         help="budget multiples of the quick profile (comma-separated integers)")
+    export = sub.add_parser("export", help="write the results store as one CSV (one row per run) and each run's "
+                                           "history.csv beside its weights")
+    export.add_argument("--output", default=None, help="the CSV's path (default: reports/results.csv)")
     args = parser.parse_args(argv)
+    check_notebook_names(parser, getattr(args, "notebooks", None))
 
     def integers(field: str, text: str) -> tuple[int, ...]:
         try:
@@ -72,23 +103,71 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             parser.error(f"{field}: got {text!r}; allowed: comma-separated integers such as 0,1")
 
-    try:
-        if args.command == "plan":
-            _print_plan(*plan_notebook_runs(args.profile, args.dataset, args.seed, args.notebooks), args.json)
+    try:  # every argument, before any data loads or anything trains (usage errors: exit status 2)
+        ResultsStore()  # MNV2_REPORTS_DIR naming a file
+        if args.command == "export":
+            if args.output is not None and Path(args.output).is_dir():
+                raise ValueError(f"--output: got {args.output!r}, a folder; allowed: a file path such as results.csv")
+        else:
+            check_dataset_name(args.dataset)
+        if args.command in ("plan", "run"):
+            requests_for(args.profile, args.seed, args.notebooks, args.factors)
+        if args.command == "run":
+            check_options(args.executor, args.address, args.workers, args.threads, args.gpus_per_run)
+            check_device_for(args.profile, args.allow_cpu)
+        elif args.command == "train":
+            check_seed(args.seed)
+            overrides = _config_overrides(args.config, get_profile(args.profile))
+            check_device_for(args.profile, args.allow_cpu, runs=1)
+        elif args.command == "ablation":
+            seeds = integers("--seeds", args.seeds) if args.seeds else get_profile(args.profile).seeds
+            check_device_for(args.profile, args.allow_cpu, runs=len(ablation_configs(factors=args.factors)) * len(seeds))
+        elif args.command == "ladder":
+            factors = integers("--factors", args.factors)
+            for factor in factors:
+                budget_rung(PROFILES["quick"], factor)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(as_flag(str(error)))  # exit status 2, naming the option
+
+    try:  # failures of the work itself (a dataset, the store, a run): one line, exit status 1
+        if args.command == "export":
+            print(f"[experiments] wrote {export_results(ResultsStore(), args.output)}", flush=True)
+        elif args.command == "plan":
+            _print_plan(*plan_notebook_runs(args.profile, args.dataset, args.seed, args.notebooks, args.factors),
+                        args.json)
         elif args.command == "run":
-            check_options(args.executor, args.address, args.workers, args.threads)  # before the data loads
-            _print_runs(train_plan(args.profile, args.dataset, args.seed, args.notebooks, executor=args.executor,
-                                   address=args.address, workers=args.workers, threads=args.threads,
+            workers = args.workers if args.workers is not None else local_workers(args.profile, args.executor)
+            _print_runs(train_plan(args.profile, args.dataset, args.seed, args.notebooks, factors=args.factors,
+                                   executor=args.executor,
+                                   address=args.address, workers=workers, threads=args.threads,
                                    gpus_per_run=args.gpus_per_run))
         elif args.command == "train":
-            _train_one(args.profile, args.dataset, args.seed, args.config)
+            _train_one(args.profile, args.dataset, args.seed, overrides)
         elif args.command == "ablation":
-            seeds = integers("--seeds", args.seeds) if args.seeds else None
-            _print_runs(ensure_runs(ablation_configs(), args.profile, args.dataset, seeds))
+            _print_runs(ensure_runs(ablation_configs(factors=args.factors), args.profile, args.dataset, seeds))
         else:
-            _print_runs(train_ladder(args.dataset, integers("--factors", args.factors)))
+            _print_runs(train_ladder(args.dataset, factors))
+    except (ValueError, OSError, ImportError, GridError) as error:
+        fail(parser.prog, error)
+
+
+def _config_overrides(config_json: str, profile) -> dict:
+    """``--config`` as build_model overrides, checked against ModelConfig's fields (before any loading)."""
+    try:
+        overrides = json.loads(config_json)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--config: got {config_json!r} ({error}); allowed: a JSON object of build_model "
+                         "overrides") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--config: got {config_json!r}; allowed: a JSON object of build_model overrides")
+    if "num_classes" in overrides:  # the dataset's class count would silently win
+        raise ValueError(f"--config: got num_classes={overrides['num_classes']!r}; allowed: leave it out (a run's "
+                         "num_classes is its dataset's class count)")
+    try:
+        model_config_for(overrides, profile, 10)  # every field and value, with a stand-in class count
     except ValueError as error:
-        parser.error(str(error))  # exit status 2, naming the field
+        raise ValueError(f"--config: {error}") from None
+    return overrides
 
 
 def _print_plan(dataset, runs: list[PlannedRun], as_json: bool) -> None:
@@ -106,17 +185,10 @@ def _print_plan(dataset, runs: list[PlannedRun], as_json: bool) -> None:
         print(f"{len(runs)} runs on {dataset.description}; {missing} to train", flush=True)
 
 
-def _train_one(profile: str, dataset: str, seed: int, config_json: str) -> None:
+def _train_one(profile: str, dataset: str, seed: int, overrides: dict) -> None:
     """One run; under torchrun every rank trains its share (DistributedDataParallel) and rank 0 records."""
     from ..engine.train import init_distributed
 
-    try:
-        overrides = json.loads(config_json)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--config: got {config_json!r} ({error}); allowed: a JSON object of build_model "
-                         "overrides") from None
-    if not isinstance(overrides, dict):
-        raise ValueError(f"--config: got {config_json!r}; allowed: a JSON object of build_model overrides")
     rank, world = init_distributed()
     profile_ = get_profile(profile)
     loaded = load_profile_dataset(profile_, dataset, seed=0)

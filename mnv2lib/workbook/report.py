@@ -18,10 +18,29 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from ..utils import paths
 from ..utils.provenance import git_commit
 from .catalogue import KERNEL_NAME, NOTEBOOK_SEQUENCE, PROFILES
+
+
+# The fields the library's errors start with ("workers: got 0; ...") -> the option that sets each here.
+_FLAGS = {"executor": "--executor", "address": "--address", "workers": "--workers", "threads": "--threads",
+          "gpus_per_run": "--gpus-per-run", "profile": "--profile", "dataset": "--dataset", "seed": "--seed",
+          "notebooks": "--notebooks", "factor": "--factors"}
+
+
+def as_flag(message: str) -> str:
+    """``message`` with its leading field named as the command-line option that sets it."""
+    field, sep, rest = message.partition(":")
+    return f"{_FLAGS[field]}:{rest}" if sep and field in _FLAGS else message
+
+
+def fail(prog: str, error: BaseException) -> NoReturn:
+    """A failure that is no usage error (a store, a dataset, a run): the message alone, exit status 1."""
+    print(f"{prog}: error: {as_flag(str(error))}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def _kernel_name() -> str | None:
@@ -146,23 +165,33 @@ def write_index(executed: list[str], missing: list[str], profile: str, dataset: 
 
 
 def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
-                notebooks: list[str] | None = None, train_first: bool = True, **executor_options) -> int:
+                notebooks: list[str] | None = None, train_first: bool = True, factors: str | None = None,
+                **executor_options) -> int:
     """Train the notebooks' runs (``train_first``; ``executor_options`` go to ``mnv2lib.runs.executors.train_runs``),
-    then execute the notebooks. Returns the exit status."""
+    then execute the notebooks. ``factors``: the ablation's factors (notebook 04's parameter, comma-separated
+    names; None: the three improvements). Returns the exit status."""
+    from ..runs.spec import DEFAULT_FACTORS, parse_factors
+
     from papermill.exceptions import PapermillExecutionError
     from tqdm.auto import tqdm
 
     present, missing = check_arguments(profile, dataset, seed, notebooks)
     for name in missing:
         print(f"[reports] {name}.ipynb does not exist yet: skipped", file=sys.stderr)
-    parameters = {"profile": profile, "dataset": dataset, "seed": seed, "interactive": False}
+    factors = DEFAULT_FACTORS if factors is None else factors
+    parse_factors(factors)  # before anything trains
+    parameters = {"profile": profile, "dataset": dataset, "seed": seed, "interactive": False, "factors": factors}
     start = time.time()
     if train_first and present:
         from ..runs.executors import GridError
         from .plan import train_plan
 
+        from ..runs.executors import local_workers
+
+        if executor_options.get("workers") is None:  # one run per core on a CPU (the local executor)
+            executor_options["workers"] = local_workers(profile, executor_options.get("executor"))
         try:
-            train_plan(profile, dataset, seed, present, **executor_options)
+            train_plan(profile, dataset, seed, present, factors=factors, **executor_options)
         except GridError as error:  # the notebooks still run: they leave failed runs out of their tables
             print(f"[reports] {error}", file=sys.stderr)
         print(f"[reports] runs of the plan trained in {(time.time() - start) / 60:.1f} min", flush=True)
@@ -183,8 +212,11 @@ def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
         record_timing(name, time.time() - t0, profile, dataset)
         tqdm.write(f"[reports] {name}: {time.time() - t0:.0f} s")
     index = write_index(executed, missing, profile, dataset, time.time() - start)
+    from ..runs.store import export_results
+
+    table = export_results()  # every run of the store, the notebooks' included, as one CSV beside the index
     print(f"[reports] executed {len(executed)} notebook(s) in {(time.time() - start) / 60:.1f} min; "
-          f"{len(missing)} not written yet; index: {index}")
+          f"{len(missing)} not written yet; index: {index}; results: {table}")
     return 0
 
 
@@ -198,6 +230,11 @@ def check_arguments(profile: str, dataset: str, seed: int, notebooks: list[str] 
         raise ValueError(f"profile: got {profile!r}; allowed values are {PROFILES}")
     check_dataset_name(dataset)
     check_int("seed", seed, 0)
+    if notebooks is not None and not notebooks:  # [] is not "all of them"
+        raise ValueError(f"notebooks: got []; allowed: one or more of {NOTEBOOK_SEQUENCE}, or None for all")
+    twice = sorted({n for n in notebooks or () if list(notebooks).count(n) > 1})
+    if twice:  # it would be executed twice
+        raise ValueError(f"notebooks: got {twice} more than once; allowed: each notebook once")
     wanted = list(notebooks or NOTEBOOK_SEQUENCE)
     unknown = [n for n in wanted if n not in NOTEBOOK_SEQUENCE]
     if unknown:
@@ -215,22 +252,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="quick", choices=PROFILES)
     parser.add_argument("--dataset", default="auto", help="auto | cifar10 | cifar100 | synthetic | <ImageFolder path>")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--notebooks", nargs="*", help="a subset of the sequence, by name")
+    parser.add_argument("--notebooks", nargs="+", help="a subset of the sequence, by name")
     parser.add_argument("--executor", default=None, help="trains the plan's runs: local (default; or "
                                                           "$MNV2_EXECUTOR) | ray")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local one)")
-    parser.add_argument("--workers", type=int, default=None, help="runs side by side (ray)")
+    parser.add_argument("--workers", type=int, default=None, help="runs side by side (default: one per core on a "
+                                                                   "CPU, one at a time on a GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument("--allow-cpu", action="store_true", help="train a GPU profile (gpu, full) on a machine "
+                                                                 "without CUDA (hours to days)")
+    parser.add_argument("--factors", default=None, help="the ablation's factors (notebook 04), comma-separated: "
+                                                        "mish,triplet,cnsn (default), cn, sn, or any registered "
+                                                        "activation or attention (MNV2_PLUGINS)")
     args = parser.parse_args(argv)
     options = dict(executor=args.executor, address=args.address, workers=args.workers, threads=args.threads)
     try:
         check_arguments(args.profile, args.dataset, args.seed, args.notebooks)
         from ..runs.executors import check_options
+        from ..runs.profiles import check_device_for
+        from ..runs.store import ResultsStore
 
+        from ..runs.spec import parse_factors
+
+        ResultsStore()  # MNV2_REPORTS_DIR naming a file
+        if args.factors is not None:
+            parse_factors(args.factors)
         check_options(**options)
+        check_device_for(args.profile, args.allow_cpu)
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))  # exit status 2, with the usage line
-    return run_reports(args.profile, args.dataset, args.seed, args.notebooks, **options)
+        parser.error(as_flag(str(error)))  # exit status 2, with the usage line
+    try:
+        return run_reports(args.profile, args.dataset, args.seed, args.notebooks, factors=args.factors, **options)
+    except (ValueError, OSError, ImportError) as error:  # a dataset, the store: the message, not a traceback
+        fail(parser.prog, error)
 
 
 if __name__ == "__main__":

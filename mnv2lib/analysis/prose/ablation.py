@@ -46,13 +46,28 @@ def describe(summary: pd.DataFrame, diffs: dict[str, pd.DataFrame], dataset: str
     return "\n".join(lines)
 
 
-def describe_main_effects(effects: pd.DataFrame) -> str:
-    """One sentence per improvement from the main-effects table (columns effect_clean, effect_corruption)."""
+def describe_factorial(effects: pd.DataFrame, effect_size: float = 0.05) -> str:
+    """Which terms of the factorial model are distinguishable from zero, per metric, and how many seeds a
+    ``effect_size`` effect needs at this run-to-run spread."""
+    from ..factorial import seeds_needed
+
     lines = []
-    for _, row in effects.iterrows():
-        lines.append(f"- **{row['factor']}**: main effect {_pp(row['effect_clean'])} on clean accuracy and "
-                     f"{_pp(row['effect_corruption'])} on mean corruption accuracy "
-                     f"({int(row['runs_with_clean'])} runs with, {int(row['runs_without_clean'])} without).")
+    for metric, frame in effects.groupby("metric", sort=False):
+        name = METRICS.get(metric, metric)
+        parts = [f"{row['term'].replace(':', ' x ')} {_pp(row['effect'])} ({_pp(row['ci_low'])} to {_pp(row['ci_high'])})"
+                 for _, row in frame.iterrows() if row["significant"]]
+        unclear = [row["term"].replace(":", " x ") for _, row in frame.iterrows() if not row["significant"]]
+        sd, df, runs = frame["residual_sd"].iloc[0], int(frame["df_resid"].iloc[0]), int(frame["runs"].iloc[0])
+        k = int(frame["order"].eq(1).sum())
+        need = seeds_needed(sd, k, effect=effect_size)
+        lines.append(f"- **{name.capitalize()}** ({runs} runs, {df} residual degrees of freedom, run-to-run spread "
+                     f"{100 * sd:.1f} pp): "
+                     + (f"effects whose 95% interval excludes zero: {'; '.join(parts)}. " if parts else
+                        "no effect's 95% interval excludes zero. ")
+                     + (f"Not distinguishable from zero: {', '.join(unclear)}. " if unclear else "")
+                     + (f"At this spread, a {100 * effect_size:.0f} pp effect needs {need} seed(s) per variant to be "
+                        "told from zero." if need else
+                        f"At this spread, a {100 * effect_size:.0f} pp effect needs more than 100 seeds."))
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@
 /* Samples are split evenly over nthreads threads (the Triplet Attention planes of a batch; SelfNorm's
  * handful of values per channel passes 1). Each thread sums its share and every thread adds the shares in
  * thread order, so a result depends on the thread count but not on timing. */
+#define BN_MAX_THREADS 256  /* the shares are a fixed stack array (sized by the thread count it was a VLA) */
 #define BN_SHARE \
     const int t = omp_get_thread_num(), nt = omp_get_num_threads(); \
     const int64_t b0 = B * t / nt, b1 = B * (t + 1) / nt;
@@ -28,7 +29,8 @@ void bn_sigmoid_forward(const float* y, int64_t B, int64_t C, int64_t inner, con
                         const float* rm, const float* rv, int training, double eps, float* g, float* xhat,
                         float* invstd, float* bmean, float* bvar, int nthreads) {
     const int64_t n = B * inner;
-    double shares[2][nthreads];
+    double shares[2][BN_MAX_THREADS];
+    if (nthreads > BN_MAX_THREADS) nthreads = BN_MAX_THREADS;
 #pragma omp parallel num_threads(nthreads)
     {
         BN_SHARE
@@ -89,7 +91,8 @@ void bn_sigmoid_backward(const float* dg, const float* g, const float* xhat, int
                          const float* gamma, const float* invstd, int training, float* dy, float* dgamma,
                          float* dbeta, int nthreads) {
     const int64_t n = B * inner;
-    double shares[2][nthreads];
+    double shares[2][BN_MAX_THREADS];
+    if (nthreads > BN_MAX_THREADS) nthreads = BN_MAX_THREADS;
 #pragma omp parallel num_threads(nthreads)
     {
         BN_SHARE

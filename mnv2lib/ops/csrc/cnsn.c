@@ -1,11 +1,14 @@
 /* CNSN kernels, float32: per-(sample, channel) plane statistics and the SelfNorm gating, for
  * contiguous (B, C, H, W) tensors (nhwc = 0: a plane of n = H * W values is read twice while it
  * is in cache) and channels_last ones (nhwc = 1: memory (B, H, W, C); a sample's n rows of C
- * values are read twice, vectorized over the channels). Per-plane arrays are (B, C) in both. */
+ * values are read twice, vectorized over the channels). Per-plane arrays are (B, C) in both.
+ * Statistics of an empty plane (n = 0) are NaN, as torch.mean and torch.std of an empty set; the
+ * operators return early for an empty x, so the other kernels never see n = 0. */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
 #include <stdlib.h>
+#include <omp.h>
 
 typedef int64_t i64;
 #define INLINE static inline __attribute__((always_inline))
@@ -13,7 +16,7 @@ typedef int64_t i64;
 
 #include "vexpf.h"
 
-/* mean and std = sqrt(var + eps) of a plane; var unbiased, 0 for a single value */
+/* mean and std = sqrt(var + eps) of a plane; var unbiased, 0 for a single value, NaN for none */
 INLINE void plane_stats(const float* restrict p, i64 n, float eps, float* mean, float* std) {
     float s = 0.f;
 #pragma omp simd reduction(+:s)
@@ -23,67 +26,73 @@ INLINE void plane_stats(const float* restrict p, i64 n, float eps, float* mean, 
 #pragma omp simd reduction(+:q)
     for (i64 i = 0; i < n; i++) { const float d = p[i] - m; q += d * d; }
     *mean = m;
-    *std = sqrtf((n > 1 ? q / (float)(n - 1) : 0.f) + eps);
+    *std = sqrtf((n > 1 ? q / (float)(n - 1) : n == 1 ? 0.f : NAN) + eps);
 }
 
-/* NHWC: mean and std of the C channels of one sample (n rows of C). Narrow rows (the early layers' 8-32
- * channels) are compiled with C constant, so the per-channel sums stay in registers and a row is one or two
- * vector operations instead of a short loop. The same sums in the same order, with the products fused
- * explicitly (fmaf) as the vectorized loops of the general case fuse them: the same results to the bit. */
-INLINE void stats_nhwc_impl(const float* restrict xb, const i64 C, i64 n, float eps, float* restrict mean,
+/* NHWC: mean and std of C channels of one sample (n rows of ld floats, the channels first in each).
+ * Narrow rows (the early layers' 8-32 channels) are compiled with C constant, so the per-channel sums stay in
+ * registers and a row is one or two vector operations instead of a short loop; wider ones go NHWC_BLOCK
+ * channels at a time (the sums are stack arrays of C <= NHWC_BLOCK floats: sized by C they overflowed the
+ * stack at a million channels). The same sums in the same order, with the products fused explicitly (fmaf)
+ * as the vectorized loops of the general case fuse them: the same results to the bit. */
+#define NHWC_BLOCK 1024
+INLINE void stats_nhwc_impl(const float* restrict xb, const i64 C, i64 ld, i64 n, float eps, float* restrict mean,
                             float* restrict std) {
     float m[C], v[C];
     for (i64 c = 0; c < C; c++) { m[c] = 0.f; v[c] = 0.f; }
     for (i64 i = 0; i < n; i++) {
-        const float* row = xb + i * C;
+        const float* row = xb + i * ld;
 #pragma omp simd
         for (i64 c = 0; c < C; c++) m[c] += row[c];
     }
     for (i64 c = 0; c < C; c++) m[c] /= (float)n;
     for (i64 i = 0; i < n; i++) {
-        const float* row = xb + i * C;
+        const float* row = xb + i * ld;
 #pragma omp simd
         for (i64 c = 0; c < C; c++) { const float d = row[c] - m[c]; v[c] = fmaf(d, d, v[c]); }
     }
     for (i64 c = 0; c < C; c++) {
         mean[c] = m[c];
-        std[c] = sqrtf((n > 1 ? v[c] / (float)(n - 1) : 0.f) + eps);
+        std[c] = sqrtf((n > 1 ? v[c] / (float)(n - 1) : n == 1 ? 0.f : NAN) + eps);
     }
 }
 
-/* NHWC: out = x * g + shift per channel over one sample's n rows (out may be x: no restrict) */
-INLINE void apply_nhwc_impl(const float* xb, const i64 C, i64 n, const float* restrict g,
+/* NHWC: out = x * g + shift per channel over C channels of one sample's n rows of ld floats (out may be x:
+ * no restrict); C <= NHWC_BLOCK as in stats_nhwc_impl */
+INLINE void apply_nhwc_impl(const float* xb, const i64 C, i64 ld, i64 n, const float* restrict g,
                             const float* restrict shift, float* ob) {
     float gl[C], sl[C];
     for (i64 c = 0; c < C; c++) { gl[c] = g[c]; sl[c] = shift[c]; }
     for (i64 i = 0; i < n; i++) {
-        const float* xr = xb + i * C;
-        float* orow = ob + i * C;
+        const float* xr = xb + i * ld;
+        float* orow = ob + i * ld;
 #pragma omp simd
         for (i64 c = 0; c < C; c++) orow[c] = fmaf(xr[c], gl[c], sl[c]);
     }
 }
 
+/* CALL(channels, offset of the first, row length): constant C for the narrow rows, else blocks of NHWC_BLOCK */
 #define C_DISPATCH(CALL) \
     switch (C) { \
-        case 8: CALL(8); break; \
-        case 12: CALL(12); break; \
-        case 16: CALL(16); break; \
-        case 24: CALL(24); break; \
-        case 32: CALL(32); break; \
-        default: CALL(C); \
+        case 8: CALL(8, 0, 8); break; \
+        case 12: CALL(12, 0, 12); break; \
+        case 16: CALL(16, 0, 16); break; \
+        case 24: CALL(24, 0, 24); break; \
+        case 32: CALL(32, 0, 32); break; \
+        default: \
+            for (i64 c0 = 0; c0 < C; c0 += NHWC_BLOCK) CALL(C - c0 < NHWC_BLOCK ? C - c0 : NHWC_BLOCK, c0, C); \
     }
 
 static void sample_stats_nhwc(const float* restrict xb, i64 C, i64 n, float eps, float* restrict mean,
                               float* restrict std) {
-    #define STATS_CALL(CC) stats_nhwc_impl(xb, CC, n, eps, mean, std)
+    #define STATS_CALL(CC, C0, LD) stats_nhwc_impl(xb + (C0), CC, LD, n, eps, mean + (C0), std + (C0))
     C_DISPATCH(STATS_CALL)
     #undef STATS_CALL
 }
 
 static void sample_apply_nhwc(const float* xb, i64 C, i64 n, const float* restrict g,
                               const float* restrict shift, float* ob) {
-    #define APPLY_CALL(CC) apply_nhwc_impl(xb, CC, n, g, shift, ob)
+    #define APPLY_CALL(CC, C0, LD) apply_nhwc_impl(xb + (C0), CC, LD, n, g + (C0), shift + (C0), ob + (C0))
     C_DISPATCH(APPLY_CALL)
     #undef APPLY_CALL
 }
@@ -249,13 +258,17 @@ INLINE void sn_sample(const float* xb, i64 C, const i64 n, float eps, const floa
 /* SelfNorm inference. Per channel c, gate(mean, std) = sigmoid(fc0 * mean + fc1 * std) through the BN
  * affine with running statistics; fc: (C, 2); bn: weight, bias, running mean, running var (C each).
  * One gate: out = x * g; two gates: out = g * (x - mean) + f * mean. f* may be NULL. */
-void sn_eval(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps,
-             const float* gfc, const float* gw, const float* gb, const float* grm, const float* grv, double geps,
-             const float* ffc, const float* fw, const float* fb, const float* frm, const float* frv, double feps,
-             float* out, int nthreads) {
+int sn_eval(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps,
+            const float* gfc, const float* gw, const float* gb, const float* grm, const float* grv, double geps,
+            const float* ffc, const float* fw, const float* fb, const float* frm, const float* frv, double feps,
+            float* out, int nthreads) {
     const int two = ffc != NULL;
-    /* per channel: gate input = q0 * mean + q1 * std + q2 (structure of arrays) */
-    float* q = malloc(sizeof(float) * 6 * C);
+    /* per thread: the statistics, gates and shifts of the channels in hand (all C with NHWC; without, a
+     * chunk of 4096 / n, n >= 1: the operators return early for an empty x) */
+    const i64 per_thread = 4 * (nhwc ? C : n >= 4096 ? 1 : 4096 / n);
+    /* per channel: gate input = q0 * mean + q1 * std + q2 (structure of arrays), then each thread's slice */
+    float* q = malloc(sizeof(float) * (6 * C + per_thread * nthreads));
+    if (!q) return 1;
     for (i64 c = 0; c < C; c++) {
         const double ga = gw[c] / sqrt((double)grv[c] + geps);
         q[c] = (float)(gfc[2 * c] * ga);
@@ -271,7 +284,7 @@ void sn_eval(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps,
     if (nhwc) {
 #pragma omp parallel num_threads(nthreads)
         {
-            float* st = malloc(sizeof(float) * 4 * C);
+            float* st = q + 6 * C + omp_get_thread_num() * per_thread;
             float *mean = st, *std = st + C, *g = st + 2 * C, *shift = st + 3 * C;
 #pragma omp for schedule(static)
             for (i64 b = 0; b < B; b++) {
@@ -279,14 +292,13 @@ void sn_eval(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps,
                 gate_values(q, C, 0, C, two, mean, std, g, shift);
                 sample_apply_nhwc(x + b * n * C, C, n, g, shift, out + b * n * C);
             }
-            free(st);
         }
         free(q);
-        return;
+        return 0;
     }
 #pragma omp parallel num_threads(nthreads)
     {
-        float* st = malloc(sizeof(float) * 4 * (n >= 4096 ? 1 : 4096 / n));
+        float* st = q + 6 * C + omp_get_thread_num() * per_thread;
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
             const float* xb = x + b * C * n;
@@ -299,9 +311,9 @@ void sn_eval(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps,
                 default: sn_sample(xb, C, n, (float)eps, q, two, st, ob);
             }
         }
-        free(st);
     }
     free(q);
+    return 0;
 }
 
 #include "bn_sigmoid.h"

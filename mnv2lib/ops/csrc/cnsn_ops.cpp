@@ -15,9 +15,9 @@ void sn_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 n, in
                         int nthreads);
 void sn_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 n, int nhwc, const float* g,
                     const float* alpha, const float* beta, const float* mean, float* dx, int nthreads);
-void sn_eval(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps, const float* gfc, const float* gw,
-             const float* gb, const float* grm, const float* grv, double geps, const float* ffc, const float* fw,
-             const float* fb, const float* frm, const float* frv, double feps, float* out, int nthreads);
+int sn_eval(const float* x, i64 B, i64 C, i64 n, int nhwc, double eps, const float* gfc, const float* gw,
+            const float* gb, const float* grm, const float* grv, double geps, const float* ffc, const float* fw,
+            const float* fb, const float* frm, const float* frv, double feps, float* out, int nthreads);
 void sn_gate_input(const float* mean, const float* std, const float* fc, i64 B, i64 C, float* y);
 void sn_gate_input_backward(const float* dy, const float* mean, const float* std, const float* fc, i64 B, i64 C,
                             float* dmean, float* dstd, float* dfc);
@@ -102,7 +102,7 @@ SelfNormOutputs selfnorm_cpu(const Tensor& x, const Tensor& fc, const Tensor& ga
                      1 /* (a few values per channel) */);
   Tensor out = at::empty_like(x);
   sn_apply(cptr(x), l.batch, l.channels, l.n, l.nhwc, cptr(g), nullptr, mptr(out), threads);
-  if (training)
+  if (training && x.numel() > 0)  // (an empty x has no statistics: aten's batch_norm leaves the running ones too)
     update_running_stats(running_mean, running_var, count, batch_stats.data(), batch_stats.data() + l.channels,
                          momentum);
   return {out, mean, std, g, xhat, invstd};
@@ -123,9 +123,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selfnorm_backward_cpu(const Tensor& g
   check_shape(op, "std", std_in, shape);
   check_shape(op, "g", g_in, shape);
   check_shape(op, "xhat", xhat_in, shape);
+  const auto options = x.options();
+  if (x.numel() == 0)  // nothing reaches the parameters from an empty x
+    return {at::empty_like(x), at::zeros({l.channels, 1, 2}, options), at::zeros({l.channels}, options),
+            at::zeros({l.channels}, options)};
   const Tensor mean = mean_in.contiguous(), std = std_in.contiguous(), g = g_in.contiguous();
   const Tensor xhat = xhat_in.contiguous(), weights = fc.contiguous();
-  const auto options = x.options();
   Tensor d_gate = at::empty(shape, options), dy = at::empty(shape, options);
   sn_backward_reduce(cptr(x), cptr(grad), l.batch, l.channels, l.n, l.nhwc, mptr(d_gate), nullptr,
                      at::get_num_threads());
@@ -162,11 +165,12 @@ void inference(const Tensor& x, const Tensor& g_fc, const Tensor& g_gamma, const
                                              {"f_mean", &**second[3]}, {"f_var", &**second[4]}}, "f_fc");
     for (int i = 0; i < 5; i++) f[i] = (*second[i])->contiguous();
   }
+  if (x.numel() == 0) return;  // an empty result
   const Tensor gate[5] = {g_fc.contiguous(), g_gamma.contiguous(), g_beta.contiguous(), g_mean.contiguous(),
                           g_var.contiguous()};
-  sn_eval(cptr(x), l.batch, l.channels, l.n, l.nhwc, eps, cptr(gate[0]), cptr(gate[1]), cptr(gate[2]), cptr(gate[3]),
-          cptr(gate[4]), g_eps, cptr(f[0]), cptr(f[1]), cptr(f[2]), cptr(f[3]), cptr(f[4]), f_eps, mptr(out),
-          at::get_num_threads());
+  check_allocated(op, sn_eval(cptr(x), l.batch, l.channels, l.n, l.nhwc, eps, cptr(gate[0]), cptr(gate[1]),
+                              cptr(gate[2]), cptr(gate[3]), cptr(gate[4]), g_eps, cptr(f[0]), cptr(f[1]), cptr(f[2]),
+                              cptr(f[3]), cptr(f[4]), f_eps, mptr(out), at::get_num_threads()));
 }
 
 #define INFERENCE_PARAMS                                                                                         \

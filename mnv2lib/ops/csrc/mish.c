@@ -3,8 +3,10 @@
 #include <math.h>
 typedef int64_t i64;
 
-/* mish(v) = v * t / (t + 2), t = e (e + 2), e = exp(min(v, 20)) (0 below -87.3, as float's exp
- * underflows there, so that mish(-inf) is NaN like F.mish's); exp by Cephes' polynomial (~1 ulp) */
+/* mish(v) = v * (t / (t + 2)), t = e (e + 2), e = exp(min(v, 20)) (0 below -87.3, as float's exp
+ * underflows there, so that mish(-inf) is NaN like F.mish's); exp by Cephes' polynomial (~1 ulp).
+ * The ratio first: t / (t + 2) is exactly 1 from v = 20, so mish(v) = v up to float's maximum (v * t
+ * overflowed from v ~ 1.5e21) */
 
 #include "vexpf.h"
 
@@ -14,7 +16,7 @@ static void mish_scalar(const float* src, float* p, i64 m) {
         const float v = src[i];
         const float e = v >= -87.3f ? vexpf(v < 20.f ? v : 20.f) : 0.f;
         const float t = e * (e + 2.f);
-        p[i] = v * t / (t + 2.f);
+        p[i] = v * (t / (t + 2.f));
     }
 }
 
@@ -42,7 +44,7 @@ static void mish_vector(const float* src, float* p, i64 m) {  /* the same formul
         const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ),
             _mm512_scalef_ps(_mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(q, r), r, r), _mm512_set1_ps(1.f)), n));
         const __m512 t = _mm512_mul_ps(e, _mm512_add_ps(e, two));
-        _mm512_storeu_ps(p + i, _mm512_div_ps(_mm512_mul_ps(v, t), _mm512_add_ps(t, two)));
+        _mm512_storeu_ps(p + i, _mm512_mul_ps(v, _mm512_div_ps(t, _mm512_add_ps(t, two))));
     }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -65,7 +67,7 @@ static inline __attribute__((always_inline)) __m256 mish8(__m256 v) {
     const __m256i k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     const __m256 e = _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(k)), _mm256_cmp_ps(v, lo, _CMP_GE_OQ));
     const __m256 t = _mm256_mul_ps(e, _mm256_add_ps(e, two));
-    return _mm256_div_ps(_mm256_mul_ps(v, t), _mm256_add_ps(t, two));
+    return _mm256_mul_ps(v, _mm256_div_ps(t, _mm256_add_ps(t, two)));
 }
 static void mish_vector(const float* src, float* p, i64 m) {
     for (i64 i = 0; i < m; i += VW) {
@@ -81,6 +83,7 @@ static void mish_vector(const float* src, float* p, i64 m) { mish_scalar(src, p,
 
 /* out = mish(x); out may be x (in place). Blocks of 16k elements per thread. */
 void mish_forward(const float* x, float* out, i64 n, int nthreads) {
+    if (n <= 0) return;  /* (an empty tensor: no blocks, and num_threads(0) is not allowed) */
     const i64 chunk = 1 << 14;
     const i64 blocks = (n + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(blocks < nthreads ? (int)blocks : nthreads) schedule(static)
@@ -94,8 +97,11 @@ void mish_forward(const float* x, float* out, i64 n, int nthreads) {
 }
 
 /* dx = grad * mish'(x): d/dx mish = t + x sigmoid(x) (1 - t^2) with t = n / d, n = e (e + 2), d = n + 2,
- * and sigmoid(x) (1 - t^2) = 4 e (e + 1) / d^2: one exponential */
+ * and sigmoid(x) (1 - t^2) = 4 e (e + 1) / d^2: one exponential. From x = 20 the second term, about
+ * 4 x e^-2x, is far below float's resolution of 1: taken as 0 there, as F.mish's backward rounds it (with e
+ * clamped at e^20 it grew with x instead: 1.17 at x = 1e16); x * 0 keeps F.mish's NaN at x = +inf */
 void mish_backward(const float* x, const float* grad, float* dx, i64 n, int nthreads) {
+    if (n <= 0) return;
     const i64 chunk = 1 << 14;
     const i64 blocks = (n + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(blocks < nthreads ? (int)blocks : nthreads) schedule(static)
@@ -108,7 +114,8 @@ void mish_backward(const float* x, const float* grad, float* dx, i64 n, int nthr
             const float e = v >= -87.3f ? vexpf(v < 20.f ? v : 20.f) : 0.f;
             const float d = e * (e + 2.f) + 2.f;
             const float r = 1.f / d;
-            dx[i] = grad[i] * ((d - 2.f) * r + v * (4.f * e * (e + 1.f)) * (r * r));
+            const float s = v < 20.f ? (4.f * e * (e + 1.f)) * (r * r) : 0.f;
+            dx[i] = grad[i] * ((d - 2.f) * r + v * s);
         }
     }
 }

@@ -71,10 +71,25 @@ inline void check_feature_map(const char* op, const Tensor& x) {
                     ": x must be contiguous (NCHW) or channels_last; got strides ", tuple(x.strides()));
 }
 
+// the same memory order as x: equal strides wherever a dimension has more than one element (the stride of a
+// size-1 dimension is never used: a channels_last slice x[:, :, 2:3, :] and its gradient may differ there)
+inline bool same_layout(const Tensor& t, const Tensor& x) {
+  if (x.numel() == 0) return true;  // (no element to place: an empty grad comes with any strides)
+  for (int64_t d = 0; d < x.dim(); d++)
+    if (x.size(d) > 1 && t.stride(d) != x.stride(d)) return false;
+  return true;
+}
+
 inline void check_same_layout(const char* op, const char* name, const Tensor& t, const Tensor& x) {
   check_shape(op, name, t, x.sizes());
-  TORCH_CHECK_VALUE(t.strides() == x.strides(), "mnv2::", op, ": ", name, " must have the layout (strides ",
+  TORCH_CHECK_VALUE(same_layout(t, x), "mnv2::", op, ": ", name, " must have the layout (strides ",
                     tuple(x.strides()), ") of x; got strides ", tuple(t.strides()));
+}
+
+// A C kernel's status: 0, or nonzero where one of its work buffers could not be allocated
+inline void check_allocated(const char* op, int status) {
+  TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "mnv2::", op,
+                   ": out of memory for the kernels' work buffers (a smaller batch, map or kernel size fits)");
 }
 
 // A BatchNorm's running statistics and batch count as an operator updates them in training: checked

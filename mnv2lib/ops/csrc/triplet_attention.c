@@ -11,6 +11,10 @@
  * into a zero-padded (2, R+k-1, Q+k-1) buffer followed by SLACK zero floats (the vector tiles read past
  * a row's end): the batch's maps, kept for backward, are not padded.
  * Convolution weights are given in the official orientation (2, k, k).
+ * Every buffer whose size depends on the input or k is on the heap (a stack array sized by k or a plane
+ * overflowed the stack from k ~ 600), allocated once per call before the threads start (one slice per
+ * thread): the exported functions return 0, or 1 where an allocation failed. Empty inputs never reach
+ * them (the operators return early).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -19,6 +23,16 @@
 #include <omp.h>
 
 typedef int64_t i64;
+
+/* nthreads work buffers of n floats each (64-byte aligned slices: no cache line shared between threads);
+ * NULL when they cannot be allocated. Thread t's slice: buf + t * *stride, zeroed by thread t where needed
+ * (in parallel, and first touched by the thread that uses it). */
+static float* thread_buffers(i64 n, int nthreads, i64* stride) {
+    *stride = (n + 15) / 16 * 16;
+    const size_t bytes = (size_t)(*stride * nthreads) * sizeof(float);
+    return aligned_alloc(64, bytes ? bytes : 64);
+}
+
 /* columns per register tile: one vector register, 16 floats with AVX-512 (32 registers), 8 otherwise (AVX2's
  * 16 registers hold 8). 16-float tiles on an AVX2 CPU took two registers a row and spilled: the kernels took
  * 3-4x as long */
@@ -252,7 +266,8 @@ static void gate_sample(const float* xb, i64 C, i64 H, i64 W, const float* cw, c
  * the padding rows are not visited at all; otherwise rows past the padded plane are clamped to its last
  * row (their outputs are discarded). Columns are read up to TQ - 1 past Q + K - 1 (finite values
  * required: the caller's slack). Every loop over a constant bound is unrolled, so the accumulators
- * stay in registers (the results are copied out, never addressed). */
+ * stay in registers (the results are copied out, never addressed). CO, K and RT are constants at every call
+ * (K = 3, 5, 7: other sizes go to corr_any), so its arrays have a fixed size. */
 INLINE void corr_impl(const float* in, i64 psi, i64 ldi, const int CI, const int CO, const int K, const int RT,
                       const int FULL, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) {
     const i64 last = R + K - 2;  /* the last row of the padded plane */
@@ -311,12 +326,36 @@ INLINE void corr_impl(const float* in, i64 psi, i64 ldi, const int CI, const int
     if (R == 4) corr_impl(in, psi, ldi, CI, CO, KK, 4, 1, wt, out, pso, ldo, R, Q); \
     else if (R == 8) corr_impl(in, psi, ldi, CI, CO, KK, 8, 1, wt, out, pso, ldo, R, Q); \
     else corr_impl(in, psi, ldi, CI, CO, KK, CORR_ROWS(CO), 0, wt, out, pso, ldo, R, Q);
+/* any other K: one output row per tile, the weights read where they are (corr_impl holds a column's K
+ * weights in an array sized by K); the same products in the same order as corr_impl with RT = 1 */
+static void corr_any(const float* in, i64 psi, i64 ldi, int CI, int CO, i64 K, const float* wt, float* out,
+                     i64 pso, i64 ldo, i64 R, i64 Q) {
+    for (i64 r = 0; r < R; r++)
+        for (i64 q0 = 0; q0 < Q; q0 += TQ) {
+            vtile acc[2] = {{0}, {0}};  /* CO <= 2 */
+            for (int ci = 0; ci < CI; ci++)
+                for (i64 j = 0; j < K; j++) {
+                    const float* col = in + ci * psi + q0 + j;
+                    for (i64 i = 0; i < K; i++) {
+                        const vtile v = LOAD_TILE(col + (r + i) * ldi);
+                        for (int co = 0; co < CO; co++) acc[co] += wt[((co * CI + ci) * K + i) * K + j] * v;
+                    }
+                }
+            const i64 nq = Q - q0 < TQ ? Q - q0 : TQ;
+            for (int co = 0; co < CO; co++) {
+                float* o = out + co * pso + r * ldo + q0;
+                const vtile t = acc[co];
+                if (nq == TQ) memcpy(o, &t, sizeof t);
+                else for (i64 q = 0; q < nq; q++) o[q] = t[q];
+            }
+        }
+}
 #define CORR_K(CI, CO) \
     switch (K) { \
         case 3: CORR_FULL(CI, CO, 3) break; \
         case 5: CORR_FULL(CI, CO, 5) break; \
         case 7: CORR_FULL(CI, CO, 7) break; \
-        default: corr_impl(in, psi, ldi, CI, CO, K, 1, 0, wt, out, pso, ldo, R, Q); \
+        default: corr_any(in, psi, ldi, CI, CO, K, wt, out, pso, ldo, R, Q); \
     }
 static void corr21(const float* in, i64 psi, i64 ldi, int K, const float* wt, float* out, i64 pso, i64 ldo, i64 R, i64 Q) { CORR_K(2, 1) }
 #if CORR_CHANNELS_APART
@@ -341,6 +380,8 @@ static void corr12(const float* in, i64 psi, i64 ldi, int K, const float* wt, fl
 #else
 #define GRADW_ROWS 1
 #endif
+/* gradw_impl keeps 4 arrays of K vectors on the stack: used up to this K (8 KB with AVX-512), gradw_rows above */
+#define GRADW_MAX_K 31
 INLINE void gradw_impl(const float* P, i64 psi, i64 ldi, const float* G, i64 ldg, i64 R, i64 Qp, const int K,
                        const int IB, vtile* gv) {
     const int p = K / 2;
@@ -389,7 +430,7 @@ static void gradw(const float* P, i64 psi, i64 ldi, const float* G, i64 ldg, i64
         case 3: gradw_impl(P, psi, ldi, G, ldg, R, Qp, 3, GRADW_ROWS, gv); break;
         case 5: gradw_impl(P, psi, ldi, G, ldg, R, Qp, 5, GRADW_ROWS, gv); break;
         case 7: gradw_impl(P, psi, ldi, G, ldg, R, Qp, 7, GRADW_ROWS, gv); break;
-        default: gradw_impl(P, psi, ldi, G, ldg, R, Qp, K, 1, gv);  /* (variable-length arrays) */
+        default: gradw_impl(P, psi, ldi, G, ldg, R, Qp, K, 1, gv);  /* (ta_conv_backward: K <= GRADW_MAX_K) */
     }
 }
 
@@ -436,9 +477,9 @@ static void gradw_rows(const float* P, i64 psi, i64 ldi, const float* g, i64 ldg
         case 5: gradw_rows_impl(P, psi, ldi, g, ldg, QT, R, 5, gw); break;
         case 7: gradw_rows_impl(P, psi, ldi, g, ldg, QT, R, 7, gw); break;
         default: {  /* larger kernels: one tap at a time */
-            for (int c = 0; c < 2; c++)
-                for (int i = 0; i < K; i++)
-                    for (int j = 0; j < K; j++) {
+            for (i64 c = 0; c < 2; c++)
+                for (i64 i = 0; i < K; i++)
+                    for (i64 j = 0; j < K; j++) {
                         float acc[TQ];
                         for (int q = 0; q < TQ; q++) acc[q] = 0.f;
                         for (i64 y = 0; y < R; y++)
@@ -473,16 +514,19 @@ static void pad_maps(const float* maps, i64 R, i64 Q, i64 k, float* padded) {
 /* ---------------- training forward ---------------- */
 
 /* pooled maps of all branches (B, 2, R, Q) each; ms NULL without spatial */
-void ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W,
-             float* mcw, int tcw, float* mhc, int thc, float* ms, int ts, int nthreads) {
+int ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W,
+            float* mcw, int tcw, float* mhc, int thc, float* ms, int ts, int nthreads) {
     const int spatial = ms != NULL;
     i64 A[3], N[3], R[3], Q[3]; int tr[3];
     dims(C, H, W, 0, tcw, &A[0], &N[0], &tr[0], &R[0], &Q[0]);
     dims(C, H, W, 1, thc, &A[1], &N[1], &tr[1], &R[1], &Q[1]);
     dims(C, H, W, 2, ts, &A[2], &N[2], &tr[2], &R[2], &Q[2]);
+    i64 stride;
+    float* all = thread_buffers(2 * (C * W + C * H + H * W), nthreads, &stride);
+    if (!all) return 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        float* buf = malloc(sizeof(float) * 2 * (C * W + C * H + H * W));
+        float* buf = all + omp_get_thread_num() * stride;
         float *cwm = buf, *cws = cwm + C * W, *hcm = cws + C * W, *hcs = hcm + C * H, *sm = hcs + C * H, *ss = sm + H * W;
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
@@ -492,35 +536,49 @@ void ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W,
             if (spatial)
                 store_map(sm, ss, A[2], N[2], (float)C, tr[2], 0, ms + b * 2 * R[2] * Q[2]);
         }
-        free(buf);
     }
+    free(all);
+    return 0;
 }
 
 /* conv outputs of one branch: maps (B, 2, R, Q) -> z (B, R, Q) */
-void ta_conv(const float* maps, i64 B, i64 R, i64 Q, i64 k, const float* w, int t, float* z, int nthreads) {
-    float wl[2 * k * k];
-    local_weight(w, k, t, wl);
+int ta_conv(const float* maps, i64 B, i64 R, i64 Q, i64 k, const float* w, int t, float* z, int nthreads) {
     const i64 Rp = R + k - 1, Qp = Q + k - 1;
+    i64 stride;
+    float* wl = malloc(sizeof(float) * 2 * k * k);
+    float* all = thread_buffers(2 * Rp * Qp + SLACK, nthreads, &stride);
+    if (!wl || !all) {
+        free(wl);
+        free(all);
+        return 1;
+    }
+    local_weight(w, k, t, wl);
 #pragma omp parallel num_threads(nthreads)
     {
-        float* padded = calloc((size_t)(2 * Rp * Qp + SLACK), sizeof(float));
+        float* padded = all + omp_get_thread_num() * stride;
+        memset(padded, 0, sizeof(float) * (2 * Rp * Qp + SLACK));  /* borders and slack stay zero */
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
             pad_maps(maps + b * 2 * R * Q, R, Q, k, padded);
             corr21(padded, Rp * Qp, Qp, (int)k, wl, z + b * R * Q, R * Q, Q, R, Q);
         }
-        free(padded);
     }
+    free(wl);
+    free(all);
+    return 0;
 }
 
 /* out = x * (g_cw + g_hc [+ g_s]) * weight; gates: stored planes (B, R, Q); gs NULL without spatial */
-void ta_combine(const float* x, i64 B, i64 C, i64 H, i64 W, const float* gcw, int tcw, const float* ghc, int thc,
-                const float* gs, int ts, float* out, int nthreads) {
+int ta_combine(const float* x, i64 B, i64 C, i64 H, i64 W, const float* gcw, int tcw, const float* ghc, int thc,
+               const float* gs, int ts, float* out, int nthreads) {
     const int spatial = gs != NULL;
     const float weight = spatial ? 1.f / 3.f : 0.5f;
+    i64 stride;
+    float* all = thread_buffers(C * W + C * H + H * W, nthreads, &stride);
+    if (!all) return 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        float* buf = malloc(sizeof(float) * (C * W + C * H + H * W));
+        float* buf = all + omp_get_thread_num() * stride;
         float *cw = buf, *hc = cw + C * W, *s = hc + C * H;
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
@@ -531,27 +589,30 @@ void ta_combine(const float* x, i64 B, i64 C, i64 H, i64 W, const float* gcw, in
             else for (i64 i = 0; i < H * W; i++) s[i] = 0.f;
             gate_sample(x + b * C * H * W, C, H, W, gate_cw, gate_hc, gate_s, weight, out + b * C * H * W);
         }
-        free(buf);
     }
+    free(all);
+    return 0;
 }
 
 /* ---------------- inference: one sample at a time, while it is in cache ---------------- */
 
 /* bn: per branch (weight, bias, running mean, running var); ws NULL without spatial; bit br of wt:
  * branch br's weight is given transposed (the layout trick for channels_last input, see Python) */
-void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw, const float* whc, const float* ws,
-             const float* const* bn, double eps, int tcw, int thc, int ts, int wt, float* out, int nthreads) {
+int ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw, const float* whc, const float* ws,
+            const float* const* bn, double eps, int tcw, int thc, int ts, int wt, float* out, int nthreads) {
     const int spatial = ws != NULL;
     const int nb = spatial ? 3 : 2;
     const i64 p = k / 2;
     const int tf[3] = {tcw, thc, ts};
     const float* wsrc[3] = {wcw, whc, ws};
     i64 A[3], N[3], R[3], Q[3], moff[3], goff[3]; int tr[3];
-    float wl[3][2 * k * k], scale[3], shift[3];
+    float scale[3], shift[3];
+    float* wl = malloc(sizeof(float) * 3 * 2 * k * k);  /* branch br's weights at wl + br * 2 k k */
+    if (!wl) return 1;
     i64 mapsize = 0, gatesize = 0;
     for (int br = 0; br < nb; br++) {
         dims(C, H, W, br, tf[br], &A[br], &N[br], &tr[br], &R[br], &Q[br]);
-        local_weight(wsrc[br], k, tf[br] ^ ((wt >> br) & 1), wl[br]);
+        local_weight(wsrc[br], k, tf[br] ^ ((wt >> br) & 1), wl + br * 2 * k * k);
         const float* const* q = bn + 4 * br;
         scale[br] = (float)(q[0][0] / sqrt((double)q[3][0] + eps));
         shift[br] = q[1][0] - q[2][0] * scale[br];
@@ -562,9 +623,17 @@ void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw
     }
     const float weight = spatial ? 1.f / 3.f : 0.5f;
     const i64 pooled = 2 * (C * W + C * H + H * W), natural = C * W + C * H + H * W;
+    i64 stride;
+    const i64 per_thread = pooled + mapsize + SLACK + gatesize + natural;
+    float* all = thread_buffers(per_thread, nthreads, &stride);
+    if (!all) {
+        free(wl);
+        return 1;
+    }
 #pragma omp parallel num_threads(nthreads)
     {
-        float* buf = calloc((size_t)(pooled + mapsize + SLACK + gatesize + natural), sizeof(float));
+        float* buf = all + omp_get_thread_num() * stride;
+        memset(buf, 0, sizeof(float) * per_thread);
         float *cwm = buf, *cws = cwm + C * W, *hcm = cws + C * W, *hcs = hcm + C * H, *sm = hcs + C * H, *ss = sm + H * W;
         float* maps = buf + pooled;  /* borders and slack stay zero */
         float* gates = maps + mapsize + SLACK;
@@ -583,7 +652,7 @@ void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw
                 float* m = maps + moff[br];
                 float* g = gates + goff[br];
                 store_map(mx[br], su[br], A[br], N[br], nn[br], tr[br], p, m);
-                corr21(m, Rp * Qp, Qp, (int)k, wl[br], g, n, Q[br], R[br], Q[br]);
+                corr21(m, Rp * Qp, Qp, (int)k, wl + br * 2 * k * k, g, n, Q[br], R[br], Q[br]);
                 const float a = scale[br], c = shift[br];
 #pragma omp simd
                 for (i64 i = 0; i < n; i++) g[i] = 1.f / (1.f + vexpf(-(g[i] * a + c)));
@@ -592,8 +661,10 @@ void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw
             if (!spatial) for (i64 i = 0; i < H * W; i++) ns[i] = 0.f;
             gate_sample(xb, C, H, W, gate[0], gate[1], gate[2], weight, out + b * C * H * W);
         }
-        free(buf);
     }
+    free(all);
+    free(wl);
+    return 0;
 }
 
 /* ---------------- training backward ---------------- */
@@ -608,6 +679,7 @@ INLINE void reduce_impl(const float* xb, const float* gb, i64 C, const i64 H, co
     if (spatial) for (i64 i = 0; i < H * W; i++) n_s[i] = 0.f;
     float* prod = tmp;          /* grad * x of one plane */
     float* hit = tmp + H * W;   /* x == max over w, as 0/1 */
+    float* unused = hit + H * W;  /* row_reduce's maxima, not needed (H floats) */
     for (i64 c = 0; c < C; c++) {
         const float* xc = xb + c * H * W;
         const float* gc = gb + c * H * W;
@@ -649,7 +721,6 @@ INLINE void reduce_impl(const float* xb, const float* gb, i64 C, const i64 H, co
                     nc[w] += v == mc[w] ? 1.f : 0.f;
                 }
             }
-            float unused[H];
             row_reduce(prod, H, W, unused, ghc + c * H);   /* sums of grad * x over w */
             row_reduce(hit, H, W, unused, n_hc + c * H);   /* tie counts over w */
         } else {
@@ -683,18 +754,21 @@ INLINE void reduce_impl(const float* xb, const float* gb, i64 C, const i64 H, co
     }
 }
 
-void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
-                        const float* mcw, int tcw, const float* mhc, int thc, const float* ms, int ts,
-                        float* dcw, float* dhc, float* ds, float* ncw, float* nhc, float* ns, int nthreads) {
+int ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
+                       const float* mcw, int tcw, const float* mhc, int thc, const float* ms, int ts,
+                       float* dcw, float* dhc, float* ds, float* ncw, float* nhc, float* ns, int nthreads) {
     const int spatial = ms != NULL;
     const float weight = spatial ? 1.f / 3.f : 0.5f;
     i64 A[3], N[3], R[3], Q[3]; int tr[3];
     dims(C, H, W, 0, tcw, &A[0], &N[0], &tr[0], &R[0], &Q[0]);
     dims(C, H, W, 1, thc, &A[1], &N[1], &tr[1], &R[1], &Q[1]);
     dims(C, H, W, 2, ts, &A[2], &N[2], &tr[2], &R[2], &Q[2]);
+    i64 stride;  /* per thread: the gate gradients and max maps of a sample, then reduce_impl's 2 H W + H */
+    float* all = thread_buffers(2 * (C * W + C * H + H * W) + 3 * H * W + H, nthreads, &stride);
+    if (!all) return 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        float* buf = malloc(sizeof(float) * (2 * (C * W + C * H + H * W) + 3 * H * W));
+        float* buf = all + omp_get_thread_num() * stride;
         float *gcw = buf, *ghc = gcw + C * W, *gsp = ghc + C * H, *xcw = gsp + H * W, *xhc = xcw + C * W, *xs = xhc + C * H;
         float* nsd = xs + H * W;  /* dummy counts without spatial */
         float* tmp = nsd + H * W;
@@ -716,36 +790,51 @@ void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i6
             scatter(ghc, A[1], N[1], weight, dhc + b * R[1] * Q[1], 0, Q[1], tr[1]);
             if (spatial) scatter(gsp, A[2], N[2], weight, ds + b * R[2] * Q[2], 0, Q[2], tr[2]);
         }
-        free(buf);
     }
+    free(all);
+    return 0;
 }
 
 /* Gradients of one branch's convolution, from its maps (B, 2, R, Q): for the maps (stored planes (B, 2, R, Q)),
  * and for the weight, official orientation (2, k, k), summed over the batch. */
-void ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i64 k, const float* w, int t,
-                      float* gmap, float* gw, int nthreads) {
+int ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i64 k, const float* w, int t,
+                     float* gmap, float* gw, int nthreads) {
     const i64 p = k / 2, Rp = R + k - 1, Qp = Q + k - 1, kk = 2 * k * k;
     /* the gradient of one sample, zero-padded: rows of ldg floats, data at column k - 1 of rows p .. p+R-1
      * (corr12 reads it from column k - 1 - p, gradw from column 0 of row p) */
     const i64 ldg = k - 1 + (Qp + TQ - 1) / TQ * TQ + TQ;
-    float wl[kk], wf[kk];
+    /* weight gradient with G's vectors shifted (a third of a load per multiply-add) unless reading P
+     * unshifted, over Q + k - 1 columns, takes one more column tile than over Q (or k is large: gradw keeps
+     * arrays of k vectors on the stack) */
+    const i64 QT = (Q + TQ - 1) / TQ * TQ;
+    const int shift_g = (Qp + TQ - 1) / TQ * TQ == QT && k <= GRADW_MAX_K;
+    i64 stride;
+    float* wl = malloc(sizeof(float) * 2 * kk);  /* the weights, then flipped at wl + kk */
+    vtile* partial = shift_g ? aligned_alloc(sizeof(vtile), (size_t)nthreads * kk * sizeof(vtile)) : NULL;
+    float* partial_rows = shift_g ? NULL : calloc((size_t)nthreads * kk, sizeof(float));
+    /* per thread: the padded gradient of a sample, then its padded maps (zero borders and slack) */
+    const i64 per_thread = (Rp + 1) * ldg + SLACK + 2 * Rp * Qp + SLACK;
+    float* all = thread_buffers(per_thread, nthreads, &stride);
+    if (!wl || !all || (shift_g ? !partial : !partial_rows)) {
+        free(wl);
+        free(partial);
+        free(partial_rows);
+        free(all);
+        return 1;
+    }
+    float* wf = wl + kk;
     local_weight(w, k, t, wl);
     for (i64 c = 0; c < 2; c++)  /* flipped: the gradient is a correlation with the rotated kernel */
         for (i64 i = 0; i < k; i++)
             for (i64 j = 0; j < k; j++) wf[(c * k + i) * k + j] = wl[(c * k + (k - 1 - i)) * k + (k - 1 - j)];
-    /* weight gradient with G's vectors shifted (a third of a load per multiply-add) unless reading P
-     * unshifted, over Q + k - 1 columns, takes one more column tile than over Q */
-    const i64 QT = (Q + TQ - 1) / TQ * TQ;
-    const int shift_g = (Qp + TQ - 1) / TQ * TQ == QT;
-    vtile* partial = aligned_alloc(sizeof(vtile), (size_t)nthreads * kk * sizeof(vtile));
-    memset(partial, 0, (size_t)nthreads * kk * sizeof(vtile));
-    float* partial_rows = calloc((size_t)nthreads * kk, sizeof(float));
+    if (shift_g) memset(partial, 0, (size_t)nthreads * kk * sizeof(vtile));
 #pragma omp parallel num_threads(nthreads)
     {
-        vtile* acc = partial + (i64)omp_get_thread_num() * kk;
-        float* acc_rows = partial_rows + (i64)omp_get_thread_num() * kk;
-        float* gpad = calloc((size_t)((Rp + 1) * ldg + SLACK), sizeof(float));
-        float* padded = calloc((size_t)(2 * Rp * Qp + SLACK), sizeof(float));  /* the sample's maps */
+        vtile* acc = shift_g ? partial + (i64)omp_get_thread_num() * kk : NULL;
+        float* acc_rows = shift_g ? NULL : partial_rows + (i64)omp_get_thread_num() * kk;
+        float* gpad = all + omp_get_thread_num() * stride;
+        float* padded = gpad + (Rp + 1) * ldg + SLACK;  /* the sample's maps */
+        memset(gpad, 0, sizeof(float) * per_thread);
 #pragma omp for schedule(static)
         for (i64 b = 0; b < B; b++) {
             const float* g = gz + b * R * Q;
@@ -755,21 +844,22 @@ void ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i
             if (shift_g) gradw(padded, Rp * Qp, Qp, gpad + p * ldg, ldg, R, Qp, (int)k, acc);
             else gradw_rows(padded, Rp * Qp, Qp, gpad + p * ldg + k - 1, ldg, QT, R, (int)k, acc_rows);
         }
-        free(gpad);
-        free(padded);
     }
     for (i64 c = 0; c < 2; c++)
         for (i64 i = 0; i < k; i++)
             for (i64 j = 0; j < k; j++) {
                 float s = 0.f;
                 for (int th = 0; th < nthreads; th++) {
-                    for (int q = 0; q < TQ; q++) s += partial[th * kk + (c * k + i) * k + j][q];
-                    s += partial_rows[th * kk + (c * k + i) * k + j];
+                    if (shift_g) for (int q = 0; q < TQ; q++) s += partial[th * kk + (c * k + i) * k + j][q];
+                    else s += partial_rows[th * kk + (c * k + i) * k + j];
                 }
                 if (t) gw[(c * k + j) * k + i] = s; else gw[(c * k + i) * k + j] = s;
             }
+    free(wl);
     free(partial);
     free(partial_rows);
+    free(all);
+    return 0;
 }
 
 /* Pass 2: grad x = grad * mean(gates) + the ZPool backward of every branch (the max part shared
@@ -796,11 +886,11 @@ INLINE void dx_impl(const float* xb, const float* gb, float* db, i64 C, const i6
         }
 }
 
-void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
-                    const float* gcw, const float* ghc, const float* gs,
-                    const float* mcw, const float* mhc, const float* ms, int tcw, int thc, int ts,
-                    const float* dcw, const float* dhc, const float* dsp,
-                    const float* ncw, const float* nhc, const float* ns, float* dx, int nthreads) {
+int ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
+                   const float* gcw, const float* ghc, const float* gs,
+                   const float* mcw, const float* mhc, const float* ms, int tcw, int thc, int ts,
+                   const float* dcw, const float* dhc, const float* dsp,
+                   const float* ncw, const float* nhc, const float* ns, float* dx, int nthreads) {
     const int spatial = gs != NULL;
     const float weight = spatial ? 1.f / 3.f : 0.5f;
     i64 A[3], N[3], R[3], Q[3]; int tr[3];
@@ -808,9 +898,12 @@ void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
     dims(C, H, W, 1, thc, &A[1], &N[1], &tr[1], &R[1], &Q[1]);
     dims(C, H, W, 2, ts, &A[2], &N[2], &tr[2], &R[2], &Q[2]);
     const i64 sz[3] = {C * W, C * H, H * W};
+    i64 stride;
+    float* all = thread_buffers(4 * (C * W + C * H + H * W), nthreads, &stride);
+    if (!all) return 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        float* buf = malloc(sizeof(float) * 4 * (C * W + C * H + H * W));
+        float* buf = all + omp_get_thread_num() * stride;
         float* gate[3]; float* peak[3]; float* share[3]; float* even[3];
         float* cur = buf;
         for (int br = 0; br < 3; br++) {
@@ -845,8 +938,9 @@ void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W,
             HW_DISPATCH(DX_CALL)
             #undef DX_CALL
         }
-        free(buf);
     }
+    free(all);
+    return 0;
 }
 
 #include "bn_sigmoid.h"

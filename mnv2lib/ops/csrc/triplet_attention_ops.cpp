@@ -9,23 +9,23 @@
 
 using mnv2::i64;
 
-extern "C" {
-void ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W, float* mcw, int tcw, float* mhc, int thc, float* ms, int ts,
-             int nthreads);
-void ta_conv(const float* maps, i64 B, i64 R, i64 Q, i64 k, const float* w, int t, float* z, int nthreads);
-void ta_combine(const float* x, i64 B, i64 C, i64 H, i64 W, const float* gcw, int tcw, const float* ghc, int thc,
-                const float* gs, int ts, float* out, int nthreads);
-void ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw, const float* whc, const float* ws,
-             const float* const* bn, double eps, int tcw, int thc, int ts, int wt, float* out, int nthreads);
-void ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, const float* mcw, int tcw,
-                        const float* mhc, int thc, const float* ms, int ts, float* dcw, float* dhc, float* ds,
-                        float* ncw, float* nhc, float* ns, int nthreads);
-void ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i64 k, const float* w, int t,
-                      float* gmap, float* gw, int nthreads);
-void ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, const float* gcw,
-                    const float* ghc, const float* gs, const float* mcw, const float* mhc, const float* ms, int tcw,
-                    int thc, int ts, const float* dcw, const float* dhc, const float* dsp, const float* ncw,
-                    const float* nhc, const float* ns, float* dx, int nthreads);
+extern "C" {  // each returns 0, or 1 where a work buffer could not be allocated
+int ta_pool(const float* x, i64 B, i64 C, i64 H, i64 W, float* mcw, int tcw, float* mhc, int thc, float* ms, int ts,
+            int nthreads);
+int ta_conv(const float* maps, i64 B, i64 R, i64 Q, i64 k, const float* w, int t, float* z, int nthreads);
+int ta_combine(const float* x, i64 B, i64 C, i64 H, i64 W, const float* gcw, int tcw, const float* ghc, int thc,
+               const float* gs, int ts, float* out, int nthreads);
+int ta_eval(const float* x, i64 B, i64 C, i64 H, i64 W, i64 k, const float* wcw, const float* whc, const float* ws,
+            const float* const* bn, double eps, int tcw, int thc, int ts, int wt, float* out, int nthreads);
+int ta_backward_reduce(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, const float* mcw, int tcw,
+                       const float* mhc, int thc, const float* ms, int ts, float* dcw, float* dhc, float* ds,
+                       float* ncw, float* nhc, float* ns, int nthreads);
+int ta_conv_backward(const float* maps, const float* gz, i64 B, i64 R, i64 Q, i64 k, const float* w, int t,
+                     float* gmap, float* gw, int nthreads);
+int ta_backward_dx(const float* x, const float* go, i64 B, i64 C, i64 H, i64 W, const float* gcw,
+                   const float* ghc, const float* gs, const float* mcw, const float* mhc, const float* ms, int tcw,
+                   int thc, int ts, const float* dcw, const float* dhc, const float* dsp, const float* ncw,
+                   const float* nhc, const float* ns, float* dx, int nthreads);
 }
 
 namespace {
@@ -150,9 +150,21 @@ Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, BRANCH_COUNTS, boo
   const Geometry g = geometry(x);
   const int threads = at::get_num_threads();
   Tensor maps[3], gates[3], xhats[3];
+  if (x.numel() == 0) {
+    // an empty result, as aten's ops give; no statistics to take (aten's batch_norm leaves the running ones
+    // alone on an empty input) and zeros for the saved planes, which backward multiplies by an empty grad
+    for (int i = 0; i < 3; i++) {
+      maps[i] = at::zeros({g.batch, 2, g.rows[i], g.cols[i]}, x.options());
+      gates[i] = at::zeros({g.batch, g.rows[i], g.cols[i]}, x.options());
+      xhats[i] = at::zeros({g.batch, g.rows[i], g.cols[i]}, x.options());
+    }
+    return {at::empty_like(x), maps[0], maps[1], maps[2], gates[0], gates[1], gates[2], xhats[0], xhats[1],
+            xhats[2], at::zeros({3}, x.options())};
+  }
   for (int i = 0; i < 3; i++) maps[i] = at::empty({g.batch, 2, g.rows[i], g.cols[i]}, x.options());
-  ta_pool(cptr(g.xv), g.batch, g.c, g.h, g.w, mptr(maps[0]), g.flags[0], mptr(maps[1]), g.flags[1],
-          mptr(maps[2]), g.flags[2], threads);
+  check_allocated("triplet_attention",
+                  ta_pool(cptr(g.xv), g.batch, g.c, g.h, g.w, mptr(maps[0]), g.flags[0], mptr(maps[1]), g.flags[1],
+                          mptr(maps[2]), g.flags[2], threads));
   Tensor invstd = at::empty({3}, x.options());
   float bs[6] = {0};  // batch means and unbiased variances of the branches (cw, hc, s)
   for (int lane = 0; lane < 3; lane++) {
@@ -162,14 +174,16 @@ Outputs triplet_attention_cpu(const Tensor& x, BRANCH_PARAMS, BRANCH_COUNTS, boo
     Tensor z = at::empty({g.batch, r, q}, x.options());
     gates[lane] = at::empty({g.batch, r, q}, x.options());
     xhats[lane] = at::empty({g.batch, r, q}, x.options());
-    ta_conv(cptr(maps[lane]), g.batch, r, q, k, weight.data(), g.flags[lane] ^ g.transposed[lane], mptr(z), threads);
+    check_allocated("triplet_attention", ta_conv(cptr(maps[lane]), g.batch, r, q, k, weight.data(),
+                                                 g.flags[lane] ^ g.transposed[lane], mptr(z), threads));
     bn_sigmoid_forward(cptr(z), g.batch, 1, r * q, cptr(gammas[b]), cptr(betas[b]), cptr(means[b]), cptr(vars[b]),
                        training, eps, mptr(gates[lane]), mptr(xhats[lane]), mptr(invstd) + lane, bs + b, bs + 3 + b,
                        threads);
   }
   Tensor out = at::empty_like(x);
-  ta_combine(cptr(g.xv), g.batch, g.c, g.h, g.w, cptr(gates[0]), g.flags[0], cptr(gates[1]), g.flags[1],
-             cptr(gates[2]), g.flags[2], mptr(nchw_view(out, g.nhwc)), threads);
+  check_allocated("triplet_attention",
+                  ta_combine(cptr(g.xv), g.batch, g.c, g.h, g.w, cptr(gates[0]), g.flags[0], cptr(gates[1]),
+                             g.flags[1], cptr(gates[2]), g.flags[2], mptr(nchw_view(out, g.nhwc)), threads));
   if (training)
     for (int b = 0; b < 3; b++) update_running_stats(means[b], vars[b], counts[b], bs + b, bs + 3 + b, momentum);
   return {out, maps[0], maps[1], maps[2], gates[0], gates[1], gates[2], xhats[0], xhats[1], xhats[2], invstd};
@@ -203,15 +217,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> triplet_attention_bac
     xhats[lane] = xhats_in[lane].contiguous();
   }
   check_shape(op, "invstd", invstd_in, {3});
+  if (x.numel() == 0)  // nothing reaches the parameters from an empty x
+    return {at::empty_like(x), at::zeros({1, 2, k, k}, x.options()), at::zeros({1, 2, k, k}, x.options()),
+            at::zeros({1, 2, k, k}, x.options()), at::zeros({3}, x.options()), at::zeros({3}, x.options())};
   const Tensor invstd = invstd_in.contiguous();
   Tensor d_gates[3], ties[3];
   for (int lane = 0; lane < 3; lane++) d_gates[lane] = at::empty({g.batch, g.rows[lane], g.cols[lane]}, x.options());
   ties[0] = at::empty({g.batch, g.c, g.w}, x.options());
   ties[1] = at::empty({g.batch, g.c, g.h}, x.options());
   ties[2] = at::empty({g.batch, g.h, g.w}, x.options());
-  ta_backward_reduce(cptr(g.xv), cptr(gv), g.batch, g.c, g.h, g.w, cptr(maps[0]), g.flags[0], cptr(maps[1]),
-                     g.flags[1], cptr(maps[2]), g.flags[2], mptr(d_gates[0]), mptr(d_gates[1]), mptr(d_gates[2]),
-                     mptr(ties[0]), mptr(ties[1]), mptr(ties[2]), threads);
+  check_allocated(op, ta_backward_reduce(cptr(g.xv), cptr(gv), g.batch, g.c, g.h, g.w, cptr(maps[0]), g.flags[0],
+                                         cptr(maps[1]), g.flags[1], cptr(maps[2]), g.flags[2], mptr(d_gates[0]),
+                                         mptr(d_gates[1]), mptr(d_gates[2]), mptr(ties[0]), mptr(ties[1]),
+                                         mptr(ties[2]), threads));
   Tensor d_gamma = at::empty({3}, x.options()), d_beta = at::empty({3}, x.options());
   Tensor d_weights[3], d_maps[3];
   for (int lane = 0; lane < 3; lane++) {
@@ -224,14 +242,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> triplet_attention_bac
     const ConvWeight weight(weights[b]);
     d_maps[lane] = at::empty({g.batch, 2, r, q}, x.options());
     d_weights[b] = at::empty({1, 2, k, k}, x.options());
-    ta_conv_backward(cptr(maps[lane]), cptr(dz), g.batch, r, q, k, weight.data(), g.flags[lane] ^ g.transposed[lane],
-                     mptr(d_maps[lane]), mptr(d_weights[b]), threads);
+    check_allocated(op, ta_conv_backward(cptr(maps[lane]), cptr(dz), g.batch, r, q, k, weight.data(),
+                                         g.flags[lane] ^ g.transposed[lane], mptr(d_maps[lane]), mptr(d_weights[b]),
+                                         threads));
   }
   Tensor dx = at::empty_like(x);
-  ta_backward_dx(cptr(g.xv), cptr(gv), g.batch, g.c, g.h, g.w, cptr(gates[0]), cptr(gates[1]), cptr(gates[2]),
-                 cptr(maps[0]), cptr(maps[1]), cptr(maps[2]), g.flags[0], g.flags[1], g.flags[2], cptr(d_maps[0]),
-                 cptr(d_maps[1]), cptr(d_maps[2]), cptr(ties[0]), cptr(ties[1]), cptr(ties[2]),
-                 mptr(nchw_view(dx, g.nhwc)), threads);
+  check_allocated(op, ta_backward_dx(cptr(g.xv), cptr(gv), g.batch, g.c, g.h, g.w, cptr(gates[0]), cptr(gates[1]),
+                                     cptr(gates[2]), cptr(maps[0]), cptr(maps[1]), cptr(maps[2]), g.flags[0],
+                                     g.flags[1], g.flags[2], cptr(d_maps[0]), cptr(d_maps[1]), cptr(d_maps[2]),
+                                     cptr(ties[0]), cptr(ties[1]), cptr(ties[2]), mptr(nchw_view(dx, g.nhwc)),
+                                     threads));
   return {dx, d_weights[0], d_weights[1], d_weights[2], d_gamma, d_beta};
 }
 
@@ -239,6 +259,7 @@ void inference(const Tensor& x, BRANCH_PARAMS, double eps, const Tensor& out) {
   BRANCH_TABLES
   const i64 k = check_params("triplet_attention_inference", x, weights, {gammas, betas, means, vars},
                              {"gamma", "beta", "mean", "var"});
+  if (x.numel() == 0) return;  // an empty result
   const Geometry g = geometry(x);
   const ConvWeight lane_weights[3] = {ConvWeight(weights[g.branch[0]]), ConvWeight(weights[g.branch[1]]),
                                       ConvWeight(weights[g.branch[2]])};
@@ -250,8 +271,10 @@ void inference(const Tensor& x, BRANCH_PARAMS, double eps, const Tensor& out) {
     bn[4 * lane + 2] = cptr(means[b]), bn[4 * lane + 3] = cptr(vars[b]);
     mask |= g.transposed[lane] << lane;
   }
-  ta_eval(cptr(g.xv), g.batch, g.c, g.h, g.w, k, lane_weights[0].data(), lane_weights[1].data(), lane_weights[2].data(),
-          bn, eps, g.flags[0], g.flags[1], g.flags[2], mask, mptr(nchw_view(out, g.nhwc)), at::get_num_threads());
+  check_allocated("triplet_attention_inference",
+                  ta_eval(cptr(g.xv), g.batch, g.c, g.h, g.w, k, lane_weights[0].data(), lane_weights[1].data(),
+                          lane_weights[2].data(), bn, eps, g.flags[0], g.flags[1], g.flags[2], mask,
+                          mptr(nchw_view(out, g.nhwc)), at::get_num_threads()));
 }
 
 Tensor triplet_attention_inference_cpu(const Tensor& x, BRANCH_PARAMS, double eps) {

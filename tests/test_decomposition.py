@@ -1,0 +1,60 @@
+"""Notebook 04's decomposition (mnv2lib.analysis.decomposition): each part of an improvement against the
+baseline, from a store that holds only some of the parts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mnv2lib.analysis import decomposition as D
+from mnv2lib.analysis.prose import decomposition as prose
+from mnv2lib.models import ModelConfig
+
+EFFECTS = {"baseline": 0.0, "CrossNorm only": 0.0, "SelfNorm only": -0.15, "CNSN after the add (official)": -0.17}
+
+
+def _records(parts, seeds=(0, 1)):
+    rng = np.random.default_rng(0)
+    records = []
+    for part in parts:
+        overrides = {} if part == "baseline" else D.PARTS[part][1]
+        config = ModelConfig(width_mult=0.5, stem="cifar_lite", num_classes=10, **overrides).to_dict()
+        for s in seeds:
+            clean = 0.5 + EFFECTS.get(part, 0.0) + 0.01 * s + rng.normal(0, 0.002)
+            records.append({"key": f"{part}-{s}", "seed": s, "model_config": config, "clean_accuracy": clean,
+                            "mean_corruption_accuracy": clean - 0.02, "history": [{"train_accuracy": clean - 0.05}]})
+    return records
+
+
+def test_parts_present_are_compared_and_missing_ones_left_out():
+    plan = {"parts": ("CrossNorm only", "SelfNorm only", "CNSN after the add (official)", "CNSN before the add"),
+            "seeds": (0, 1)}
+    table = D.decomposition_table(_records(["baseline", "CrossNorm only", "SelfNorm only",
+                                            "CNSN after the add (official)"]), plan)
+    clean = table[table["metric"] == "clean_accuracy"].set_index("part")
+    assert "CNSN before the add" not in clean.index  # not in the store: no row, nothing invented
+    assert clean.loc["SelfNorm only", "difference"] == pytest.approx(-0.15, abs=0.005)
+    assert clean.loc["SelfNorm only", "significant"] and not clean.loc["CrossNorm only", "significant"]
+    text = prose.describe_decomposition(table)
+    assert "The largest clean change is CNSN after the add (official)'s (-16.8 pp, its interval excludes zero)" in text
+    assert "SelfNorm only (clean)" in text and "CrossNorm only (clean)" not in text
+
+
+def test_a_store_without_the_baseline_gives_an_empty_table_and_says_so():
+    plan = {"parts": ("SelfNorm only",), "seeds": (0, 1)}
+    table = D.decomposition_table(_records(["SelfNorm only"]), plan)
+    assert table.empty
+    assert "No part" in prose.describe_decomposition(table)
+
+
+def test_each_config_is_recognised_as_its_part_only():
+    parts = tuple(D.PARTS)
+    for name, (_, overrides, _) in D.PARTS.items():
+        config = ModelConfig(**overrides).to_dict()
+        assert D.part_of(config, parts) == name
+    assert D.part_of(ModelConfig().to_dict(), parts) == "baseline"
+    assert D.part_of(ModelConfig(activation="mish", cnsn="cnsn").to_dict(), parts) is None  # a pair: no part
+
+
+def test_every_part_builds():
+    for _, overrides, _ in D.PARTS.values():
+        ModelConfig(stem="cifar_lite", **overrides)
