@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 
 from mnv2lib.benchmarks import speed as bench
+from mnv2lib.engine.measure import interleaved
 
 
 def test_bench_reports_ratios_of_its_medians(tmp_path):
@@ -63,12 +64,12 @@ def test_bench_varies_what_runs_before_each_variant(count, repeats):
     # a step's time depends on the step before it: the order must not pin one predecessor to a variant (the
     # bench's defaults: 9 training steps of 8 variants and the data step, 54 inference steps of 8 variants)
     names = [f"v{i}" for i in range(count)]
-    orders = bench.interleaved(names, repeats)
+    orders = interleaved(names, repeats)
     assert all(sorted(order) == sorted(names) for order in orders)  # each variant once per repetition
-    assert orders == bench.interleaved(names, repeats)  # the same order in every run
+    assert orders == interleaved(names, repeats)  # the same order in every run
     sequence = [name for order in orders for name in order]  # repetitions run back to back
     assert all(a != b for a, b in zip(sequence, sequence[1:]))
     for name in names:
         before = Counter(a for a, b in zip(sequence, sequence[1:]) if b == name)
         assert max(before.values()) <= repeats // 2, (name, before)
-    assert bench.interleaved([], 3) == [[], [], []]
+    assert interleaved([], 3) == [[], [], []]

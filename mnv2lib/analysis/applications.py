@@ -7,6 +7,7 @@ SSDLite (Table 6) and DeepLabv3 (Table 7) rows are kept in :data:`PAPER` to comp
 """
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..engine.measure import count_parameters, largest_layer_bytes, multiply_adds, time_call
+from ..engine.measure import count_parameters, largest_layer_bytes, multiply_adds, time_interleaved
 from ..models import build_model
 from ..models.heads import build_deeplabv3, build_lraspp, build_ssdlite
 from ..utils.progress import progress
@@ -77,40 +78,57 @@ def application_plan(profile) -> dict:
     return work_sizes(profile, "applications")
 
 
-def _onnx_latency_ms(model: nn.Module, shape: tuple, repeats: int) -> float:
+def _onnx_deployed(model: nn.Module, shape: tuple, folder: Path):
     from ..engine import deploy
 
-    with tempfile.TemporaryDirectory(prefix="mnv2-applications-") as folder:
-        deployed = deploy.export_onnx(model, Path(folder) / "network.onnx", shape)
-        return deploy.latency_ms(deployed, shape, warmup=1, repeats=repeats)
+    return deploy.export_onnx(model, folder / "network.onnx", shape)
 
 
-def measure_network(head: str, variant: str, resolution: int, repeats: int, onnx: bool, width_mult: float = 1.0) -> dict:
-    """One row of the cost table: parameters, multiply-adds, largest layer working set, latencies."""
-    torch.manual_seed(0)
-    model = network(head, {**VARIANTS[variant], "width_mult": width_mult})
-    shape = (1, 3, resolution, resolution)
-    x = torch.randn(shape)
+def _interleaved_ms(calls: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each call on ``x``, timed side by side in changing orders after one warm-up
+    round: a network timed first, alone, pays the process's warm-up (thread pools, allocator, kernels)."""
+    steps = {name: (lambda f=f: f(x)) for name, f in calls.items()}
     with torch.no_grad():
-        seconds = time_call(lambda: model(x), torch.device("cpu"), warmup=1, repeats=repeats)
-    row = {"head": head, "variant": variant, "resolution": resolution, "width_mult": width_mult,
-           "parameters": count_parameters(model), "multiply_adds": multiply_adds(model, shape),
-           "largest_layer_MB": largest_layer_bytes(model, shape) / 1e6,
-           "latency_ms_eager": 1000 * sorted(seconds)[len(seconds) // 2], "latency_ms_onnx": float("nan")}
+        for step in steps.values():
+            step()
+        times = time_interleaved(steps, repeats)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def measure_head(head: str, variants, resolution: int, repeats: int, onnx: bool, width_mult: float = 1.0,
+                 work_dir: Path | None = None) -> list[dict]:
+    """The cost table's rows of one head: parameters, multiply-adds and largest layer working set per
+    variant, and batch-1 latencies timed interleaved across the variants (eager, and ONNX Runtime)."""
+    shape = (1, 3, resolution, resolution)
+    networks = {}
+    for variant in variants:
+        torch.manual_seed(0)
+        networks[variant] = network(head, {**VARIANTS[variant], "width_mult": width_mult})
+    rows = {v: {"head": head, "variant": v, "resolution": resolution, "width_mult": width_mult,
+                "parameters": count_parameters(m), "multiply_adds": multiply_adds(m, shape),
+                "largest_layer_MB": largest_layer_bytes(m, shape) / 1e6, "latency_ms_onnx": float("nan")}
+            for v, m in networks.items()}
+    x = torch.randn(shape)
+    for v, ms in _interleaved_ms(networks, x, repeats).items():
+        rows[v]["latency_ms_eager"] = ms
     if onnx:
-        t0 = time.perf_counter()
-        row["latency_ms_onnx"] = _onnx_latency_ms(model, shape, repeats)
-        row["onnx_export_seconds"] = time.perf_counter() - t0
-    return row
+        with tempfile.TemporaryDirectory(prefix="mnv2-applications-", dir=work_dir) as folder:
+            deployed = {}
+            for v, m in networks.items():
+                t0 = time.perf_counter()
+                deployed[v] = _onnx_deployed(m, shape, Path(folder) / v)
+                rows[v]["onnx_export_seconds"] = time.perf_counter() - t0
+            for v, ms in _interleaved_ms(deployed, x, repeats).items():
+                rows[v]["latency_ms_onnx"] = ms
+    return list(rows.values())
 
 
 def cost_table(plan: dict, show_progress: bool = True) -> pd.DataFrame:
-    """Every variant under every head of ``plan`` at its resolution, measured one after another."""
-    jobs = [(head, variant) for head in plan["heads"] for variant in plan["variants"]]
+    """Every variant under every head of ``plan`` at its resolution (one head at a time)."""
     rows = []
-    for head, variant in progress(jobs, enabled=show_progress, desc="networks", unit="network"):
-        rows.append(measure_network(head, variant, plan["resolutions"][head], plan["latency_repeats"],
-                                    head in plan["onnx_heads"], plan["width_mult"]))
+    for head in progress(plan["heads"], enabled=show_progress, desc="heads", unit="head"):
+        rows += measure_head(head, plan["variants"], plan["resolutions"][head], plan["latency_repeats"],
+                             head in plan["onnx_heads"], plan["width_mult"])
     return pd.DataFrame(rows)
 
 

@@ -80,7 +80,7 @@ WORK_SIZES: dict[str, dict[str, dict]] = {
         # export takes 10-25 s here, DeepLabv3's the longest)
         "applications": {"heads": ("classifier", "ssdlite", "deeplabv3"),
                          "resolutions": {"classifier": 224, "ssdlite": 320, "deeplabv3": 513},
-                         "variants": ("baseline", "mish", "triplet", "cnsn"), "width_mult": 1.0, "latency_repeats": 3,
+                         "variants": ("baseline", "mish", "triplet", "cnsn"), "width_mult": 1.0, "latency_repeats": 7,
                          "onnx_heads": ("ssdlite",)},
     },
     "gpu": _FULL,  # a GPU does the full sizes in seconds

@@ -19,21 +19,18 @@ runs with freed memory kept in the process, as training does (``mnv2lib.utils.al
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 import torchvision
 from torch import nn
 
-from ..engine.measure import make_eval_step, make_train_step, saved_activation_bytes
+from ..engine.measure import make_eval_step, make_train_step, saved_activation_bytes, time_interleaved
 from ..models import build_model
 from ..utils import allocator, paths
 
@@ -131,40 +128,6 @@ def make_data_step(train_batch: int, device: torch.device, channels_last: bool):
 # compiling (inductor, a minute or two on 2 cores) fits in the benchmark.
 COMPILED = dict(num_classes=10, width_mult=0.25, stem="cifar_lite", activation="mish", attention="triplet",
                 cnsn="cnsn")
-
-
-def interleaved(names: list[str], repeats: int) -> list[list[str]]:
-    """The order of each repetition's steps: every name once per repetition, so that drifts in machine speed
-    hit every variant alike, in seeded random orders (the same in every run; no step right after itself), so
-    that no variant always runs after the same one: a step's time depends on what ran before it (in a fixed
-    order, the variant right after the data step was measurably slower than the same model elsewhere)."""
-    rng = random.Random(0)
-    orders: list[list[str]] = []
-    while len(orders) < repeats:
-        order = rng.sample(names, len(names))
-        if not (len(names) > 1 and orders and order[0] == orders[-1][-1]):
-            orders.append(order)
-    return orders
-
-
-def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int,
-                     sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds of ``repeats`` calls of each step, in the orders of :func:`interleaved`, with Python's garbage
-    collector paused (no collector pauses inside the timed steps)."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    gc.collect()
-    gc.disable()
-    try:
-        for order in interleaved(list(steps), repeats):
-            for name in order:
-                sync()
-                t0 = time.perf_counter()
-                steps[name]()
-                sync()
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        gc.enable()
-    return times
 
 
 def compiled_train_ratio(batch: int = 64, repeats: int = 9, channels_last: bool = False) -> dict:

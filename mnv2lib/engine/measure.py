@@ -6,6 +6,8 @@ and memory bookkeeping are written here.
 """
 from __future__ import annotations
 
+import gc
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +38,10 @@ def flops(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
     """FLOPs of one forward pass in eval mode, from ``torch.utils.flop_counter`` (2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ..ops import kernels
+
+    for name in kernels.LIBRARIES:  # their FLOP formulas register when a library loads: before counting
+        kernels.available(name)
     with training_mode(model, False), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(_eval_copy_input(model, input_size))
     return int(counter.get_total_flops())
@@ -132,6 +138,40 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, r
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved(names: list[str], repeats: int) -> list[list[str]]:
+    """The order of each repetition's steps: every name once per repetition, so that drifts in machine speed
+    hit every variant alike, in seeded random orders (the same in every run; no step right after itself), so
+    that no variant always runs after the same one: a step's time depends on what ran before it (in a fixed
+    order, the variant right after the data step was measurably slower than the same model elsewhere)."""
+    rng = random.Random(0)
+    orders: list[list[str]] = []
+    while len(orders) < repeats:
+        order = rng.sample(names, len(names))
+        if not (len(names) > 1 and orders and order[0] == orders[-1][-1]):
+            orders.append(order)
+    return orders
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int,
+                     sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds of ``repeats`` calls of each step, in the orders of :func:`interleaved`, with Python's garbage
+    collector paused (no collector pauses inside the timed steps)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    gc.collect()
+    gc.disable()
+    try:
+        for order in interleaved(list(steps), repeats):
+            for name in order:
+                sync()
+                t0 = time.perf_counter()
+                steps[name]()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
     return times
 
 

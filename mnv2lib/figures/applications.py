@@ -15,8 +15,8 @@ METRIC_LABELS = {"multiply_adds": "multiply-adds", "parameters": "parameters",
 
 def make_relative_cost_figure(relative: pd.DataFrame, metrics=("multiply_adds", "latency_ms_eager"),
                               context: FigureContext | None = None) -> Figure:
-    """Each improvement's cost over the baseline's (ratio, 1 = the same), one bar group per head, one
-    panel per metric."""
+    """Each improvement's cost over the baseline's (percent change, 0 = the same), one bar group per head,
+    one panel per metric, each bar labelled with its value."""
     unknown = [m for m in metrics if m not in METRIC_LABELS]
     if unknown:
         raise ValueError(f"metrics: got {unknown}; allowed values are {tuple(METRIC_LABELS)}")
@@ -29,11 +29,13 @@ def make_relative_cost_figure(relative: pd.DataFrame, metrics=("multiply_adds", 
     for ax, metric in zip(axes, metrics):
         for i, variant in enumerate(variants):
             rows = relative[relative["variant"] == variant].set_index(["head", "resolution"])
-            values = [rows[metric].get(g, np.nan) for g in groups]
-            ax.bar(x + i * width - 0.4 + width / 2, values, width, label=variant, color=PALETTE.get(variant, "0.5"))
-        ax.axhline(1.0, color="black", lw=0.8)
+            values = [100 * (rows[metric].get(g, np.nan) - 1) for g in groups]
+            bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, label=variant,
+                          color=PALETTE.get(variant, "0.5"))
+            ax.bar_label(bars, [f"{v:+.0f}" if np.isfinite(v) else "" for v in values], fontsize=6, padding=1)
+        ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xticks(x, [f"{HEAD_NAMES.get(h, h)}\n{r}x{r}" for h, r in groups], fontsize=7)
-        ax.set_ylabel(f"{METRIC_LABELS[metric]} / baseline's")
+        ax.set_ylabel(f"{METRIC_LABELS[metric]}: % over the baseline")
         ax.set_title(METRIC_LABELS[metric], loc="left", fontsize=9)
     axes[0].legend(fontsize=7)
     return source_note(fig, context)

@@ -45,7 +45,7 @@ def load_profile_dataset(profile: Profile, dataset: str = "auto", seed: int = 0)
 
 
 
-COSTS_VERSION = 2  # 2: multiply-adds and FLOPs include the modules that run in C kernels
+COSTS_VERSION = 3  # 2: multiply-adds and FLOPs include the modules that run in C kernels; 3: also in a fresh process
 
 
 def measure_config_costs(model_config: ModelConfig, profile: Profile, store: ResultsStore) -> dict:
