@@ -507,6 +507,7 @@ def load_executorch(program: bytes | str | os.PathLike, precision: str = "fp32",
     ``fixed_batch`` / ``max_batch`` as the program was exported (see :class:`DeployedModel`; neither: the
     program's own batch as a fixed batch, right for a static program and for a bounded one alike).
     The input shape comes from the program; a file or bytes that are not a program raise DeployInputError."""
+    # long: every argument and the program itself are checked first, in the order a caller meets them
     _require("executorch", "ExecuTorch")
     from executorch.runtime import Runtime
 
@@ -943,27 +944,8 @@ def _measure_variant(name: str, model: nn.Module, deployed: dict, dataset, profi
     return list(measured.values())
 
 
-def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: DeploySizes = DeploySizes(),
-                     work_dir: str | os.PathLike | None = None, input_shape=None, targets=TARGETS,
-                     executorch_variants=None, show_progress: bool = True, workers: int | None = None):
-    """(results, failures) DataFrames for every variant x target.
-
-    results: one row per variant and (runtime, precision) that exported and ran, with the measurements
-    of :func:`measure_deployed`, and where int8 is slower than fp32 of the same runtime at batch 1 the
-    latencies of both at ``sizes.crossover_batch``. failures: one row per variant and target that did
-    not, with the exception's name and message. ``executorch_variants``: the variants also lowered to
-    ExecuTorch (None: all); the others are listed in neither table for ExecuTorch (a choice of budget,
-    stated by the caller, not a failure). The ExecuTorch fp32 program takes any batch up to
-    ``sizes.crossover_batch`` (latency, crossover and evaluation from one program); int8 programs have
-    static shapes (see :func:`check_batch_consistency`).
-
-    ``workers``: processes that export side by side (default: up to 4, one per core); measuring always
-    runs alone in this process, after every export has finished, so that no timing shares the CPU."""
-    import pandas as pd
-
-    from ..utils.progress import progress
-
-    # input checks, before minutes of exports
+def _check_study(variants, dataset, sizes, input_shape, targets, executorch_variants):
+    """deployment_study's arguments checked: (input shape, targets, ExecuTorch variants or None)."""
     _check_variants(variants)
     if not variants:
         raise DeployInputError("variants: got none; allowed: a dict of name -> nn.Module with at least one variant")
@@ -984,6 +966,31 @@ def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: De
         if unknown:  # it would be ignored silently: a name no variant has is lowered nowhere
             raise DeployInputError(f"executorch_variants: got {unknown!r}, which are not variants; allowed values "
                                    f"are {tuple(variants)}")
+    return shape, targets, executorch_variants
+
+
+def deployment_study(variants: dict[str, nn.Module], dataset, profile, sizes: DeploySizes = DeploySizes(),
+                     work_dir: str | os.PathLike | None = None, input_shape=None, targets=TARGETS,
+                     executorch_variants=None, show_progress: bool = True, workers: int | None = None):
+    """(results, failures) DataFrames for every variant x target.
+
+    results: one row per variant and (runtime, precision) that exported and ran, with the measurements
+    of :func:`measure_deployed`, and where int8 is slower than fp32 of the same runtime at batch 1 the
+    latencies of both at ``sizes.crossover_batch``. failures: one row per variant and target that did
+    not, with the exception's name and message. ``executorch_variants``: the variants also lowered to
+    ExecuTorch (None: all); the others are listed in neither table for ExecuTorch (a choice of budget,
+    stated by the caller, not a failure). The ExecuTorch fp32 program takes any batch up to
+    ``sizes.crossover_batch`` (latency, crossover and evaluation from one program); int8 programs have
+    static shapes (see :func:`check_batch_consistency`).
+
+    ``workers``: processes that export side by side (default: up to 4, one per core); measuring always
+    runs alone in this process, after every export has finished, so that no timing shares the CPU."""
+    import pandas as pd
+
+    from ..utils.progress import progress
+
+    shape, targets, executorch_variants = _check_study(variants, dataset, sizes, input_shape, targets,
+                                                       executorch_variants)  # before minutes of exports
     calibration = calibration_batches(dataset, min(sizes.calibration_images, len(dataset.train_labels)))
     rows, failures = [], []
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="mnv2-deploy-"))

@@ -558,6 +558,7 @@ def train_model(model: nn.Module, dataset, config: TrainConfig = TrainConfig(), 
     statistics are taken from rank 0 after every epoch, so every rank evaluates the same model;
     only rank 0 writes the checkpoint.
     """
+    # (some 55 lines under the docstring: the epoch loop reads best in one place; its parts are helpers)
     t = _set_up(model, dataset, config, seed)
     history: list[dict] = []
     curve: list[dict] = []

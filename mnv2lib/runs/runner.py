@@ -164,16 +164,9 @@ def _stored_run(store: ResultsStore, key: str, model_config: ModelConfig, profil
     return existing
 
 
-def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int, store: ResultsStore, key: str,
-                identity: dict, show_progress: bool, stop_after_epoch: int | None, writer: bool = True,
-                measure_costs: bool = True) -> dict:
-    """Train and record run ``key`` while holding its lock (``writer``: this process writes; False for
-    the ranks > 0 of a distributed run, which only train)."""
+def _started_record(model_config: ModelConfig, profile: Profile, dataset, seed: int, key: str, identity: dict) -> dict:
+    """A run's record as training starts: what it is, and where and with what it was trained."""
     allocator = keep_freed_memory()  # training steps without page faults (see mnv2lib.utils.allocator)
-    run_dir = store.run_dir(key)
-    if writer and run_dir.is_dir():  # temporary files of a writer killed mid-write (we hold the lock)
-        for stale in run_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
     record = {
         "key": key, "version": RECORD_VERSION, "status": "running", "model_config": model_config.to_dict(),
         "label": model_config.label, "profile": profile.to_dict(), "profile_name": profile.name,
@@ -184,6 +177,19 @@ def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int,
     }
     if distributed_context()[1] > 1:
         record["world_size"] = distributed_context()[1]
+    return record
+
+
+def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int, store: ResultsStore, key: str,
+                identity: dict, show_progress: bool, stop_after_epoch: int | None, writer: bool = True,
+                measure_costs: bool = True) -> dict:
+    """Train and record run ``key`` while holding its lock (``writer``: this process writes; False for
+    the ranks > 0 of a distributed run, which only train)."""
+    run_dir = store.run_dir(key)
+    if writer and run_dir.is_dir():  # temporary files of a writer killed mid-write (we hold the lock)
+        for stale in run_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    record = _started_record(model_config, profile, dataset, seed, key, identity)
     checkpoint = run_dir / "checkpoint.pt"
     for attempt in range(2):
         torch.manual_seed(seed)  # the initial weights belong to the run, not to whatever ran before it

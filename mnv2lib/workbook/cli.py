@@ -58,7 +58,7 @@ def _allow_cpu_option(parser) -> None:
                                                                  "without CUDA (hours to days)")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser():
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mnv2lib.experiments",
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--config", default="{}", help='build_model overrides as JSON, e.g. \'{"activation": "mish"}\'')
     _allow_cpu_option(train)
-    ablation = sub.add_parser("ablation", help="the 2^3 ablation of a profile (e.g. --profile gpu on a GPU machine)")
+    ablation = sub.add_parser("ablation", help="the 2^k ablation of a profile (e.g. --profile gpu on a GPU machine)")
     ablation.add_argument("--profile", default="quick", choices=sorted(PROFILES))
     ablation.add_argument("--dataset", default="auto")
     ablation.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
@@ -94,59 +94,74 @@ def main(argv: list[str] | None = None) -> None:
     export = sub.add_parser("export", help="write the results store as one CSV (one row per run) and each run's "
                                            "history.csv beside its weights")
     export.add_argument("--output", default=None, help="the CSV's path (default: reports/results.csv)")
+    return parser
+
+
+def _integers(field: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(f) for f in text.split(",") if f)
+    except ValueError:
+        raise ValueError(f"{field}: got {text!r}; allowed: comma-separated integers such as 0,1") from None
+
+
+def _checked(args) -> dict:
+    """Every argument checked before any data loads or anything trains; what the command needs of them."""
+    ResultsStore()  # MNV2_REPORTS_DIR naming a file
+    if args.command == "export":
+        if args.output is not None and Path(args.output).is_dir():
+            raise ValueError(f"--output: got {args.output!r}, a folder; allowed: a file path such as results.csv")
+        return {}
+    check_dataset_name(args.dataset)
+    if args.command in ("plan", "run"):
+        requests_for(args.profile, args.seed, args.notebooks, args.factors)
+    if args.command == "run":
+        check_options(args.executor, args.address, args.workers, args.threads, args.gpus_per_run)
+        check_device_for(args.profile, args.allow_cpu)
+    elif args.command == "train":
+        check_seed(args.seed)
+        check_device_for(args.profile, args.allow_cpu, runs=1)
+        return {"overrides": _config_overrides(args.config, get_profile(args.profile))}
+    elif args.command == "ablation":
+        seeds = _integers("--seeds", args.seeds) if args.seeds else get_profile(args.profile).seeds
+        check_device_for(args.profile, args.allow_cpu, runs=len(ablation_configs(factors=args.factors)) * len(seeds))
+        return {"seeds": seeds}
+    elif args.command == "ladder":
+        factors = _integers("--factors", args.factors)
+        for factor in factors:
+            budget_rung(PROFILES["quick"], factor)
+        return {"factors": factors}
+    return {}
+
+
+def _execute(args, checked: dict) -> None:
+    if args.command == "export":
+        print(f"[experiments] wrote {export_results(ResultsStore(), args.output)}", flush=True)
+    elif args.command == "plan":
+        _print_plan(*plan_notebook_runs(args.profile, args.dataset, args.seed, args.notebooks, args.factors),
+                    args.json)
+    elif args.command == "run":
+        workers = args.workers if args.workers is not None else local_workers(args.profile, args.executor)
+        _print_runs(train_plan(args.profile, args.dataset, args.seed, args.notebooks, factors=args.factors,
+                               executor=args.executor, address=args.address, workers=workers, threads=args.threads,
+                               gpus_per_run=args.gpus_per_run))
+    elif args.command == "train":
+        _train_one(args.profile, args.dataset, args.seed, checked["overrides"])
+    elif args.command == "ablation":
+        _print_runs(ensure_runs(ablation_configs(factors=args.factors), args.profile, args.dataset, checked["seeds"]))
+    else:
+        _print_runs(train_ladder(args.dataset, checked["factors"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     check_notebook_names(parser, getattr(args, "notebooks", None))
-
-    def integers(field: str, text: str) -> tuple[int, ...]:
-        try:
-            return tuple(int(f) for f in text.split(",") if f)
-        except ValueError:
-            parser.error(f"{field}: got {text!r}; allowed: comma-separated integers such as 0,1")
-
-    try:  # every argument, before any data loads or anything trains (usage errors: exit status 2)
-        ResultsStore()  # MNV2_REPORTS_DIR naming a file
-        if args.command == "export":
-            if args.output is not None and Path(args.output).is_dir():
-                raise ValueError(f"--output: got {args.output!r}, a folder; allowed: a file path such as results.csv")
-        else:
-            check_dataset_name(args.dataset)
-        if args.command in ("plan", "run"):
-            requests_for(args.profile, args.seed, args.notebooks, args.factors)
-        if args.command == "run":
-            check_options(args.executor, args.address, args.workers, args.threads, args.gpus_per_run)
-            check_device_for(args.profile, args.allow_cpu)
-        elif args.command == "train":
-            check_seed(args.seed)
-            overrides = _config_overrides(args.config, get_profile(args.profile))
-            check_device_for(args.profile, args.allow_cpu, runs=1)
-        elif args.command == "ablation":
-            seeds = integers("--seeds", args.seeds) if args.seeds else get_profile(args.profile).seeds
-            check_device_for(args.profile, args.allow_cpu, runs=len(ablation_configs(factors=args.factors)) * len(seeds))
-        elif args.command == "ladder":
-            factors = integers("--factors", args.factors)
-            for factor in factors:
-                budget_rung(PROFILES["quick"], factor)
+    try:
+        checked = _checked(args)
     except (ValueError, FileNotFoundError) as error:
         parser.error(as_flag(str(error)))  # exit status 2, naming the option
-
     try:  # failures of the work itself (a dataset, the store, a run): one line, exit status 1
-        if args.command == "export":
-            print(f"[experiments] wrote {export_results(ResultsStore(), args.output)}", flush=True)
-        elif args.command == "plan":
-            _print_plan(*plan_notebook_runs(args.profile, args.dataset, args.seed, args.notebooks, args.factors),
-                        args.json)
-        elif args.command == "run":
-            workers = args.workers if args.workers is not None else local_workers(args.profile, args.executor)
-            _print_runs(train_plan(args.profile, args.dataset, args.seed, args.notebooks, factors=args.factors,
-                                   executor=args.executor,
-                                   address=args.address, workers=workers, threads=args.threads,
-                                   gpus_per_run=args.gpus_per_run))
-        elif args.command == "train":
-            _train_one(args.profile, args.dataset, args.seed, overrides)
-        elif args.command == "ablation":
-            _print_runs(ensure_runs(ablation_configs(factors=args.factors), args.profile, args.dataset, seeds))
-        else:
-            _print_runs(train_ladder(args.dataset, factors))
+        _execute(args, checked)
     except (ValueError, OSError, ImportError, GridError) as error:
         fail(parser.prog, error)
 
