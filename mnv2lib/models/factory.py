@@ -95,10 +95,9 @@ def attach_crossnorm_schedule(model: nn.Module, cn_prob: float, active_num: int,
 
 def _drop_cnsn_beyond(model: nn.Module, max_reduction: int) -> None:
     """No CNSN in the blocks whose output is more than ``max_reduction`` times smaller than the input."""
-    reduction = 1
-    for block in model.features:
-        reduction *= 2 ** sum(1 for name, m in block.named_modules()
-                              if isinstance(m, nn.Conv2d) and m.stride[0] == 2 and "attention" not in name)
+    from .features import child_reductions  # the spatial path's strides, counted where features_only counts them
+
+    for block, reduction in zip(model.features, child_reductions(model)):
         if reduction > max_reduction and getattr(block, "cnsn", None) is not None:
             block.cnsn = None
 

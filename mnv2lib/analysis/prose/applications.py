@@ -37,16 +37,17 @@ def describe_paper_comparison(comparison: pd.DataFrame) -> str:
     if comparison.empty:
         return ("No network of this run has the paper's width and resolution (the smoke profile measures small "
                 "ones), so there is nothing to compare with the paper's tables.")
-    why = {
-        "classifier": "the same network (the paper rounds to 3.4M and 300M)",
+    # the settings that differ from the paper's: stated, not judged (the numbers beside them say how much)
+    settings = {
+        "classifier": "the same network; the paper prints 3.4M and 300M, rounded",
         "ssdlite": ("torchvision's SSDLite predicts 6 anchors at every location, the first map included, where the "
                     "paper's (TensorFlow Object Detection API) uses 3 on the first map, and counts 91 COCO classes; "
-                    "the backbone and extra layers are the paper's (first head on the expansion of layer 15, second "
-                    "on the last layer, extras 512-256-256-128)"),
-        "deeplabv3": ("torchvision's DeepLabHead adds a 3x3 convolution (256 to 256 channels) after ASPP and its ASPP "
-                      "convolutions are regular 3x3 ones, as in DeepLabv3; the paper's exact head is not published "
-                      "with the table, so a difference of this size is expected; the backbone reads the second last "
-                      "feature map (320 channels) at output stride 16, as the paper's MNet V2*"),
+                    "the backbone taps and extra layers are the paper's (first head on the expansion of layer 15, "
+                    "second on the last layer, extras 512-256-256-128)"),
+        "deeplabv3": ("torchvision's DeepLabHead adds a 3x3 convolution (256 to 256 channels) after ASPP, whose "
+                      "convolutions are regular 3x3 ones as in DeepLabv3; the paper does not list its head's layers; "
+                      "the backbone reads the second last feature map (320 channels) at output stride 16, as the "
+                      "paper's MNet V2*"),
     }
     lines = []
     for _, r in comparison.iterrows():
@@ -54,7 +55,7 @@ def describe_paper_comparison(comparison: pd.DataFrame) -> str:
                      f"{r['parameters_M']:.2f}M parameters against the paper's {r['paper_parameters_M']:.2f}M "
                      f"({100 * (r['parameters_M'] / r['paper_parameters_M'] - 1):+.0f}%), "
                      f"{r['multiply_adds_B']:.2f}B multiply-adds against {r['paper_multiply_adds_B']:.2f}B "
-                     f"({100 * (r['multiply_adds_B'] / r['paper_multiply_adds_B'] - 1):+.0f}%): {why.get(r['head'], '')}.")
+                     f"({100 * (r['multiply_adds_B'] / r['paper_multiply_adds_B'] - 1):+.0f}%): settings: {settings.get(r['head'], '')}.")
     return "\n".join(lines)
 
 
