@@ -1,73 +1,60 @@
-"""Choosing the CPU quick profile's training recipe by measurement, never on test images.
+"""Choosing the quick profile's training recipe fairly, by measurement, never on test images.
 
-Each recipe (data size, epochs, batch, learning rate, schedule, initialization, weight average,
-model shape) trains the baseline MobileNetV2 on the training set minus a class-balanced
-validation split of ``--validation`` images, and is scored by its validation accuracy against the
-CPU time it took (process CPU seconds and wall seconds, both recorded). One JSON per recipe goes to
-``reports/recipes/``; a finished recipe is read back, not retrained.
+Each recipe of a small grid around the quick profile's recipe before the search (every one sees the same
+images in the same number of steps, so costs the same CPU time but for the weight average's few extra
+operations) trains the baseline *and each single improvement* (Mish, Triplet Attention, CNSN) on the
+training set minus a class-balanced validation split of ``--validation`` images. A recipe is scored by the
+mean validation accuracy over the four variants (the shared recipe: no variant's favourite), and each
+variant's own best is kept too (the per-variant recipe), with the flip test-time-augmented accuracy reported
+apart. One JSON per (variant, recipe, seed) goes to ``reports/recipes/`` (tracked by git: the evidence for
+the quick profile's recipe); a finished one is read back, not retrained. Notebook 04 reads them (``analysis.recipes``).
 
-    python -m mnv2lib.benchmarks.recipes                 # every recipe in RECIPES
-    python -m mnv2lib.benchmarks.recipes --only today,zero_init
+    python -m mnv2lib.benchmarks.recipes                       # the whole grid, two runs side by side
+    python -m mnv2lib.benchmarks.recipes --only before,lr0.1 --variants baseline,mish
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import platform
 import time
 
 import torch
 
 from ..engine.data import Dataset, balanced_order, channel_stats, load_dataset, validation_split
-from ..engine.train import TrainConfig, train_model
+from ..engine.train import TrainConfig, evaluate, train_model
 from ..models import build_model
+from ..runs.profiles import PROFILES
+from ..runs.spec import parse_factors
 from ..utils import paths
 from ..utils.io import write_json_atomic
+from ..utils.provenance import git_commit
 
-RECIPES_DIR = paths.REPORTS_DIR / "recipes"
+VARIANTS = ("baseline", "mish", "triplet", "cnsn")  # the baseline and each single improvement
 
-# name -> (data and model shape, TrainConfig overrides). `base` is the quick profile before this search.
-BASE_SHAPE = dict(train_size=5000, width_mult=0.5, stem="cifar_lite", dropout=0.2)
-BASE_TRAIN = dict(epochs=4, batch_size=128, lr=0.1, eval_batch_size=500, channels_last=True)
-
-
-def _recipe(shape: dict | None = None, **train) -> tuple[dict, dict]:
-    return {**BASE_SHAPE, **(shape or {})}, {**BASE_TRAIN, **train}
-
-
-DISTINCT = dict(train_size=20000)
-RECIPES: dict[str, tuple[dict, dict]] = {
-    "today": _recipe(),
-    "distinct": _recipe(DISTINCT, epochs=1),
-    "distinct_b64": _recipe(DISTINCT, epochs=1, batch_size=64),
-    "zero_init": _recipe(DISTINCT, epochs=1, batch_size=64, zero_init_residual=True),
-    "zero_init_lr0.2": _recipe(DISTINCT, epochs=1, batch_size=64, zero_init_residual=True, lr=0.2),
-    "zero_init_noaug": _recipe(DISTINCT, epochs=1, batch_size=64, zero_init_residual=True, augment=False),
-    "zero_init_ema": _recipe(DISTINCT, epochs=1, batch_size=64, zero_init_residual=True, ema_decay=0.99),
-    "zero_init_ls0_dropout0": _recipe({**DISTINCT, "dropout": 0.0}, epochs=1, batch_size=64,
-                                      zero_init_residual=True, label_smoothing=0.0),
-    "zero_init_warmup0.05": _recipe(DISTINCT, epochs=1, batch_size=64, zero_init_residual=True,
-                                    warmup_fraction=0.05),
-    # second round: around zero-init without augmentation (the best of the first round)
-    "zi_noaug_b128": _recipe(DISTINCT, epochs=1, zero_init_residual=True, augment=False),
-    "zi_noaug_lr0.05": _recipe(DISTINCT, epochs=1, batch_size=64, zero_init_residual=True, augment=False, lr=0.05),
-    "zi_noaug_ls0_dropout0": _recipe({**DISTINCT, "dropout": 0.0}, epochs=1, batch_size=64,
-                                     zero_init_residual=True, augment=False, label_smoothing=0.0),
-    "zi_noaug_warmup0.05": _recipe(DISTINCT, epochs=1, batch_size=64, zero_init_residual=True, augment=False,
-                                   warmup_fraction=0.05),
-    "zi_noaug_ema": _recipe(DISTINCT, epochs=1, batch_size=64, zero_init_residual=True, augment=False,
-                            ema_decay=0.99),
-    "zi_noaug_b32_lr0.05": _recipe(DISTINCT, epochs=1, batch_size=32, zero_init_residual=True, augment=False,
-                                   lr=0.05),
-    # third round, at the best learning rate so far (0.05): more budget as distinct images or as repeats
-    # (with and without augmentation), and a lower peak
-    "zi_noaug_lr0.03": _recipe(DISTINCT, epochs=1, batch_size=64, zero_init_residual=True, augment=False, lr=0.03),
-    "zi_noaug_lr0.05_40k": _recipe(dict(train_size=40000), epochs=1, batch_size=64, zero_init_residual=True,
-                                   augment=False, lr=0.05),
-    "zi_noaug_lr0.05_20k_x2": _recipe(DISTINCT, epochs=2, batch_size=64, zero_init_residual=True, augment=False,
-                                      lr=0.05),
-    "zi_aug_lr0.05_20k_x2": _recipe(DISTINCT, epochs=2, batch_size=64, zero_init_residual=True, lr=0.05),
+# The grid's centre: the quick recipe before this search (chosen on the baseline alone), frozen here so that
+# the records keep their meaning whichever recipe the quick profile adopts (notebook 04 finds the profile's
+# recipe among them by its settings).
+CENTRE = dict(epochs=2, batch_size=64, lr=0.05, eval_batch_size=500, channels_last=True, zero_init_residual=True,
+              augment=False)
+# recipe name -> TrainConfig overrides of the centre (issue #29's grid: the ideas of the CIFAR speed-run
+# literature that cost no extra steps, and the two choices made on the baseline alone)
+GRID: dict[str, dict] = {
+    "before": {},
+    "lr0.1": dict(lr=0.1),
+    "no_zero_init": dict(zero_init_residual=False),
+    "ema0.99": dict(ema_decay=0.99),
+    "norm_lr4": dict(norm_lr_mult=4.0),
+    "warmup0.05": dict(warmup_fraction=0.05),
 }
+
+
+def recipe_config(name: str) -> TrainConfig:
+    """The grid's recipe ``name``: its centre with the recipe's overrides."""
+    if name not in GRID:
+        raise ValueError(f"recipe: got {name!r}; allowed values are {tuple(GRID)}")
+    return TrainConfig(**{**CENTRE, **GRID[name]})
 
 
 def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
@@ -80,50 +67,88 @@ def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
                                mean=mean, std=std)
 
 
-def run_recipe(name: str, dataset: Dataset, seed: int = 0, force: bool = False) -> dict:
-    """Train one recipe on ``dataset`` (whose test set is a validation split); its record."""
-    shape, train = RECIPES[name]
-    path = RECIPES_DIR / f"{name}-seed{seed}.json"
+def record_path(variant: str, recipe: str, seed: int):
+    return paths.RECIPES_DIR / f"{variant}-{recipe}-seed{seed}.json"
+
+
+def run_recipe(variant: str, recipe: str, dataset: Dataset, seed: int = 0, force: bool = False) -> dict:
+    """Train ``variant`` under ``recipe`` on ``dataset`` (whose test set is a validation split); its record."""
+    path = record_path(variant, recipe, seed)
     if path.exists() and not force:
         return json.loads(path.read_text())
-    data = _subset(dataset, shape["train_size"], seed)
-    config = TrainConfig(**train)
-    torch.manual_seed(seed)
-    model = build_model(num_classes=len(dataset.classes), width_mult=shape["width_mult"], stem=shape["stem"],
-                        dropout=shape["dropout"])
+    quick = PROFILES["quick"]
+    config = recipe_config(recipe)
+    overrides = {} if variant == "baseline" else parse_factors(variant)[variant]
+    data = _subset(dataset, quick.train_size, seed)
+    model = build_model(num_classes=len(dataset.classes), width_mult=quick.width_mult, stem=quick.stem, **overrides)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     result = train_model(model, data, config, seed=seed, show_progress=False)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    flipped = evaluate(model, data.test_images, data.test_labels, data.mean, data.std, config.eval_batch_size,
+                       "cpu", config.channels_last, flip=True)
     record = {
-        "recipe": name, "seed": seed, "shape": shape, "train": config.to_dict(),
+        "variant": variant, "recipe": recipe, "seed": seed, "overrides": GRID[recipe], "train": config.to_dict(),
         "images_seen": len(data.train_labels) // config.batch_size * config.batch_size * config.epochs,
-        "validation_accuracy": result.history[-1]["test_accuracy"],
-        "curve": [h["test_accuracy"] for h in result.history],
-        "train_wall_seconds": time.perf_counter() - wall0, "train_cpu_seconds": time.process_time() - cpu0,
-        "threads": torch.get_num_threads(), "dataset": data.description, "history": result.history,
+        "validation_accuracy": result.history[-1]["test_accuracy"], "validation_accuracy_flip": flipped["accuracy"],
+        "train_accuracy": result.history[-1]["train_accuracy"], "validation_images": flipped["count"],
+        "train_wall_seconds": wall, "train_cpu_seconds": cpu, "threads": torch.get_num_threads(),
+        "dataset": data.description, "history": result.history,
+        "commit": git_commit(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     write_json_atomic(path, record)
     return record
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
-    parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--validation", type=int, default=2000, help="validation images held out of training")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="retrain recipes that have a record")
-    args = parser.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or list(RECIPES)
-    unknown = [n for n in names if n not in RECIPES]
+_WORKER: dict = {}
+
+
+def _init_worker(dataset: Dataset, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["dataset"] = dataset
+
+
+def _run_in_worker(variant: str, recipe: str, seed: int, force: bool) -> dict:
+    return run_recipe(variant, recipe, _WORKER["dataset"], seed, force)
+
+
+def _names(text: str, allowed: tuple, field: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()] or list(allowed)
+    unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise SystemExit(f"--only: unknown recipes {unknown}; allowed values are {list(RECIPES)}")
+        raise SystemExit(f"{field}: unknown {unknown}; allowed values are {list(allowed)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help=f"comma-separated recipes (default: all of {list(GRID)})")
+    parser.add_argument("--variants", default="", help=f"comma-separated variants (default: {list(VARIANTS)})")
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--validation", type=int, default=5000, help="validation images held out of training")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="runs side by side, one thread each (1: in turn, "
+                        "all threads)")
+    parser.add_argument("--force", action="store_true", help="retrain runs that have a record")
+    args = parser.parse_args(argv)
+    recipes, variants = _names(args.only, tuple(GRID), "--only"), _names(args.variants, VARIANTS, "--variants")
     full = load_dataset(args.dataset, train_size=None, test_size=10, progress=False)
     dataset = validation_split(full, args.validation, seed=args.seed)
-    for name in names:
-        r = run_recipe(name, dataset, args.seed, args.force)
-        print(f"{name:28s} images {r['images_seen']:6d}  val {100 * r['validation_accuracy']:5.1f}%  "
-              f"curve {[round(100 * a, 1) for a in r['curve']]}  wall {r['train_wall_seconds']:6.1f} s  "
-              f"cpu {r['train_cpu_seconds']:6.1f} s", flush=True)
+    todo = [(v, r) for r in recipes for v in variants]
+    context = multiprocessing.get_context("spawn")
+    threads = 1 if args.workers > 1 else torch.get_num_threads()
+    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker,
+                             initargs=(dataset, threads)) as pool:
+        jobs = [pool.submit(_run_in_worker, v, r, args.seed, args.force) for v, r in todo]
+        for job in as_completed(jobs):
+            r = job.result()
+            print(f"{r['variant']:9s} {r['recipe']:14s} val {100 * r['validation_accuracy']:5.1f}%  flip "
+                  f"{100 * r['validation_accuracy_flip']:5.1f}%  train {100 * r['train_accuracy']:5.1f}%  "
+                  f"cpu {r['train_cpu_seconds']:6.1f} s  wall {r['train_wall_seconds']:6.1f} s", flush=True)
+    print("the selection table: notebook 04, or mnv2lib.analysis.recipes.recipe_selection()")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,9 @@ class TrainConfig:
     # of the weights (0 = off), its decay warmed up as min(decay, (1 + t) / (10 + t)).
     zero_init_residual: bool = False
     ema_decay: float = 0.0
+    # learning-rate factor for the parameters without weight decay (BatchNorm scales and shifts, biases):
+    # the speed-run recipes' higher normalisation lr; 1.0 (the default) leaves run keys as they were
+    norm_lr_mult: float = 1.0
     compile: bool = False                 # torch.compile the training step's model (pays off on GPUs)
     # learning curve: the dataset's validation images evaluated at this many evenly spaced steps of the
     # run (0: none); evaluation only, the training is the same
@@ -89,6 +92,7 @@ class TrainConfig:
         check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         check_number("warmup_fraction", self.warmup_fraction, 0, 1, high_open=True)
         check_number("new_module_lr_mult", self.new_module_lr_mult, 0, low_open=True)
+        check_number("norm_lr_mult", self.norm_lr_mult, 0, 100, low_open=True)
         check_device_name(self.device)
         if self.amp_dtype not in AMP_DTYPES:
             raise ValueError(f"amp_dtype: got {self.amp_dtype!r}; allowed values are {AMP_DTYPES}")
@@ -98,9 +102,14 @@ class TrainConfig:
         check_int("curve_points", self.curve_points, 0, 1000)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for name, default in _OMITTED_AT_DEFAULT.items():  # options added later: old runs keep their keys
+            if d[name] == default:
+                del d[name]
+        return d
 
 
+_OMITTED_AT_DEFAULT = {"norm_lr_mult": 1.0}
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
@@ -181,8 +190,11 @@ def init_distributed() -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, batch_size: int = 500,
-             device: str | torch.device = "auto", channels_last: bool = False) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on uint8 ``images`` (eval mode, no augmentation)."""
+             device: str | torch.device = "auto", channels_last: bool = False, flip: bool = False) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on uint8 ``images`` (eval mode, no augmentation).
+    ``flip``: test-time augmentation, the mean of the logits of each image and its left-right mirror
+    (twice the evaluation cost; report it apart from the plain accuracy)."""
+    check_bool("flip", flip)
     from .data import BatchLoader
 
     if isinstance(images, torch.Tensor) and images.ndim == 4 and len(images) == 0:  # it used to read accuracy 0.0
@@ -200,6 +212,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean,
     with torch.autocast(device.type, dtype=_amp_dtype("bfloat16", device), enabled=device.type == "cuda"):
         for x, y in loader:
             logits = model(x).float()
+            if flip:
+                logits = (logits + model(x.flip(3)).float()) / 2
             if count == 0:  # once: labels beyond the model's outputs fail deep inside cross-entropy
                 check_labels(labels, logits.shape[1])
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
@@ -227,7 +241,7 @@ def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
         groups.setdefault((decay, new), []).append(p)
     return [
         {"params": params, "weight_decay": config.weight_decay if decay else 0.0,
-         "lr_mult": config.new_module_lr_mult if new else 1.0}
+         "lr_mult": (config.new_module_lr_mult if new else 1.0) * (1.0 if decay else config.norm_lr_mult)}
         for (decay, new), params in groups.items()
     ]
 

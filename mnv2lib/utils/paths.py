@@ -22,6 +22,7 @@ FIGURES_DIR = REPORTS_DIR / "figures"
 RESULTS_DIR = REPORTS_DIR / "results"     # one JSON record per finished experiment run
 RUNS_DIR = REPORTS_DIR / "runs"           # checkpoints of runs in progress
 EXECUTED_NOTEBOOKS_DIR = REPORTS_DIR / "notebooks"
+RECIPES_DIR = PROJECT_ROOT / "reports" / "recipes"  # the recipe search's records: tracked, so not moved by MNV2_REPORTS_DIR
 
 
 def external_data_dir() -> Path | None:

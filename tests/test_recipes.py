@@ -1,0 +1,121 @@
+"""The fair recipe search: its table, choices and prose on synthetic records with a known answer; the
+two training options it measures (a normalisation learning rate, flip test-time augmentation)."""
+import json
+
+import pytest
+import torch
+
+from mnv2lib.analysis import recipes
+from mnv2lib.analysis.prose.recipes import describe_recipe_selection
+from mnv2lib.benchmarks.recipes import GRID, recipe_config
+from mnv2lib.engine.train import TrainConfig, _param_groups, evaluate
+from mnv2lib.models import build_model
+from mnv2lib.runs.profiles import PROFILES
+
+# recipe -> variant -> validation accuracy. "b" is the baseline's favourite, "m" the shared best
+# (best mean), so a search that looked at the baseline alone would pick "b".
+ACCURACY = {
+    "quick": {"baseline": 0.50, "mish": 0.55, "triplet": 0.50, "cnsn": 0.45},
+    "b": {"baseline": 0.56, "mish": 0.54, "triplet": 0.48, "cnsn": 0.38},
+    "m": {"baseline": 0.54, "mish": 0.60, "triplet": 0.55, "cnsn": 0.45},
+}
+
+
+def _records(accuracy=ACCURACY, seeds=(0,)):
+    return [{"variant": v, "recipe": r, "seed": s, "validation_accuracy": a + 0.01 * s,
+             "validation_accuracy_flip": a + 0.01 * s + 0.02, "train_cpu_seconds": 100.0}
+            for r, row in accuracy.items() for v, a in row.items() for s in seeds]
+
+
+def test_the_shared_recipe_is_the_best_mean_not_the_baselines_favourite():
+    table = recipes.recipe_selection(_records())
+    assert list(table.index) == ["m", "quick", "b"]
+    assert recipes.shared_recipe(table) == "m"
+    assert recipes.best_recipes(table) == {"baseline": "b", "cnsn": "m", "mish": "m", "triplet": "m"}
+    assert table.loc["m", "mean"] == pytest.approx((0.54 + 0.60 + 0.55 + 0.45) / 4)
+    assert table.loc["m", "mean_flip"] - table.loc["m", "mean"] == pytest.approx(0.02)
+
+
+def test_effects_under_the_current_shared_and_per_variant_recipes():
+    effects = recipes.effects_by_recipe(recipes.recipe_selection(_records()), current="quick")
+    assert effects.loc["mish", "current"] == pytest.approx(0.05)
+    assert effects.loc["mish", "shared"] == pytest.approx(0.06)
+    assert effects.loc["mish", "per_variant"] == pytest.approx(0.60 - 0.56)  # each at its own best
+    assert effects.loc["cnsn", "own_recipe"] == "m"
+
+
+def test_a_recipe_missing_a_variant_is_averaged_over_the_common_ones_only():
+    partial = {**ACCURACY, "x": {"baseline": 0.9, "mish": 0.9}}  # no triplet or cnsn run: cannot win by it
+    table = recipes.recipe_selection(_records(partial))
+    assert set(recipes.variant_columns(table)) == {"baseline", "mish"}
+
+
+def test_seeds_are_averaged_and_counted():
+    table = recipes.recipe_selection(_records(seeds=(0, 1)))
+    assert table.loc["m", "baseline"] == pytest.approx(0.545)
+    assert set(table["seeds"]) == {2}
+    assert table.loc["m", "mean_sd"] == pytest.approx(0.01 / 2 ** 0.5)  # per-seed means 0.535 and 0.545
+    assert recipes.recipe_selection(_records())["mean_sd"].isna().all()
+    text = describe_recipe_selection(table, recipes.effects_by_recipe(table, "m"), "m")
+    assert "Its lead over quick is 3.5 pp; between seeds the criterion itself moves by a standard deviation of " \
+           "up to 0.7 pp (the recipes with two or more seeds)" in text
+    assert "mish +6.0 pp under m, +4.0 pp each at its own best" in text  # the profile's recipe is the pick
+
+
+def test_records_are_read_from_a_directory_and_the_prose_names_the_choice(tmp_path):
+    assert recipes.load_recipe_records(tmp_path / "missing") == []
+    assert "No record" in describe_recipe_selection(recipes.recipe_selection([]), recipes.pd.DataFrame())
+    for i, r in enumerate(_records()):
+        (tmp_path / f"{i}.json").write_text(json.dumps(r))
+    (tmp_path / "old.json").write_text(json.dumps({"recipe": "today", "validation_accuracy": 0.9}))
+    table = recipes.recipe_selection(recipes.load_recipe_records(tmp_path))
+    text = describe_recipe_selection(table, recipes.effects_by_recipe(table, "quick"), "quick")
+    assert "picks **m** (53.5%)" in text
+    assert "The profile's recipe (quick) scores 50.0%, 3.5 pp below" in text
+    assert "baseline b (56.0%)" in text and "+2.0 pp on average" in text
+    assert "mish +5.0 pp under quick, +6.0 pp under m, +4.0 pp each at its own best" in text
+
+
+def test_the_profile_recipe_is_found_among_the_searched_ones_by_its_settings():
+    records = [{"recipe": name, "train": recipe_config(name).to_dict()} for name in GRID]
+    assert recipes.current_recipe(records, PROFILES["quick"].train.to_dict()) in GRID
+    assert recipes.current_recipe(records, {**recipe_config("lr0.1").to_dict(), "curve_points": 10}) == "lr0.1"
+    assert recipes.current_recipe(records, {**recipe_config("lr0.1").to_dict(), "lr": 0.3}) is None
+    text = describe_recipe_selection(recipes.recipe_selection(_records()), recipes.pd.DataFrame(), None)
+    assert "none of the searched ones" in text
+
+
+def test_every_grid_recipe_is_the_centre_with_its_overrides_only():
+    centre = recipe_config("before").to_dict()
+    for name, overrides in GRID.items():
+        config = recipe_config(name).to_dict()
+        assert {k for k in set(config) | set(centre) if config.get(k) != centre.get(k)} <= set(overrides)
+    with pytest.raises(ValueError, match="recipe: got 'nope'; allowed values"):
+        recipe_config("nope")
+
+
+def test_the_normalisation_learning_rate_scales_only_parameters_without_weight_decay():
+    model = build_model(num_classes=10, width_mult=0.25, stem="cifar_lite")
+    groups = _param_groups(model, TrainConfig(norm_lr_mult=4.0))
+    assert {(g["weight_decay"] > 0, g["lr_mult"]) for g in groups} == {(True, 1.0), (False, 4.0)}
+    assert "norm_lr_mult" not in TrainConfig().to_dict()  # the default leaves run keys as they were
+    assert TrainConfig(norm_lr_mult=2.0).to_dict()["norm_lr_mult"] == 2.0
+    with pytest.raises(ValueError, match="norm_lr_mult"):
+        TrainConfig(norm_lr_mult=0)
+
+
+def test_flip_evaluation_averages_the_logits_of_each_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = build_model(num_classes=10, width_mult=0.25, stem="cifar_lite").eval()
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (12,))
+    mean, std = [0.5] * 3, [0.25] * 3
+    x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = (model(x) + model(x.flip(3))) / 2
+    expected = torch.nn.functional.cross_entropy(logits, labels).item()
+    got = evaluate(model, images, labels, mean, std, batch_size=5, device="cpu", flip=True)
+    assert got["loss"] == pytest.approx(expected, rel=1e-4)
+    assert got["accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    with pytest.raises(ValueError, match="flip"):
+        evaluate(model, images, labels, mean, std, device="cpu", flip="yes")
