@@ -352,7 +352,9 @@ def test_a_failed_report_rerun_keeps_the_last_good_notebook(tmp_path, monkeypatc
                                                      "EXECUTED_NOTEBOOKS_DIR": "executed",
                                                      "NOTEBOOKS_DIR": "notebooks"}[name])
     (tmp_path / "notebooks").mkdir()
-    (tmp_path / "notebooks" / "04_ablations.ipynb").write_text("{}")
+    import nbformat
+
+    nbformat.write(nbformat.v4.new_notebook(), tmp_path / "notebooks" / "04_ablations.ipynb")  # papermill reads it
     outcome = {"fail": False}
 
     def fake_execute(source, output, **kwargs):

@@ -34,6 +34,28 @@ def test_every_notebook_in_the_sequence_is_tested():
     assert list(EXPECTED_FIGURES) == list(NOTEBOOK_SEQUENCE)
 
 
+@pytest.mark.parametrize("name", NOTEBOOK_SEQUENCE)
+def test_notebooks_are_committed_valid_and_without_outputs(name):
+    import nbformat
+
+    from mnv2lib.utils import paths
+
+    nb = nbformat.read(paths.NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)  # cells without ids are an error in nbformat 5.x notebooks to come
+    ids = [c.get("id") for c in nb.cells]
+    assert None not in ids and len(set(ids)) == len(ids), "every cell needs its own id"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "committed without outputs"
+
+
+def test_the_report_passes_each_notebook_only_the_parameters_it_declares():
+    from mnv2lib.workbook.report import declared_parameters
+
+    shared = {"profile": "quick", "dataset": "auto", "seed": 0, "interactive": False, "factors": "mish"}
+    assert declared_parameters("04_ablations", shared) == shared
+    assert declared_parameters("07_deployment", shared) == {k: v for k, v in shared.items() if k != "factors"}
+
+
 # The run plan (python -m mnv2lib.experiments plan/run) is trained first, as `make reports` does; the
 # notebooks executed after it must find every run they ask for: none may train (no record written).
 _PLAN_SNAPSHOT: dict = {}

@@ -74,6 +74,15 @@ def execute_notebook(name: str, parameters: dict, output_dir: Path | None = None
     return target
 
 
+def declared_parameters(name: str, parameters: dict) -> dict:
+    """The report's shared ``parameters`` that ``notebooks/<name>.ipynb`` declares in its parameters cell
+    (notebook 04 alone takes ``factors``): papermill warns of every other one."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"))
+    return {k: v for k, v in parameters.items() if k in declared}
+
+
 def failed_copy(name: str, output_dir: Path | None = None) -> Path:
     """Where the executed copy of a failed run of ``name`` is kept."""
     return (output_dir or paths.EXECUTED_NOTEBOOKS_DIR) / f"{name}.failed.ipynb"
@@ -199,7 +208,7 @@ def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
     for name in tqdm(present, desc="notebooks", unit="nb"):
         t0 = time.time()
         try:
-            execute_notebook(name, parameters)
+            execute_notebook(name, declared_parameters(name, parameters))
         except PapermillExecutionError as error:
             reason = f"cell {error.exec_count} ({error.ename}: {error.evalue})"
             record_timing(name, time.time() - t0, profile, dataset, error=reason)
