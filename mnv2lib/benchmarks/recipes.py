@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ..engine.data import Dataset, balanced_order, channel_stats, load_dataset, validation_split
+from ..engine.data import Dataset, balanced_order, channel_stats, load_dataset, validation_as_test
 from ..engine.train import TrainConfig, evaluate, train_model
 from ..models import build_model
 from ..runs.profiles import PROFILES
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipes, variants = _names(args.only, tuple(GRID), "--only"), _names(args.variants, VARIANTS, "--variants")
     full = load_dataset(args.dataset, train_size=None, test_size=10, progress=False)
-    dataset = validation_split(full, args.validation, seed=args.seed)
+    dataset = validation_as_test(full, args.validation, seed=args.seed)
     todo = [(v, r) for r in recipes for v in variants]
     context = multiprocessing.get_context("spawn")
     threads = 1 if args.workers > 1 else torch.get_num_threads()

@@ -220,9 +220,10 @@ def balanced_order(labels: torch.Tensor, size: int | None = None, seed: int = 0,
     return order if size is None else order[: int(size)]
 
 
-def validation_split(dataset: "Dataset", size: int, seed: int = 0) -> "Dataset":
+def validation_as_test(dataset: "Dataset", size: int, seed: int = 0) -> "Dataset":
     """A copy of ``dataset`` whose test set is ``size`` class-balanced images held out of its
-    training set (and removed from it): for choosing recipes without ever looking at test images."""
+    training set (and removed from it): for choosing recipes without ever looking at test images.
+    (Learning curves keep the test set and add validation images instead: :func:`split_validation`.)"""
     order = balanced_order(dataset.train_labels, None, seed=seed, field="size")
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size < len(order):
         raise ValueError(f"size: got {size!r}; allowed values are integers 1..{len(order) - 1} "
