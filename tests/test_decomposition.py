@@ -55,6 +55,25 @@ def test_each_config_is_recognised_as_its_part_only():
     assert D.part_of(ModelConfig(activation="mish", cnsn="cnsn").to_dict(), parts) is None  # a pair: no part
 
 
+def test_a_whole_store_can_be_passed_other_studies_runs_are_not_the_baseline():
+    from mnv2lib.runs.profiles import PROFILES
+
+    plan = D.decomposition_plan(PROFILES["quick"])
+    shape = dict(width_mult=0.5, stem="cifar_lite", num_classes=10)
+    others = [ModelConfig(**{**shape, "width_mult": 0.25}), ModelConfig(**shape, shortcut="none"),
+              ModelConfig(**shape, expand_ratio=2.0), ModelConfig(**shape, bottleneck_activation="relu6"),
+              ModelConfig(**shape, arch="mobilenet_v1", activation="relu"), ModelConfig(**shape, activation="relu")]
+    for config in others:
+        assert D.part_of(config.to_dict(), plan["parts"], plan["shape"]) is None, config.label()
+    assert D.part_of(ModelConfig(**shape).to_dict(), plan["parts"], plan["shape"]) == "baseline"
+    assert D.part_of(ModelConfig(**shape, cnsn="sn").to_dict(), plan["parts"], plan["shape"]) == "SelfNorm only"
+    store = _records(["baseline", "SelfNorm only"]) + [
+        {"key": "w", "seed": 0, "model_config": others[0].to_dict(), "clean_accuracy": 0.1,
+         "mean_corruption_accuracy": 0.1, "history": [{"train_accuracy": 0.1}]}]
+    clean = D.decomposition_table(store, plan).query("metric == 'clean_accuracy'").set_index("part")
+    assert clean.loc["baseline", "mean"] == pytest.approx(0.505, abs=0.005)  # the width-0.25 run left out
+
+
 def test_every_part_builds():
     for _, overrides, _ in D.PARTS.values():
         ModelConfig(stem="cifar_lite", **overrides)

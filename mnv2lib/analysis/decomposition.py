@@ -43,7 +43,7 @@ def decomposition_plan(profile) -> dict:
     if unknown:
         raise ValueError(f"parts: got {unknown}; allowed values are {tuple(PARTS)}")
     seeds = tuple(profile.seeds) if sizes["seeds"] == "profile" else tuple(profile.seeds[:1])
-    return {"parts": parts, "seeds": seeds}
+    return {"parts": parts, "seeds": seeds, "shape": {"width_mult": profile.width_mult, "stem": profile.stem}}
 
 
 def part_configs(plan: dict) -> list[dict]:
@@ -51,21 +51,27 @@ def part_configs(plan: dict) -> list[dict]:
     return [{}] + [dict(PARTS[p][1]) for p in plan["parts"]]
 
 
-def part_of(model_config: dict, parts) -> str | None:
-    """The part (or the baseline) a run's model config is, among ``parts``; None if it is none of them."""
+def part_of(model_config: dict, parts, shape: dict | None = None) -> str | None:
+    """The part (or the baseline) a run's model config is, among ``parts``; None if it is none of them (a
+    pair of improvements, another architecture, a design study's variant, or, given ``shape``, another
+    width or stem: a whole store can be passed)."""
     for name in parts:
-        if all(model_config.get(k) == v for k, v in PARTS[name][1].items()) and _rest_default(model_config,
-                                                                                                PARTS[name][1]):
+        if all(model_config.get(k) == v for k, v in PARTS[name][1].items()) and _rest_default(
+                model_config, PARTS[name][1], shape):
             return name
-    return BASELINE if _rest_default(model_config, {}) else None
+    return BASELINE if _rest_default(model_config, {}, shape) else None
 
 
-def _rest_default(config: dict, overrides: dict) -> bool:
+_SET_BY_THE_RUN = {"num_classes", "dropout", "in_channels"}  # the dataset's and the profile's, never a part's
+
+
+def _rest_default(config: dict, overrides: dict, shape: dict | None) -> bool:
+    """Every field but the part's own (and those the run sets) at MobileNetV2's default, or ``shape``'s."""
     from ..models import ModelConfig
 
-    default = ModelConfig(arch=config.get("arch", "mobilenet_v2")).to_dict()
-    keys = {k for p in PARTS.values() for k in p[1]}
-    return all(config.get(k, default.get(k)) == default.get(k) for k in keys - set(overrides))
+    default = {**ModelConfig().to_dict(), **(shape or {})}
+    free = _SET_BY_THE_RUN | set(overrides) | (set() if shape else {"width_mult", "stem"})
+    return all(config.get(k) == default.get(k) for k in (set(default) | set(config)) - free)
 
 
 def decomposition_table(records: list[dict], plan: dict, confidence: float = 0.95) -> pd.DataFrame:
@@ -73,7 +79,7 @@ def decomposition_table(records: list[dict], plan: dict, confidence: float = 0.9
     difference from the baseline with an interval from the whole table (parts and seeds as factors)."""
     rows = []
     for r in records:
-        part = part_of(r["model_config"], plan["parts"])
+        part = part_of(r["model_config"], plan["parts"], plan.get("shape"))
         if part is None or r["seed"] not in plan["seeds"]:
             continue
         history = r.get("history") or [{}]
