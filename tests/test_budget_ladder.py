@@ -65,3 +65,24 @@ def test_ladder_records_keep_only_default_settings_of_known_profiles():
     kept = ladder_records([keep, design, other_width, unknown], dataset_name="cifar10")
     assert [r["key"] for r in kept] == [keep["key"]]
     assert ladder_records([keep], dataset_name="synthetic") == []
+
+
+def test_the_ladder_trains_its_rungs_side_by_side_as_make_reports_does(monkeypatch):
+    """`make ladder` used to train one run after the other (ensure_runs): hours more on 2 cores."""
+    from mnv2lib.runs import api
+
+    calls = []
+    monkeypatch.setattr(api, "load_profile_dataset", lambda profile, dataset: _FakeData())
+    monkeypatch.setattr(api, "plan_runs", lambda requests, profile, data: [(r.overrides, r.seeds) for r in requests])
+    monkeypatch.setattr(api, "train_runs", lambda runs, profile, data, store, workers, show_progress: calls.append(
+        (profile.name, len(runs), workers)) or [])
+    monkeypatch.setattr(api, "local_workers", lambda profile: 2)
+    api.train_ladder("synthetic", factors=(8, 16), store=object(), show_progress=False)
+    assert calls == [("quick", 4, 2), ("quick_x8", 4, 2), ("quick_x16", 4, 2)]
+    calls.clear()
+    api.train_ladder("synthetic", factors=(8,), store=object(), show_progress=False, workers=1)
+    assert calls == [("quick", 4, 1), ("quick_x8", 4, 1)]
+
+
+class _FakeData:
+    classes = tuple(range(10))

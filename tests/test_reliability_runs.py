@@ -68,6 +68,7 @@ class Ctx:
 
         for module, name in ((cli, "load_profile_dataset"), (cli, "plan_notebook_runs"), (cli, "train_plan"),
                              (cli, "ensure_runs"), (cli, "train_ladder"), (api, "ensure_runs"),
+                             (api, "load_profile_dataset"), (api, "train_runs"),
                              (runner, "train_model")):
             self.mp.setattr(module, name, refuse)
 

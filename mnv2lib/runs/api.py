@@ -7,9 +7,11 @@ import warnings
 from typing import Iterable
 
 from ..utils.progress import progress
+from .executors import local_workers, train_runs
 from .profiles import LADDER_FACTORS, PROFILES, Profile, budget_rung, get_profile
 from .runner import load_profile_dataset, load_trained_model, run_experiment
-from .spec import IMPROVEMENTS, ablation_configs, check_seed, model_config_for, parse_factors
+from .spec import (IMPROVEMENTS, RunRequest, ablation_configs, check_seed, model_config_for, parse_factors,
+                   plan_runs)
 from .store import (CorruptRunError, ResultsStore, export_results, finished, load_results, records_to_frame,
                     results_table)
 
@@ -71,13 +73,18 @@ LADDER_CONFIGS = [{}] + list(IMPROVEMENTS.values())  # the baseline and each imp
 
 
 def train_ladder(dataset: str = "auto", factors=LADDER_FACTORS, store: ResultsStore | None = None,
-                 show_progress: bool = True) -> list[dict]:
+                 show_progress: bool = True, workers: int | None = None) -> list[dict]:
     """The budget ladder's runs: the quick rung (its seeds) and each ``quick_x<factor>`` rung (one seed),
-    for the baseline and each single improvement; only what the store lacks is trained."""
-    rungs = [budget_rung(PROFILES["quick"], factor) for factor in factors]  # a bad factor: before any training
-    records = ensure_runs(LADDER_CONFIGS, "quick", dataset, store=store, show_progress=show_progress)
+    for the baseline and each single improvement; only what the store lacks is trained, side by side as
+    ``make reports`` trains its plan (``workers``; None: one run per core on a CPU, one at a time on a GPU)."""
+    rungs = [PROFILES["quick"]] + [budget_rung(PROFILES["quick"], f) for f in factors]  # a bad factor: first
+    store = store or ResultsStore()
+    records = []
     for rung in rungs:
-        records += ensure_runs(LADDER_CONFIGS, rung, dataset, store=store, show_progress=show_progress)
+        data = load_profile_dataset(rung, dataset) if isinstance(dataset, str) else dataset
+        runs = plan_runs([RunRequest(o, rung.seeds) for o in LADDER_CONFIGS], rung, data)
+        records += train_runs(runs, rung, data, store, workers=workers if workers is not None else local_workers(rung),
+                              show_progress=show_progress)
     return records
 
 
