@@ -85,7 +85,7 @@ def run_recipe(variant: str, recipe: str, dataset: Dataset, seed: int = 0, force
     result = train_model(model, data, config, seed=seed, show_progress=False)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     flipped = evaluate(model, data.test_images, data.test_labels, data.mean, data.std, config.eval_batch_size,
-                       "cpu", config.channels_last, flip=True)
+                       config.device, config.channels_last, flip=True)  # where train_model left the model
     record = {
         "variant": variant, "recipe": recipe, "seed": seed, "overrides": GRID[recipe], "train": config.to_dict(),
         "images_seen": len(data.train_labels) // config.batch_size * config.batch_size * config.epochs,

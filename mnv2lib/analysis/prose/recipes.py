@@ -34,7 +34,7 @@ def describe_recipe_selection(table: pd.DataFrame, effects: pd.DataFrame, curren
     elif current != shared:
         lines.append(f"The profile's recipe ({current}) scores {100 * table.loc[current, 'mean']:.1f}%, "
                      f"{100 * (table.loc[shared, 'mean'] - table.loc[current, 'mean']):.1f} pp below.")
-    elif current == shared:
+    else:
         lines.append("That is the profile's recipe.")
     lines.append("Each variant's own best: " + ", ".join(
         f"{v} {best[v]} ({100 * table.loc[best[v], v]:.1f}%)" for v in best) + ".")
