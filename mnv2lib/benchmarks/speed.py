@@ -71,6 +71,8 @@ TARGETS = {
     "mish_train_ratio": 1.15, "mish_eval_ratio": 1.20, "triplet_train_ratio": 1.10, "triplet_eval_ratio": 1.10,
     "cnsn_train_ratio": 1.10, "selfnorm_eval_ratio": 1.05, "baseline_vs_torchvision_train_ratio": 1.03,
     "data_per_train_step_ratio": 0.05,
+    # every run's evaluations (test set, learning curve, corruptions: a fifth of a quick run before the fold)
+    "evaluation_ratio": 0.70,
 }
 
 
@@ -192,6 +194,8 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: 
     activation_mb = {k: saved_activation_bytes(m, (train_batch, 3, 32, 32)) / 2**20 for k, m in models.items()}
     if compiled and dev.type == "cpu":
         ratios.update(compiled_train_ratio(channels_last=channels_last, repeats=repeats))
+    if dev.type == "cpu":
+        ratios.update(evaluation_ratio())
     return {
         **ratios,
         "targets": TARGETS,
@@ -230,6 +234,38 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> dict:
     return {"cpu": fields.get("model name", "unknown"), "vector_isa": isa}
 
 
+def evaluation_ratio(images: int = 1000, repeats: int = 5, old_batch: int = 500) -> dict:
+    """Median seconds of ``engine.train.evaluate`` (BatchNorm folded, CPU chunks) over those of the same
+    evaluation done as before (the model itself, in batches of ``old_batch``), on the quick profile's
+    network (width 0.5, ``cifar_lite``, channels_last) with non-trivial BatchNorm statistics."""
+    from ..engine.train import evaluate
+
+    torch.manual_seed(0)
+    model = build_model(num_classes=10, width_mult=0.5, stem="cifar_lite").to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    data = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (images,))
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    scale = torch.tensor(std).view(1, 3, 1, 1) * 255
+
+    @torch.no_grad()
+    def before() -> None:  # evaluate() before the fold: the model itself, whole batches
+        for i in range(0, images, old_batch):
+            x = ((data[i:i + old_batch].float() - torch.tensor(mean).view(1, 3, 1, 1) * 255) / scale)
+            model(x.contiguous(memory_format=torch.channels_last)).argmax(1)
+
+    steps = {"before": before, "now": lambda: evaluate(model, data, labels, mean, std, old_batch, "cpu", True)}
+    for fn in steps.values():
+        fn()
+    medians = {k: statistics.median(v) for k, v in time_interleaved(steps, repeats).items()}
+    return {"evaluation_ratio": medians["now"] / medians["before"],
+            "evaluation": {"images": images, "batch": old_batch, "median_seconds": medians,
+                           "images_per_s": {k: images / v for k, v in medians.items()}}}
+
+
 def to_markdown(result: dict) -> str:
     config = result["config"]
     machine = result["machine"]
@@ -261,6 +297,15 @@ def to_markdown(result: dict) -> str:
                      f"{result['saved_activation_MiB_train_batch'][name]:.1f} |")
     if DATA in result["median_seconds"]["train"]:
         lines.append(f"| {DATA} | {1000 * result['median_seconds']['train'][DATA]:.2f} | | |")
+    if "evaluation_ratio" in result:
+        info = result["evaluation"]
+        target = result["targets"].get("evaluation_ratio")
+        lines += ["", f"Evaluation of {info['images']} images (`engine.train.evaluate`: BatchNorm folded into the "
+                  f"convolutions, CPU chunks) against the model itself in batches of {info['batch']}, quick "
+                  f"profile's network: {info['images_per_s']['now']:.0f} against {info['images_per_s']['before']:.0f} "
+                  f"images/s, evaluation_ratio {result['evaluation_ratio']:.3f}"
+                  + (f" (target <= {target}: {'ok' if result['evaluation_ratio'] <= target else 'MISSED'})."
+                     if target is not None else ".")]
     if "compiled_train_ratio" in result:
         info = result["compiled_train"]
         lines += ["", f"torch.compile (inductor) training step of {info['model']} at batch {info['batch']}: "

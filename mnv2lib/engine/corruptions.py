@@ -734,17 +734,23 @@ def _official_set(dataset, folder: Path, corruption: str, severity: int, size, s
 
 
 def evaluate_corruptions(model, dataset, corruptions=None, severities=(1, 2, 3, 4, 5), size: int = 10000,
-                         batch_size: int = 500, device="cpu") -> dict[str, dict[str, float]]:
+                         batch_size: int = 500, device="cpu", channels_last: bool = False) -> dict[str, dict[str, float]]:
     """Accuracy per corruption and severity (CIFAR-10-C protocol) on the first ``size`` images of each
     corrupted test set; ``corruptions`` None: all 15."""
-    from .train import evaluate
+    from .train import evaluate, folded_for_inference
 
     check_dataset_images(dataset)
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    inference = folded_for_inference(model)  # once for the 75 sets, not once per set
     results: dict[str, dict[str, float]] = {}
     for corruption in corruptions or CORRUPTIONS:
         results[corruption] = {}
         for severity in severities:
             images, labels = load_corrupted_test_set(dataset, corruption, severity, size=size)
-            results[corruption][str(severity)] = evaluate(model, images, labels, dataset.mean, dataset.std,
-                                                          batch_size, device)["accuracy"]
+            results[corruption][str(severity)] = evaluate(inference, images, labels, dataset.mean, dataset.std,
+                                                          batch_size, device, channels_last)["accuracy"]
+    if isinstance(model, torch.nn.Module):
+        model.train(was_training)
     return results

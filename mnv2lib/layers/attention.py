@@ -63,6 +63,8 @@ def zpool(x: torch.Tensor, dim: int) -> torch.Tensor:
 class AttentionGate(nn.Sequential):
     """ZPool output (B, 2, h, w) -> Conv(2->1, k) -> BN -> sigmoid: a (B, 1, h, w) gate."""
 
+    fold_batchnorm = False  # the triplet operator reads this BatchNorm (TripletAttention._op_arguments)
+
     def __init__(self, kernel_size: int = 7) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)

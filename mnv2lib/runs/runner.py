@@ -218,7 +218,8 @@ def _run_locked(model_config: ModelConfig, profile: Profile, dataset, seed: int,
     save_atomic(model.state_dict(), run_dir / "model.pt")
     t0 = time.perf_counter()
     corruption = evaluate_corruptions(model, dataset, profile.corruptions, profile.severities,
-                                      profile.corruption_test_size, profile.train.eval_batch_size, device)
+                                      profile.corruption_test_size, profile.train.eval_batch_size, device,
+                                      profile.train.channels_last)
     flat = [acc for per in corruption.values() for acc in per.values()]
     record.update(
         status="finished", history=result.history, curve=result.curve, train_seconds=result.seconds,
