@@ -10,7 +10,7 @@ FACTORS ?=
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .DEFAULT_GOAL := help
-.PHONY: help install test reports ladder bench lab clean-reports
+.PHONY: help install test reports ladder decomposition bench lab clean-reports
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ reports: $(STAMP) ## train the notebooks' runs, execute every notebook with pape
 
 ladder: $(STAMP) ## train the budget ladder (quick, 2x, 4x, 8x, 16x budgets; hours on 2 cores: run it in the background); notebook 04 plots it
 	$(BIN)/python -m mnv2lib.experiments ladder --dataset $(DATASET)
+
+decomposition: $(STAMP) ## train every part of notebook 04's decomposition (make reports trains CNSN's; ~25 min more on 2 cores)
+	$(BIN)/python -m mnv2lib.experiments decomposition --dataset $(DATASET)
 
 bench: $(STAMP) ## speed benchmark of Mish, Triplet Attention and CNSN -> reports/bench.json
 	$(BIN)/python -m mnv2lib.benchmarks.speed

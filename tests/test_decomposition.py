@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mnv2lib.analysis import decomposition as D
 from mnv2lib.analysis.prose import decomposition as prose
@@ -77,3 +78,48 @@ def test_a_whole_store_can_be_passed_other_studies_runs_are_not_the_baseline():
 def test_every_part_builds():
     for _, overrides, _ in D.PARTS.values():
         ModelConfig(stem="cifar_lite", **overrides)
+
+
+def test_parts_not_in_the_store_are_named_with_the_command_that_trains_them():
+    plan = D.every_part({"parts": ("CrossNorm only",), "seeds": (0, 1)})
+    assert plan["parts"] == tuple(D.PARTS) and plan["seeds"] == (0, 1)
+    table = D.decomposition_table(_records(["baseline", "CrossNorm only", "SelfNorm only"]), plan)
+    untrained = D.untrained_parts(table, plan)
+    assert "CrossNorm only" not in untrained and "SelfNorm only" not in untrained
+    assert "Triplet Attention on the block output" in untrained and "CNSN before the add" in untrained
+    text = prose.describe_decomposition(table, untrained)
+    assert "Not in the results store yet: " in text and "`make decomposition`" in text
+    assert "Triplet Attention on the block output" in text.split("Not in the results store yet")[1]
+    assert "Not in the results store" not in prose.describe_decomposition(table, [])
+
+
+def test_quick_trains_cnsns_parts_and_make_decomposition_every_part(tmp_path, monkeypatch):
+    from mnv2lib.runs.profiles import PROFILES
+    from mnv2lib.workbook import cli
+
+    quick = D.decomposition_plan(PROFILES["quick"])
+    assert set(quick["parts"]) == {"CNSN after the add (official)", "CrossNorm only", "SelfNorm only",
+                                   "CNSN before the add"} and quick["seeds"] == PROFILES["quick"].seeds
+    trained = []
+    monkeypatch.setenv("MNV2_REPORTS_DIR", str(tmp_path))
+    monkeypatch.setattr(cli, "train_side_by_side", lambda configs, profile, dataset, seeds: trained.append(
+        (configs, profile, dataset, seeds)) or [])
+    cli.main(["decomposition", "--profile", "quick", "--dataset", "synthetic"])
+    (configs, profile, dataset, seeds), = trained
+    assert configs == D.part_configs(D.every_part(quick)) and seeds == (0, 1) and profile == "quick"
+    if not torch.cuda.is_available():  # a GPU profile on a CPU machine: refused before anything loads
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["decomposition", "--profile", "gpu"])
+        assert exit_info.value.code == 2 and len(trained) == 1
+
+
+def test_stored_runs_reads_what_the_store_holds_and_trains_nothing(tmp_path):
+    from mnv2lib.runs import api
+    from mnv2lib.runs.store import ResultsStore
+
+    store = ResultsStore(tmp_path / "results", tmp_path / "runs")
+    trained, = api.ensure_runs([{}], "smoke", "synthetic", seeds=(0,), store=store, show_progress=False)
+    before = sorted(tmp_path.rglob("*"))
+    found = api.stored_runs([{}, {"activation": "mish"}], "smoke", "synthetic", seeds=(0, 1), store=store)
+    assert [r["key"] for r in found] == [trained["key"]]  # mish and seed 1 are not in the store
+    assert sorted(tmp_path.rglob("*")) == before  # and were not trained

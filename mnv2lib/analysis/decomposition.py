@@ -46,6 +46,18 @@ def decomposition_plan(profile) -> dict:
     return {"parts": parts, "seeds": seeds, "shape": {"width_mult": profile.width_mult, "stem": profile.stem}}
 
 
+def every_part(plan: dict) -> dict:
+    """``plan`` with every part of :data:`PARTS` (``make decomposition`` trains them; notebook 04 shows
+    each one the store holds)."""
+    return {**plan, "parts": tuple(PARTS)}
+
+
+def untrained_parts(table: pd.DataFrame, plan: dict) -> list[str]:
+    """The parts of ``plan`` that have no row in ``table`` (not in the store yet)."""
+    present = set(table["part"]) if not table.empty else set()
+    return [p for p in plan["parts"] if p not in present]
+
+
 def part_configs(plan: dict) -> list[dict]:
     """The build_model overrides of the baseline and every part of ``plan`` (the run plan trains them)."""
     return [{}] + [dict(PARTS[p][1]) for p in plan["parts"]]

@@ -16,8 +16,8 @@ from .store import (CorruptRunError, ResultsStore, export_results, finished, loa
                     results_table)
 
 __all__ = ["ResultsStore", "ablation_configs", "ensure_runs", "export_results", "finished", "ladder_records",
-           "load_results", "parse_factors", "records_to_frame", "results_table", "run_grid", "train_ladder",
-           "trained_model"]
+           "load_results", "parse_factors", "records_to_frame", "results_table", "run_grid", "stored_runs",
+           "train_ladder", "train_side_by_side", "trained_model"]
 
 
 def run_grid(overrides_list: list[dict], profile: str | Profile = "quick", dataset="auto", seeds=None,
@@ -72,6 +72,34 @@ def trained_model(overrides: dict, profile: str | Profile = "quick", dataset="au
 LADDER_CONFIGS = [{}] + list(IMPROVEMENTS.values())  # the baseline and each improvement alone
 
 
+def stored_runs(overrides_list: list[dict], profile: str | Profile = "quick", dataset="auto", seeds=None,
+                store: ResultsStore | None = None) -> list[dict]:
+    """The finished records of every config x seed that the store holds; nothing is trained (a study
+    shows what an optional command such as ``make decomposition`` has trained, and says what it has not)."""
+    profile = get_profile(profile)
+    store = store or ResultsStore()
+    if isinstance(dataset, str):
+        dataset = load_profile_dataset(profile, dataset)
+    seeds = tuple(seeds if seeds is not None else profile.seeds)
+    runs = plan_runs([RunRequest(o, seeds) for o in overrides_list], profile, dataset)
+    return finished([r for r in (store.get(run.key) for run in runs) if r is not None])
+
+
+def train_side_by_side(overrides_list: list[dict], profile: str | Profile = "quick", dataset="auto", seeds=None,
+                       store: ResultsStore | None = None, show_progress: bool = True,
+                       workers: int | None = None) -> list[dict]:
+    """The records of every config x seed; only what the store lacks is trained, side by side as ``make
+    reports`` trains its plan (``workers``; None: one run per core on a CPU, one at a time on a GPU)."""
+    profile = get_profile(profile)
+    store = store or ResultsStore()
+    if isinstance(dataset, str):
+        dataset = load_profile_dataset(profile, dataset)
+    runs = plan_runs([RunRequest(o, tuple(seeds if seeds is not None else profile.seeds)) for o in overrides_list],
+                     profile, dataset)
+    return train_runs(runs, profile, dataset, store, workers=workers if workers is not None else local_workers(profile),
+                      show_progress=show_progress)
+
+
 def train_ladder(dataset: str = "auto", factors=LADDER_FACTORS, store: ResultsStore | None = None,
                  show_progress: bool = True, workers: int | None = None) -> list[dict]:
     """The budget ladder's runs: the quick rung (its seeds) and each ``quick_x<factor>`` rung (one seed),
@@ -81,10 +109,7 @@ def train_ladder(dataset: str = "auto", factors=LADDER_FACTORS, store: ResultsSt
     store = store or ResultsStore()
     records = []
     for rung in rungs:
-        data = load_profile_dataset(rung, dataset) if isinstance(dataset, str) else dataset
-        runs = plan_runs([RunRequest(o, rung.seeds) for o in LADDER_CONFIGS], rung, data)
-        records += train_runs(runs, rung, data, store, workers=workers if workers is not None else local_workers(rung),
-                              show_progress=show_progress)
+        records += train_side_by_side(LADDER_CONFIGS, rung, dataset, rung.seeds, store, show_progress, workers)
     return records
 
 

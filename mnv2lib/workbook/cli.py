@@ -1,11 +1,13 @@
-"""The command line of the results store: ``python -m mnv2lib.experiments plan|run|train|ablation|ladder``."""
+"""The command line of the results store: ``python -m mnv2lib.experiments
+plan|run|train|ablation|ladder|decomposition``."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from ..engine.data import check_dataset_name
-from ..runs.api import ensure_runs, train_ladder
+from ..analysis import decomposition
+from ..runs.api import ensure_runs, train_ladder, train_side_by_side
 from ..runs.executors import GridError, check_options, local_workers
 from ..runs.profiles import LADDER_FACTORS, PROFILES, budget_rung, check_device_for, get_profile
 from ..runs.runner import load_profile_dataset, run_experiment
@@ -91,6 +93,11 @@ def _parser():
     ladder.add_argument("--dataset", default="auto")
     ladder.add_argument("--factors", default=",".join(map(str, LADDER_FACTORS)),
                         help="budget multiples of the quick profile (comma-separated integers)")
+    parts = sub.add_parser("decomposition", help="every part of notebook 04's decomposition (make reports trains "
+                                                 "a few), the profile's seeds, side by side")
+    parts.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    parts.add_argument("--dataset", default="auto")
+    _allow_cpu_option(parts)
     export = sub.add_parser("export", help="write the results store as one CSV (one row per run) and each run's "
                                            "history.csv beside its weights")
     export.add_argument("--output", default=None, help="the CSV's path (default: reports/results.csv)")
@@ -125,6 +132,10 @@ def _checked(args) -> dict:
         seeds = _integers("--seeds", args.seeds) if args.seeds else get_profile(args.profile).seeds
         check_device_for(args.profile, args.allow_cpu, runs=len(ablation_configs(factors=args.factors)) * len(seeds))
         return {"seeds": seeds}
+    elif args.command == "decomposition":
+        plan = decomposition.every_part(decomposition.decomposition_plan(get_profile(args.profile)))
+        check_device_for(args.profile, args.allow_cpu, runs=len(decomposition.part_configs(plan)) * len(plan["seeds"]))
+        return {"plan": plan}
     elif args.command == "ladder":
         factors = _integers("--factors", args.factors)
         for factor in factors:
@@ -148,6 +159,9 @@ def _execute(args, checked: dict) -> None:
         _train_one(args.profile, args.dataset, args.seed, checked["overrides"])
     elif args.command == "ablation":
         _print_runs(ensure_runs(ablation_configs(factors=args.factors), args.profile, args.dataset, checked["seeds"]))
+    elif args.command == "decomposition":
+        plan = checked["plan"]
+        _print_runs(train_side_by_side(decomposition.part_configs(plan), args.profile, args.dataset, plan["seeds"]))
     else:
         _print_runs(train_ladder(args.dataset, checked["factors"]))
 

@@ -22,11 +22,14 @@ def _interval(row) -> str:
     return f" [{_pp(row['ci_low'])}, {_pp(row['ci_high'])}]"
 
 
-def describe_decomposition(table: pd.DataFrame) -> str:
+def describe_decomposition(table: pd.DataFrame, untrained: list[str] = ()) -> str:
     """Per improvement: every part's difference from the baseline (clean, corruption, training accuracy),
-    the part with the largest clean change, and the parts whose interval excludes zero."""
+    the part with the largest clean change, and the parts whose interval excludes zero; then the
+    ``untrained`` parts, which ``make decomposition`` trains."""
+    later = (f"\n\nNot in the results store yet: {', '.join(untrained)}. `make decomposition` trains every part "
+             "(side by side, like `make reports`); this section then shows them." if untrained else "")
     if table.empty:
-        return "No part of any improvement is in the results store yet: the run plan trains them."
+        return "No part of any improvement is in the results store yet: the run plan trains them." + later
     lines = []
     base = table[(table["part"] == BASELINE) & (table["metric"] == "clean_accuracy")]
     if not base.empty:
@@ -51,4 +54,4 @@ def describe_decomposition(table: pd.DataFrame) -> str:
         summary += (f" Intervals that exclude zero: {'; '.join(clear)}." if clear else
                     " No interval excludes zero at this budget and seed count.")
         lines.append(f"- **{improvement}**: " + "; ".join(parts) + "." + summary)
-    return "\n".join(lines)
+    return "\n".join(lines) + later
