@@ -7,7 +7,7 @@ import torch
 
 from mnv2lib.analysis import recipes
 from mnv2lib.analysis.prose.recipes import describe_recipe_selection
-from mnv2lib.benchmarks.recipes import GRID, recipe_config
+from mnv2lib.benchmarks.recipes import GRID, recipe_config, recipe_train_size
 from mnv2lib.engine.train import TrainConfig, _param_groups, evaluate
 from mnv2lib.models import build_model
 from mnv2lib.runs.profiles import PROFILES
@@ -119,3 +119,13 @@ def test_flip_evaluation_averages_the_logits_of_each_image_and_its_mirror():
     assert got["accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     with pytest.raises(ValueError, match="flip"):
         evaluate(model, images, labels, mean, std, device="cpu", flip="yes")
+
+
+def test_every_recipe_takes_the_same_steps_of_the_same_batch():
+    """The grid compares recipes at one CPU budget: distinct images x epochs, and so steps, are equal."""
+    steps = {name: recipe_train_size(name) // recipe_config(name).batch_size * recipe_config(name).epochs
+             for name in GRID}
+    assert max(steps.values()) - min(steps.values()) <= 1, steps  # a last partial batch is dropped per epoch
+    assert recipe_train_size("before") == PROFILES["quick"].train_size  # the centre: the quick profile's images
+    with pytest.raises(ValueError, match="recipe: got 'fast'; allowed values are"):
+        recipe_train_size("fast")
