@@ -36,8 +36,10 @@ def test_parts_present_are_compared_and_missing_ones_left_out():
     assert clean.loc["SelfNorm only", "difference"] == pytest.approx(-0.15, abs=0.005)
     assert clean.loc["SelfNorm only", "significant"] and not clean.loc["CrossNorm only", "significant"]
     text = prose.describe_decomposition(table)
-    assert "The largest clean change is CNSN after the add (official)'s (-16.8 pp, its interval excludes zero)" in text
-    assert "SelfNorm only (clean)" in text and "CrossNorm only (clean)" not in text
+    assert "CNSN after the add (official) changes clean accuracy by -16.8 pp [" in text
+    assert "(its interval excludes zero); of the other parts, SelfNorm only comes closest to that (-15.0 pp)" in text
+    assert "CrossNorm only gains most (+0.1 pp, within the noise)" in text
+    assert "SelfNorm only (clean, under corruption, training accuracy)" in text and "CrossNorm only (" not in text
 
 
 def test_a_store_without_the_baseline_gives_an_empty_table_and_says_so():

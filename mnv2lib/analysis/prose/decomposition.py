@@ -22,10 +22,33 @@ def _interval(row) -> str:
     return f" [{_pp(row['ci_low'])}, {_pp(row['ci_high'])}]"
 
 
+def _verdict(group: pd.DataFrame) -> str:
+    """Which part carries an improvement's clean effect: the official form's difference, the part
+    that comes closest to it, and the part that gains most (or loses least)."""
+    clean = group[group["metric"] == "clean_accuracy"].set_index("part")
+    if clean.empty:
+        return ""
+    official = [p for p in clean.index if "(official" in p]
+    others = clean.drop(index=official)
+    out = []
+    if official:
+        row = clean.loc[official[0]]
+        out.append(f"{official[0]} changes clean accuracy by {_pp(row['difference'])}{_interval(row)} "
+                   f"({'its interval excludes zero' if row['significant'] else 'within the noise'})")
+        if len(others):
+            closest = (others["difference"] - row["difference"]).abs().idxmin()
+            out.append(f"of the other parts, {closest} comes closest to that ({_pp(others.loc[closest, 'difference'])})")
+    if len(others):
+        best = others["difference"].idxmax()
+        out.append(f"{best} {'gains most' if others.loc[best, 'difference'] > 0 else 'loses least'} "
+                   f"({_pp(others.loc[best, 'difference'])}{'' if others.loc[best, 'significant'] else ', within the noise'})")
+    return "; ".join(out)
+
+
 def describe_decomposition(table: pd.DataFrame, untrained: list[str] = ()) -> str:
-    """Per improvement: every part's difference from the baseline (clean, corruption, training accuracy),
-    the part with the largest clean change, and the parts whose interval excludes zero; then the
-    ``untrained`` parts, which ``make decomposition`` trains."""
+    """Per improvement: which part carries its clean effect (:func:`_verdict`), the parts whose interval
+    excludes zero, and every part's difference from the baseline (clean, corruption, training accuracy);
+    then the ``untrained`` parts, which ``make decomposition`` trains."""
     later = (f"\n\nNot in the results store yet: {', '.join(untrained)}. `make decomposition` trains every part "
              "(side by side, like `make reports`); this section then shows them." if untrained else "")
     if table.empty:
@@ -37,21 +60,19 @@ def describe_decomposition(table: pd.DataFrame, untrained: list[str] = ()) -> st
                      f"({int(base['seeds'].iloc[0])} run(s)); differences below are part minus baseline with 95% "
                      "intervals from one model of all these runs (parts and seeds as factors).")
     for improvement, group in table[table["part"] != BASELINE].groupby("improvement", sort=False):
-        parts = []
+        details = []
         for part, rows in group.groupby("part", sort=False):
             by_metric = rows.set_index("metric")
             values = ", ".join(f"{_METRIC_NAMES[m]} {_pp(by_metric.loc[m, 'difference'])}{_interval(by_metric.loc[m])}"
                                for m in _METRIC_NAMES if m in by_metric.index)
-            parts.append(f"{part}{' (a deviation from the official code)' if rows['deviation'].iloc[0] else ''}: "
-                         f"{values}")
-        clean = group[group["metric"] == "clean_accuracy"]
-        worst = clean.loc[clean["difference"].idxmin()] if not clean.empty else None
-        clear = [f"{r['part']} ({_METRIC_NAMES[r['metric']]})" for _, r in group.iterrows() if r["significant"]]
-        summary = ""
-        if worst is not None:
-            summary = (f" The largest clean change is {worst['part']}'s ({_pp(worst['difference'])}"
-                       f"{', its interval excludes zero' if worst['significant'] else ', within the noise'}).")
-        summary += (f" Intervals that exclude zero: {'; '.join(clear)}." if clear else
-                    " No interval excludes zero at this budget and seed count.")
-        lines.append(f"- **{improvement}**: " + "; ".join(parts) + "." + summary)
+            details.append(f"  - {part}{' (a deviation from the official code)' if rows['deviation'].iloc[0] else ''}: "
+                           f"{values}")
+        clear = {part: [_METRIC_NAMES[m] for m in rows.loc[rows["significant"], "metric"]]
+                 for part, rows in group.groupby("part", sort=False)}
+        clear = [f"{part} ({', '.join(metrics)})" for part, metrics in clear.items() if metrics]
+        verdict = _verdict(group)
+        lines.append(f"- **{improvement}**: " + (verdict + ". " if verdict else "")
+                     + (f"Intervals that exclude zero: {'; '.join(clear)}." if clear else
+                        "No interval excludes zero at this budget and seed count."))
+        lines += details
     return "\n".join(lines) + later
