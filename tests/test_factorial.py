@@ -58,3 +58,28 @@ def test_seeds_needed_shrinks_with_the_spread_and_matches_the_simulation():
         hits += bool(fit_factorial(table, FACTORS, "y", order=2).set_index("term").loc["mish", "significant"])
     assert hits >= 20
     assert seeds_needed(1.0, 3, max_seeds=5) is None
+
+
+def test_an_effect_alone_is_the_cell_difference_and_its_gap_to_the_main_effect_the_interactions():
+    from mnv2lib.analysis.factorial import alone_and_main
+    from mnv2lib.analysis.prose.ablation import describe_alone_and_main
+
+    truth = {"mish": 0.04, "triplet": 0.02, "cnsn": -0.15, "mish:triplet": -0.06}
+    table = simulate_design(FACTORS, truth, seeds=3, noise_sd=0.01, rng=4)
+    fit = fit_factorial(table, FACTORS, "y")
+    assert fit["order"].max() == 3  # every interaction: the model reproduces the cell means
+    split = alone_and_main(fit).set_index("factor")
+    off = {f: 0 for f in FACTORS}
+
+    def cell(**on):
+        rows = table[np.logical_and.reduce([table[f] == v for f, v in {**off, **on}.items()])]
+        return rows["y"].mean()
+
+    for factor in FACTORS:
+        assert split.loc[factor, "alone"] == pytest.approx(cell(**{factor: 1}) - cell(), abs=1e-9)
+        assert split.loc[factor, "main"] == pytest.approx(
+            split.loc[factor, "alone"] + sum(share for _, share, _ in split.loc[factor, "shares"]), abs=1e-12)
+    # triplet helps alone and loses on average: its interaction with mish (-0.06) makes the difference
+    assert split.loc["triplet", "alone"] > 0.005 and split.loc["triplet", "main"] < split.loc["triplet", "alone"] - 0.02
+    text = describe_alone_and_main(alone_and_main(fit))
+    assert "**triplet** alone +" in text and "the difference is its interactions: mish x triplet -" in text

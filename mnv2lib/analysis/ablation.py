@@ -103,6 +103,14 @@ def factorial_effects(table: pd.DataFrame, factors=None, metrics=None, confidenc
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def alone_and_main(effects: pd.DataFrame) -> pd.DataFrame:
+    """Each improvement's effect alone against its main effect, and the interactions between them
+    (``factorial.alone_and_main`` of a :func:`factorial_effects` table)."""
+    from .factorial import alone_and_main as split
+
+    return split(effects)
+
+
 def model_differences(table: pd.DataFrame, metric: str = "clean_accuracy", baseline: str = "baseline",
                       confidence: float = 0.95) -> pd.DataFrame:
     """Per variant, its difference from the baseline with an interval from the whole design's residual

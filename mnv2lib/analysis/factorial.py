@@ -123,6 +123,25 @@ def seeds_needed(residual_sd: float, factors: int, effect: float = 0.05, confide
     return None
 
 
+def alone_and_main(effects: pd.DataFrame) -> pd.DataFrame:
+    """Per metric and factor of a :func:`fit_factorial` table: its main effect (averaged over the other
+    factors' settings), its effect *alone* (every other factor off, as the model predicts it) and what
+    separates the two, term by term. With the +-1 coding, alone = main - sum of the 2-factor terms that
+    contain it + the 3-factor ones - ..., so main = alone + sum over those terms of (-1)^order x effect:
+    ``shares`` lists (term, that share, whether the term's interval excludes zero)."""
+    rows = []
+    for metric, frame in effects.groupby("metric", sort=False):
+        by_term = frame.set_index("term")
+        for factor in frame.loc[frame["order"] == 1, "term"]:
+            shares = [(term, (-1) ** int(row["order"]) * row["effect"], bool(row["significant"]))
+                      for term, row in by_term.iterrows() if row["order"] > 1 and factor in term.split(":")]
+            main = float(by_term.loc[factor, "effect"])
+            rows.append({"metric": metric, "factor": factor, "main": main,
+                         "alone": main - sum(share for _, share, _ in shares), "shares": shares,
+                         "order": int(frame["order"].max())})
+    return pd.DataFrame(rows, columns=["metric", "factor", "main", "alone", "shares", "order"])
+
+
 def cell_means(frame: pd.DataFrame, factors: list[str], metric: str) -> pd.DataFrame:
     """Mean and run count of ``metric`` in every cell of the design (for the interaction plots)."""
     return frame.groupby(factors)[metric].agg(["mean", "count"]).reset_index()

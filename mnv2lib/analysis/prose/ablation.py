@@ -71,6 +71,30 @@ def describe_factorial(effects: pd.DataFrame, effect_size: float = 0.05) -> str:
     return "\n".join(lines)
 
 
+def describe_alone_and_main(table: pd.DataFrame, gap: float = 0.01) -> str:
+    """Markdown: per metric, each improvement's effect alone against its main effect, and the interaction
+    terms that make up the difference where it is at least ``gap`` (``factorial.alone_and_main``)."""
+    if table.empty:
+        return ""
+    lines = []
+    for metric, frame in table.groupby("metric", sort=False):
+        items = []
+        for _, row in frame.iterrows():
+            text = (f"**{row['factor']}** alone {_pp(row['alone'])}, averaged over the others' settings "
+                    f"(main effect) {_pp(row['main'])}")
+            if abs(row["main"] - row["alone"]) >= gap and row["shares"]:
+                ordered = sorted(row["shares"], key=lambda s: -abs(s[1]))
+                text += ("; the difference is its interactions: " + ", ".join(
+                    f"{term.replace(':', ' x ')} {_pp(share)}{' (interval excludes zero)' if significant else ''}"
+                    for term, share, significant in ordered))
+            items.append(text)
+        lines.append(f"- {METRICS.get(metric, metric).capitalize()}: " + "; ".join(items) + ".")
+    if (table["order"] < table["factor"].groupby(table["metric"]).transform("count")).any():
+        lines.append("- (The model leaves out the highest interactions here, so 'alone' is its prediction "
+                     "without them.)")
+    return "\n".join(lines)
+
+
 def describe_ladder(ladder: pd.DataFrame) -> str:
     """Markdown: per improvement and metric, the effect at each rung, and whether it changes sign or size."""
     if ladder.empty:
