@@ -129,3 +129,12 @@ def test_every_recipe_takes_the_same_steps_of_the_same_batch():
     assert recipe_train_size("before") == PROFILES["quick"].train_size  # the centre: the quick profile's images
     with pytest.raises(ValueError, match="recipe: got 'fast'; allowed values are"):
         recipe_train_size("fast")
+
+
+def test_a_lead_within_the_seed_spread_is_called_unresolved():
+    table = recipes.recipe_selection(_records(seeds=(0, 1)))
+    wide = table.assign(mean_sd=0.05)  # the criterion moves more between seeds than "m" leads "quick"
+    text = describe_recipe_selection(wide, recipes.effects_by_recipe(wide, "quick"), "quick")
+    assert "3.5 pp below, within the criterion's seed-to-seed spread: the search does not separate the two." in text
+    text = describe_recipe_selection(table, recipes.effects_by_recipe(table, "quick"), "quick")
+    assert "3.5 pp below." in text  # a 0.7 pp spread: the lead is resolved

@@ -32,8 +32,13 @@ def describe_recipe_selection(table: pd.DataFrame, effects: pd.DataFrame, curren
     if current is None:
         lines.append("The profile's recipe is none of the searched ones: its effects are not compared here.")
     elif current != shared:
+        below = table.loc[shared, "mean"] - table.loc[current, "mean"]
+        spread = table["mean_sd"].dropna()
+        resolved = spread.empty or below > spread.max()
         lines.append(f"The profile's recipe ({current}) scores {100 * table.loc[current, 'mean']:.1f}%, "
-                     f"{100 * (table.loc[shared, 'mean'] - table.loc[current, 'mean']):.1f} pp below.")
+                     f"{100 * below:.1f} pp below" + ("." if resolved else
+                                                      ", within the criterion's seed-to-seed spread: the search "
+                                                      "does not separate the two."))
     else:
         lines.append("That is the profile's recipe.")
     lines.append("Each variant's own best: " + ", ".join(
