@@ -35,7 +35,7 @@ reports: $(STAMP) ## train the notebooks' runs, execute every notebook with pape
 ladder: $(STAMP) ## train the budget ladder (quick, 2x, 4x, 8x, 16x budgets; hours on 2 cores: run it in the background); notebook 04 plots it
 	$(BIN)/python -m mnv2lib.experiments ladder --dataset $(DATASET)
 
-decomposition: $(STAMP) ## train every part of notebook 04's decomposition (make reports trains CNSN's; ~25 min more on 2 cores)
+decomposition: $(STAMP) ## train every part of notebook 04's decomposition (make reports trains CNSN's; ~17 min more on 2 cores)
 	$(BIN)/python -m mnv2lib.experiments decomposition --dataset $(DATASET)
 
 bench: $(STAMP) ## speed benchmark of Mish, Triplet Attention and CNSN -> reports/bench.json

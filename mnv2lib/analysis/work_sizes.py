@@ -74,7 +74,7 @@ WORK_SIZES: dict[str, dict[str, dict]] = {
         # what the ablation's largest effect (CNSN) is made of, with both seeds: CrossNorm and SelfNorm apart
         # and CNSN before the add, 6 runs (the official CNSN row is the ablation's own runs). Every other
         # part (SelfNorm's gate start, CNSN on large maps only, CrossNorm's modes, Triplet Attention's
-        # placements) is `make decomposition`'s: 22 more runs, ~25 min on 2 cores, beyond make reports' 45
+        # placements) is `make decomposition`'s: 18 more runs, ~17 min on 2 cores, beyond make reports' budget
         "decomposition": {"parts": ("CNSN after the add (official)", "CrossNorm only", "SelfNorm only",
                                     "CNSN before the add"),
                           "seeds": "profile"},
