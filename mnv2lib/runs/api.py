@@ -72,16 +72,21 @@ def trained_model(overrides: dict, profile: str | Profile = "quick", dataset="au
 LADDER_CONFIGS = [{}] + list(IMPROVEMENTS.values())  # the baseline and each improvement alone
 
 
+def _planned(overrides_list: list[dict], profile, dataset, seeds):
+    """(profile, loaded dataset, the runs of every config x seed): seeds None, the profile's."""
+    profile = get_profile(profile)
+    if isinstance(dataset, str):
+        dataset = load_profile_dataset(profile, dataset)
+    seeds = tuple(seeds if seeds is not None else profile.seeds)
+    return profile, dataset, plan_runs([RunRequest(o, seeds) for o in overrides_list], profile, dataset)
+
+
 def stored_runs(overrides_list: list[dict], profile: str | Profile = "quick", dataset="auto", seeds=None,
                 store: ResultsStore | None = None) -> list[dict]:
     """The finished records of every config x seed that the store holds; nothing is trained (a study
     shows what an optional command such as ``make decomposition`` has trained, and says what it has not)."""
-    profile = get_profile(profile)
     store = store or ResultsStore()
-    if isinstance(dataset, str):
-        dataset = load_profile_dataset(profile, dataset)
-    seeds = tuple(seeds if seeds is not None else profile.seeds)
-    runs = plan_runs([RunRequest(o, seeds) for o in overrides_list], profile, dataset)
+    _, _, runs = _planned(overrides_list, profile, dataset, seeds)
     return finished([r for r in (store.get(run.key) for run in runs) if r is not None])
 
 
@@ -90,14 +95,9 @@ def train_side_by_side(overrides_list: list[dict], profile: str | Profile = "qui
                        workers: int | None = None) -> list[dict]:
     """The records of every config x seed; only what the store lacks is trained, side by side as ``make
     reports`` trains its plan (``workers``; None: one run per core on a CPU, one at a time on a GPU)."""
-    profile = get_profile(profile)
-    store = store or ResultsStore()
-    if isinstance(dataset, str):
-        dataset = load_profile_dataset(profile, dataset)
-    runs = plan_runs([RunRequest(o, tuple(seeds if seeds is not None else profile.seeds)) for o in overrides_list],
-                     profile, dataset)
-    return train_runs(runs, profile, dataset, store, workers=workers if workers is not None else local_workers(profile),
-                      show_progress=show_progress)
+    profile, dataset, runs = _planned(overrides_list, profile, dataset, seeds)
+    return train_runs(runs, profile, dataset, store or ResultsStore(),
+                      workers=workers if workers is not None else local_workers(profile), show_progress=show_progress)
 
 
 def train_ladder(dataset: str = "auto", factors=LADDER_FACTORS, store: ResultsStore | None = None,
