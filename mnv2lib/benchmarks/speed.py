@@ -71,8 +71,6 @@ TARGETS = {
     "mish_train_ratio": 1.15, "mish_eval_ratio": 1.20, "triplet_train_ratio": 1.10, "triplet_eval_ratio": 1.10,
     "cnsn_train_ratio": 1.10, "selfnorm_eval_ratio": 1.05, "baseline_vs_torchvision_train_ratio": 1.03,
     "data_per_train_step_ratio": 0.05,
-    # every run's evaluations (test set, learning curve, corruptions: a fifth of a quick run before the fold)
-    "evaluation_ratio": 0.70,
 }
 
 
@@ -235,7 +233,7 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> dict:
 
 
 def evaluation_ratio(images: int = 1000, repeats: int = 5, old_batch: int = 500) -> dict:
-    """Median seconds of ``engine.train.evaluate`` (BatchNorm folded, CPU chunks) over those of the same
+    """(No target: a speed-up of every run's evaluations, reported as measured, docs/speed.md.) Median seconds of ``engine.train.evaluate`` (BatchNorm folded, CPU chunks) over those of the same
     evaluation done as before (the model itself, in batches of ``old_batch``), on the quick profile's
     network (width 0.5, ``cifar_lite``, channels_last) with non-trivial BatchNorm statistics."""
     from ..engine.train import evaluate
