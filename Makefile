@@ -36,7 +36,7 @@ ladder: $(STAMP) ## train the budget ladder (quick, 2x, 4x, 8x, 16x budgets; hou
 	$(BIN)/python -m mnv2lib.experiments ladder --dataset $(DATASET)
 
 decomposition: $(STAMP) ## train every part of notebook 04's decomposition (make reports trains CNSN's; ~17 min more on 2 cores)
-	$(BIN)/python -m mnv2lib.experiments decomposition --dataset $(DATASET)
+	$(BIN)/python -m mnv2lib.experiments decomposition --profile $(PROFILE) --dataset $(DATASET)
 
 bench: $(STAMP) ## speed benchmark of Mish, Triplet Attention and CNSN -> reports/bench.json
 	$(BIN)/python -m mnv2lib.benchmarks.speed

@@ -71,3 +71,23 @@ def test_chunked_evaluation_equals_one_batch():
     assert chunked["accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     assert chunked["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-4)
     assert model.training is False
+
+
+def test_hook_objects_and_recording_modules_see_the_evaluation():
+    images, labels = torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+
+    class Counter:  # a hook that is an object: the copy must call this one, not a copy of it
+        calls = 0
+
+        def __call__(self, module, inputs, output):
+            self.calls += 1
+
+    model = build_model(num_classes=10, width_mult=0.25, stem="cifar_lite")
+    counter = Counter()
+    model.features[1].register_forward_hook(counter)
+    evaluate(model, images, labels, (0.5,) * 3, (0.25,) * 3, device="cpu")
+    assert counter.calls == 1
+    attention = build_model(num_classes=10, width_mult=0.25, stem="cifar_lite", attention="triplet")
+    recorder = next(m for m in attention.modules() if hasattr(m, "record"))
+    recorder.record = True
+    assert folded_for_inference(attention) is attention  # what it records stays on the model

@@ -82,4 +82,4 @@ def test_an_effect_alone_is_the_cell_difference_and_its_gap_to_the_main_effect_t
     # triplet helps alone and loses on average: its interaction with mish (-0.06) makes the difference
     assert split.loc["triplet", "alone"] > 0.005 and split.loc["triplet", "main"] < split.loc["triplet", "alone"] - 0.02
     text = describe_alone_and_main(alone_and_main(fit))
-    assert "**triplet** alone +" in text and "the difference is its interactions: mish x triplet -" in text
+    assert "**triplet** alone +" in text and "the difference is its interactions, their shares of main minus alone: mish x triplet -" in text

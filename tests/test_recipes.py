@@ -135,6 +135,9 @@ def test_a_lead_within_the_seed_spread_is_called_unresolved():
     table = recipes.recipe_selection(_records(seeds=(0, 1)))
     wide = table.assign(mean_sd=0.05)  # the criterion moves more between seeds than "m" leads "quick"
     text = describe_recipe_selection(wide, recipes.effects_by_recipe(wide, "quick"), "quick")
-    assert "3.5 pp below, within the criterion's seed-to-seed spread: the search does not separate the two." in text
+    assert "3.5 pp below, within the two recipes' seed-to-seed spread: the search does not separate them." in text
     text = describe_recipe_selection(table, recipes.effects_by_recipe(table, "quick"), "quick")
     assert "3.5 pp below." in text  # a 0.7 pp spread: the lead is resolved
+    one_seed = recipes.recipe_selection(_records())
+    text = describe_recipe_selection(one_seed, recipes.effects_by_recipe(one_seed, "quick"), "quick")
+    assert "3.5 pp below, and with one seed for either recipe nobody knows whether that is more than the noise." in text

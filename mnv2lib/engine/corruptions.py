@@ -740,10 +740,7 @@ def evaluate_corruptions(model, dataset, corruptions=None, severities=(1, 2, 3, 
     from .train import evaluate, folded_for_inference
 
     check_dataset_images(dataset)
-    was_training = getattr(model, "training", False)
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    inference = folded_for_inference(model)  # once for the 75 sets, not once per set
+    inference = folded_for_inference(model)  # once for the 75 sets (an eval-mode copy, or the model itself)
     results: dict[str, dict[str, float]] = {}
     for corruption in corruptions or CORRUPTIONS:
         results[corruption] = {}
@@ -751,6 +748,4 @@ def evaluate_corruptions(model, dataset, corruptions=None, severities=(1, 2, 3, 
             images, labels = load_corrupted_test_set(dataset, corruption, severity, size=size)
             results[corruption][str(severity)] = evaluate(inference, images, labels, dataset.mean, dataset.std,
                                                           batch_size, device, channels_last)["accuracy"]
-    if isinstance(model, torch.nn.Module):
-        model.train(was_training)
     return results

@@ -198,8 +198,8 @@ def folded_for_inference(model):
     """``model`` for evaluation with every BatchNorm2d that directly follows a plain Conv2d in an
     ``nn.Sequential`` folded into that convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``): the
     same function in eval mode, one memory pass fewer per layer. A folded copy (its hooks are the
-    model's); ``model`` itself when it has no such pair, is no ``nn.Module``, or has a hook on a module
-    that folding replaces. A module whose class sets ``fold_batchnorm = False`` (its code reads its
+    model's hook objects); ``model`` itself when it has no such pair, is no ``nn.Module``, has a module
+    recording what it sees (``record``), or has a hook on a module that folding replaces. A module whose class sets ``fold_batchnorm = False`` (its code reads its
     BatchNorms) is left whole."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -209,7 +209,7 @@ def folded_for_inference(model):
             module = stack.pop()
             if not getattr(module, "fold_batchnorm", True):
                 continue
-            if isinstance(module, nn.Sequential):
+            if type(module).forward is nn.Sequential.forward:  # a subclass with its own forward may read a pair
                 names = list(module._modules)
                 for conv, norm in zip(names, names[1:]):
                     c, n = module._modules[conv], module._modules[norm]
@@ -217,15 +217,16 @@ def folded_for_inference(model):
                         yield module, conv, norm
             stack.extend(module.children())
 
-    if not isinstance(model, nn.Module):
-        return model
+    if not isinstance(model, nn.Module) or any(getattr(m, "record", False) for m in model.modules()):
+        return model  # a recording module keeps what it saw: on the model, not on a copy
     found = list(pairs(model))
     replaced = [s._modules[name] for s, conv, norm in found for name in (conv, norm)]
     if not found or any(m._forward_hooks or m._forward_pre_hooks for m in replaced):
         return model
     import copy
 
-    folded = copy.deepcopy(model).eval()
+    hooks = [h for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values()]
+    folded = copy.deepcopy(model, memo={id(h): h for h in hooks}).eval()  # the copy calls the model's own hooks
     for sequential, conv, norm in list(pairs(folded)):
         sequential._modules[conv] = fuse_conv_bn_eval(sequential._modules[conv], sequential._modules[norm])
         sequential._modules[norm] = nn.Identity()

@@ -84,7 +84,7 @@ def describe_alone_and_main(table: pd.DataFrame, gap: float = 0.01) -> str:
                     f"(main effect) {_pp(row['main'])}")
             if abs(row["main"] - row["alone"]) >= gap and row["shares"]:
                 ordered = sorted(row["shares"], key=lambda s: -abs(s[1]))
-                text += ("; the difference is its interactions: " + ", ".join(
+                text += ("; the difference is its interactions, their shares of main minus alone: " + ", ".join(
                     f"{term.replace(':', ' x ')} {_pp(share)}{' (interval excludes zero)' if significant else ''}"
                     for term, share, significant in ordered))
             items.append(text)

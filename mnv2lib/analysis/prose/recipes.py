@@ -33,12 +33,12 @@ def describe_recipe_selection(table: pd.DataFrame, effects: pd.DataFrame, curren
         lines.append("The profile's recipe is none of the searched ones: its effects are not compared here.")
     elif current != shared:
         below = table.loc[shared, "mean"] - table.loc[current, "mean"]
-        spread = table["mean_sd"].dropna()
-        resolved = spread.empty or below > spread.max()
+        spread = table.loc[[shared, current], "mean_sd"]  # the two recipes' own seed-to-seed spread
+        verdict = (", and with one seed for either recipe nobody knows whether that is more than the noise."
+                   if spread.isna().any() else "." if below > spread.max() else
+                   ", within the two recipes' seed-to-seed spread: the search does not separate them.")
         lines.append(f"The profile's recipe ({current}) scores {100 * table.loc[current, 'mean']:.1f}%, "
-                     f"{100 * below:.1f} pp below" + ("." if resolved else
-                                                      ", within the criterion's seed-to-seed spread: the search "
-                                                      "does not separate the two."))
+                     f"{100 * below:.1f} pp below" + verdict)
     else:
         lines.append("That is the profile's recipe.")
     lines.append("Each variant's own best: " + ", ".join(
