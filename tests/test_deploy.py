@@ -360,3 +360,47 @@ def test_the_quick_plan_names_what_it_leaves_out():
     quick = prose.left_out(X.deploy_plan("quick"))
     assert "SiLU" in quick and "Hardswish" in quick and "Triplet Attention" in quick
     assert prose.left_out(X.deploy_plan("gpu")) == ""
+
+
+@pytest.mark.parametrize("relower", [True, False])
+def test_a_fixed_batch_int8_program_is_lowered_again_for_the_crossover_only_when_the_sizes_allow(relower, monkeypatch):
+    """Where int8 is slower at batch 1, both precisions are timed at the crossover batch; an int8 program
+    of a fixed batch needs another lowering, which ``relower_for_crossover=False`` skips (both untimed)."""
+    lowered, timed = [], []
+
+    def program(precision, **batch):
+        return D.DeployedModel("executorch", precision, lambda x: x.flatten(1)[:, :2], 1, **batch)
+
+    monkeypatch.setattr(D, "quantize_executorch", lambda model, calibration, path, shape: lowered.append(shape)
+                        or program("int8", fixed_batch=shape[0]))
+    monkeypatch.setattr(D, "latency_ms", lambda deployed, shape, **kw: timed.append((deployed.precision, shape[0]))
+                        or 1.0)
+    deployed = {("executorch", "fp32"): program("fp32", max_batch=32), ("executorch", "int8"): program("int8", fixed_batch=1)}
+    fp32_row, int8_row = {}, {}
+    sizes = D.DeploySizes(crossover_batch=32, relower_for_crossover=relower)
+    D._time_crossover(nn.Identity(), "executorch", deployed, fp32_row, int8_row, [], (1, 3, 32, 32), sizes)
+    if relower:
+        assert lowered == [(32, 3, 32, 32)] and timed == [("fp32", 32), ("int8", 32)]
+        assert fp32_row["latency_ms_batch32"] == int8_row["latency_ms_batch32"] == 1.0
+    else:
+        assert lowered == [] and timed == [] and fp32_row == int8_row == {}
+    with pytest.raises(D.DeployInputError, match="relower_for_crossover"):
+        D.DeploySizes(relower_for_crossover="no")
+
+
+def test_an_untimed_executorch_crossover_is_said_so():
+    import pandas as pd
+
+    from mnv2lib.analysis.prose import deployment as prose
+    from mnv2lib.analysis.work_sizes import work_sizes
+
+    rows = [("mish", "onnxruntime", "fp32", 2.2, 26.2), ("mish", "onnxruntime", "int8", 2.9, 34.1),
+            ("mish", "executorch", "fp32", 1.5, float("nan")), ("mish", "executorch", "int8", 1.8, float("nan")),
+            ("relu6", "executorch", "fp32", 0.46, float("nan")), ("relu6", "executorch", "int8", 0.27, float("nan"))]
+    results = pd.DataFrame(rows, columns=["variant", "runtime", "precision", "latency_ms_batch1", "latency_ms_batch32"])
+    text = prose.describe_latency(results, 32)
+    assert "Mish in ONNX Runtime: int8 2.90 vs fp32 2.20 ms at batch 1, 34.10 vs 26.20 ms at batch 32" in text
+    untimed = text.split("not timed at batch 32: ")[1]
+    assert untimed.startswith("Mish in ExecuTorch (int8 1.80 vs fp32 1.50 ms)") and "ReLU6" not in untimed
+    assert "not timed" not in prose.describe_latency(results[results["runtime"] != "executorch"], 32)
+    assert D.DeploySizes(**work_sizes("quick", "deployment")["sizes"]).relower_for_crossover is False

@@ -67,14 +67,17 @@ WORK_SIZES: dict[str, dict[str, dict]] = {
         # fits the notebook's budget (at most 5 min on 2 cores, its own training included): ReLU6 against ReLU
         # (the same function unbounded) and Mish, whose runs the ablation trains anyway, so only ReLU is
         # trained for this notebook (SiLU and Hardswish cost a minute each here); ExecuTorch for the baseline
-        # and Mish (lowering takes 20-65 s per program on this machine, in worker processes side by side)
+        # and Mish (lowering takes 20-65 s per program on this machine, in worker processes side by side); an
+        # ExecuTorch int8 program slower than fp32 at batch 1 is not lowered again for batch 32 (~2 of the
+        # notebook's 5 minutes, alone in this process): ONNX Runtime's crossover is timed, ExecuTorch's is the
+        # full profile's
         "deployment": {"variants": ("relu6", "relu", "mish", "triplet", "cnsn"), "executorch_variants": ("relu6", "mish"),
                        "sizes": dict(test_images=2000, corruption_images=100, severities=(3,), calibration_images=256,
-                                     latency_repeats=50, crossover_batch=32)},
+                                     latency_repeats=50, crossover_batch=32, relower_for_crossover=False)},
         # what the ablation's largest effect (CNSN) is made of, with both seeds: CrossNorm and SelfNorm apart
         # and CNSN before the add, 6 runs (the official CNSN row is the ablation's own runs). Every other
-        # part (SelfNorm's gate start, CNSN on large maps only, CrossNorm's modes, Triplet Attention's
-        # placements) is `make decomposition`'s: 18 more runs, ~17 min on 2 cores, beyond make reports' budget
+        # part (SelfNorm before the add, CNSN at the block input and on the shortcut, SelfNorm's gate start,
+        # CNSN on large maps only, CrossNorm's modes, Triplet Attention's placements) is `make decomposition`'s: 18 more runs, ~17 min on 2 cores, beyond make reports' budget
         "decomposition": {"parts": ("CNSN after the add (official)", "CrossNorm only", "SelfNorm only",
                                     "CNSN before the add"),
                           "seeds": "profile"},

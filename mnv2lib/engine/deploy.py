@@ -717,6 +717,9 @@ class DeploySizes:
     calibration_images: int = 256      # training images for int8 calibration
     latency_repeats: int = 50
     crossover_batch: int = 32          # where int8 is slower than fp32 at batch 1, also timed here
+    # a program that cannot take crossover_batch (ExecuTorch int8: static shapes) is lowered again for it,
+    # 1-3 min per program on a 2-core CPU; False leaves that crossover untimed
+    relower_for_crossover: bool = True
 
     def __post_init__(self) -> None:
         from .corruptions import SEVERITIES
@@ -729,6 +732,9 @@ class DeploySizes:
                                      and v in SEVERITIES for v in severities):
             raise DeployInputError(f"severities: got {given!r}; allowed: a non-empty tuple of values in {SEVERITIES}")
         object.__setattr__(self, "severities", tuple(int(v) for v in severities))
+        if not isinstance(self.relower_for_crossover, (bool, np.bool_)):
+            raise DeployInputError(f"relower_for_crossover: got {self.relower_for_crossover!r}; allowed values are "
+                                   "True, False")
 
 
 def _check_targets(targets, argument: str = "targets") -> tuple:
@@ -1023,11 +1029,18 @@ def default_workers(jobs: int) -> int:
 
 def _time_crossover(model, runtime, deployed, fp32_row, int8_row, calibration, shape, sizes) -> None:
     """Latency of fp32 and int8 at ``sizes.crossover_batch``; an ExecuTorch program that cannot take that
-    batch (static shapes) is exported again at it."""
+    batch (static shapes) is exported again at it, or, without ``sizes.relower_for_crossover``, neither
+    precision is timed there."""
     big = (sizes.crossover_batch, *shape[1:])
+
+    def takes_big(program) -> bool:
+        return program.fixed_batch in (None, big[0]) and (program.max_batch is None or program.max_batch >= big[0])
+
+    if not sizes.relower_for_crossover and not all(takes_big(deployed[(runtime, p)]) for p in ("fp32", "int8")):
+        return
     for row, precision in ((fp32_row, "fp32"), (int8_row, "int8")):
         program = deployed[(runtime, precision)]
-        if program.fixed_batch not in (None, big[0]) or program.max_batch is not None and program.max_batch < big[0]:
+        if not takes_big(program):
             program = (export_executorch(model, None, big, check=False) if precision == "fp32"
                        else quantize_executorch(model, calibration, None, big))
         row[f"latency_ms_batch{sizes.crossover_batch}"] = latency_ms(

@@ -12,5 +12,8 @@ NOTEBOOK_SEQUENCE = (
     "07_deployment",
     "08_applications",
 )
+# Notebooks that time nothing (every cost they show comes from the runs' records): `make reports` executes
+# them side by side; the others time latencies and run alone, one after another.
+TIMES_NOTHING = frozenset({"01_activation_study", "02_triplet_attention", "03_cnsn_distributions", "04_ablations"})
 PROFILES = ("smoke", "quick", "gpu", "full")
 KERNEL_NAME = "mnv2lib"

@@ -2,8 +2,8 @@
 
 First trains every run the notebooks will ask for that the results store lacks
 (``mnv2lib.workbook.plan.train_plan``: ``--executor local|ray``, ``--workers``, ``--threads``,
-``--address``), then executes the numbered notebooks in order with papermill's Python API, writes the
-executed copies to ``reports/notebooks/`` and an index of every figure to
+``--address``), then executes the numbered notebooks with papermill's Python API (those that time
+nothing side by side, one kernel per core; the others alone, in order), writes the executed copies to ``reports/notebooks/`` and an index of every figure to
 ``reports/README.md``. The arguments are checked before any kernel starts. A failing
 notebook stops the run with a non-zero exit that names the notebook and the cell; the
 last good executed copy stays in place, the failed one is kept beside it as
@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from ..utils import paths
 from ..utils.provenance import git_commit
-from .catalogue import KERNEL_NAME, NOTEBOOK_SEQUENCE, PROFILES
+from .catalogue import KERNEL_NAME, NOTEBOOK_SEQUENCE, PROFILES, TIMES_NOTHING
 
 
 # The fields the library's errors start with ("workers: got 0; ...") -> the option that sets each here.
@@ -173,6 +173,57 @@ def write_index(executed: list[str], missing: list[str], profile: str, dataset: 
     return index
 
 
+def notebook_workers() -> int:
+    """Kernels side by side for the notebooks that time nothing: one per core, at most two (each holds
+    a model, a dataset and torch; two already keep a 2-core CPU busy)."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def notebook_groups(names: list[str], workers: int) -> list[list[str]]:
+    """``names`` in the sequence's order, as groups executed one after another: the notebooks that time
+    nothing together in one group (side by side when ``workers`` > 1), every other notebook alone."""
+    untimed = [n for n in names if n in TIMES_NOTHING] if workers > 1 else []
+    groups, placed = [], False
+    for name in names:
+        if name not in untimed:
+            groups.append([name])
+        elif not placed:
+            groups.append(untimed)
+            placed = True
+    return groups
+
+
+def _execute_timed(name: str, parameters: dict, threads: int | None = None) -> tuple[str, float, str | None]:
+    """(name, seconds, None) when every cell ran, or the failing cell as the third item."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if threads is not None:  # the kernel inherits it: two kernels on two cores, one thread each
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.time()
+    try:
+        execute_notebook(name, parameters)
+    except PapermillExecutionError as error:
+        return name, time.time() - t0, f"cell {error.exec_count} ({error.ename}: {error.evalue})"
+    return name, time.time() - t0, None
+
+
+def _execute_group(group: list[str], parameters: dict[str, dict],
+                   execute=_execute_timed) -> list[tuple[str, float, str | None]]:
+    """``execute`` (a module-level function: it goes to worker processes) for each notebook of ``group``:
+    in this process when alone, else in worker processes side by side (every one runs to its end, a
+    failure of another notwithstanding); outcomes in ``group``'s order."""
+    if len(group) == 1:
+        return [execute(group[0], parameters[group[0]])]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(len(group), notebook_workers())
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(execute, name, parameters[name], threads) for name in group]
+        return [future.result() for future in futures]
+
+
 def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
                 notebooks: list[str] | None = None, train_first: bool = True, factors: str | None = None,
                 **executor_options) -> int:
@@ -181,7 +232,6 @@ def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
     names; None: the three improvements). Returns the exit status."""
     from ..runs.spec import DEFAULT_FACTORS, parse_factors
 
-    from papermill.exceptions import PapermillExecutionError
     from tqdm.auto import tqdm
 
     present, missing = check_arguments(profile, dataset, seed, notebooks)
@@ -205,21 +255,21 @@ def run_reports(profile: str = "quick", dataset: str = "auto", seed: int = 0,
             print(f"[reports] {error}", file=sys.stderr)
         print(f"[reports] runs of the plan trained in {(time.time() - start) / 60:.1f} min", flush=True)
     executed = []
-    for name in tqdm(present, desc="notebooks", unit="nb"):
-        t0 = time.time()
-        try:
-            execute_notebook(name, declared_parameters(name, parameters))
-        except PapermillExecutionError as error:
-            reason = f"cell {error.exec_count} ({error.ename}: {error.evalue})"
-            record_timing(name, time.time() - t0, profile, dataset, error=reason)
+    for group in notebook_groups(present, notebook_workers()):
+        outcomes = _execute_group(group, {name: declared_parameters(name, parameters) for name in group})
+        failed = [(name, seconds, reason) for name, seconds, reason in outcomes if reason is not None]
+        for name, seconds, reason in outcomes:
+            record_timing(name, seconds, profile, dataset, error=reason)
+            if reason is None:
+                executed.append(name)
+                tqdm.write(f"[reports] {name}: {seconds:.0f} s")
+        if failed:
             write_index(executed, missing, profile, dataset, time.time() - start)
-            print(f"\n[reports] FAILED: {name}.ipynb, {reason}.\n[reports] The partially executed notebook is "
-                  f"kept at {failed_copy(name)}; the last good one (if any) stays at "
-                  f"{paths.EXECUTED_NOTEBOOKS_DIR / (name + '.ipynb')}", file=sys.stderr)
+            for name, _, reason in failed:
+                print(f"\n[reports] FAILED: {name}.ipynb, {reason}.\n[reports] The partially executed notebook is "
+                      f"kept at {failed_copy(name)}; the last good one (if any) stays at "
+                      f"{paths.EXECUTED_NOTEBOOKS_DIR / (name + '.ipynb')}", file=sys.stderr)
             return 1
-        executed.append(name)
-        record_timing(name, time.time() - t0, profile, dataset)
-        tqdm.write(f"[reports] {name}: {time.time() - t0:.0f} s")
     index = write_index(executed, missing, profile, dataset, time.time() - start)
     from ..runs.store import export_results
 

@@ -72,6 +72,18 @@ def describe_latency(results: pd.DataFrame, crossover_batch: int) -> str:
                                               f"{crossover_batch})"))
         if sentences:
             text += " Where int8 was slower than fp32 at batch 1: " + "; ".join(sentences) + "."
+    untimed = []
+    for (variant, runtime), group in results.groupby(["variant", "runtime"], sort=False):
+        by = group.set_index("precision")  # ExecuTorch only: another runtime's untimed crossover is a failure
+        if runtime == "executorch" and {"fp32", "int8"} <= set(by.index) and by.at["int8", "latency_ms_batch1"] > by.at["fp32", "latency_ms_batch1"] \
+                and (column not in by or pd.isna(by.at["int8", column])):
+            untimed.append(f"{DISPLAY.get(variant, variant)} in {TARGET_LABELS[(runtime, 'int8')].rsplit(' ', 1)[0]} "
+                           f"(int8 {by.at['int8', 'latency_ms_batch1']:.2f} vs fp32 "
+                           f"{by.at['fp32', 'latency_ms_batch1']:.2f} ms)")
+    if untimed:
+        text += (f" Slower in int8 at batch 1 and not timed at batch {crossover_batch}: {'; '.join(untimed)}: an "
+                 "ExecuTorch int8 program has a fixed batch, and this profile does not lower it again for another "
+                 "(the full profile does).")
     return text
 
 
