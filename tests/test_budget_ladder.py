@@ -84,5 +84,27 @@ def test_the_ladder_trains_its_rungs_side_by_side_as_make_reports_does(monkeypat
     assert calls == [("quick", 4, 1), ("quick_x8", 4, 1)]
 
 
+def test_a_failed_run_does_not_stop_the_later_rungs(monkeypatch):
+    from mnv2lib.runs import api
+    from mnv2lib.runs.executors import GridError
+
+    trained, read = [], []
+
+    def train_runs(runs, profile, data, store, workers, show_progress):
+        trained.append(profile.name)
+        if profile.name == "quick_x2":
+            raise GridError("1 of 4 run(s) did not finish: k (cnsn): non-finite loss")
+        return [{"key": profile.name}]
+
+    monkeypatch.setattr(api, "load_profile_dataset", lambda profile, dataset: _FakeData())
+    monkeypatch.setattr(api, "plan_runs", lambda requests, profile, data: [])
+    monkeypatch.setattr(api, "train_runs", train_runs)
+    monkeypatch.setattr(api, "stored_runs", lambda configs, rung, *a: read.append(rung.name) or [])
+    monkeypatch.setattr(api, "local_workers", lambda profile: 2)
+    with pytest.raises(GridError, match=r"except: quick_x2: 1 of 4 run\(s\) did not finish: k \(cnsn\)"):
+        api.train_ladder("synthetic", factors=(2, 4, 8), store=object(), show_progress=False)
+    assert trained == ["quick", "quick_x2", "quick_x4", "quick_x8"] and read == ["quick_x2"]
+
+
 class _FakeData:
     classes = tuple(range(10))

@@ -85,9 +85,10 @@ def test_every_part_builds():
 def test_parts_not_in_the_store_are_named_with_the_command_that_trains_them():
     plan = D.every_part({"parts": ("CrossNorm only",), "seeds": (0, 1)})
     assert plan["parts"] == tuple(D.PARTS) and plan["seeds"] == (0, 1)
-    table = D.decomposition_table(_records(["baseline", "CrossNorm only", "SelfNorm only"]), plan)
-    untrained = D.untrained_parts(table, plan)
-    assert "CrossNorm only" not in untrained and "SelfNorm only" not in untrained
+    records = _records(["baseline", "CrossNorm only", "SelfNorm only"])
+    table = D.decomposition_table(records, plan)
+    untrained = D.untrained_parts(records, plan)
+    assert "CrossNorm only" not in untrained and "SelfNorm only" not in untrained and D.BASELINE not in untrained
     assert "Triplet Attention on the block output" in untrained and "CNSN before the add" in untrained
     text = prose.describe_decomposition(table, untrained)
     assert "Not in the results store yet: " in text and "`make decomposition`" in text
@@ -125,3 +126,45 @@ def test_stored_runs_reads_what_the_store_holds_and_trains_nothing(tmp_path):
     found = api.stored_runs([{}, {"activation": "mish"}], "smoke", "synthetic", seeds=(0, 1), store=store)
     assert [r["key"] for r in found] == [trained["key"]]  # mish and seed 1 are not in the store
     assert sorted(tmp_path.rglob("*")) == before  # and were not trained
+
+
+def test_parts_without_the_baseline_are_not_called_untrained():
+    plan = D.every_part({"parts": ("CrossNorm only",), "seeds": (0, 1)})
+    records = _records(["CrossNorm only", "SelfNorm only"])
+    table = D.decomposition_table(records, plan)
+    untrained = D.untrained_parts(records, plan)
+    assert table.empty and untrained[0] == D.BASELINE
+    assert "CrossNorm only" not in untrained and "SelfNorm only" not in untrained
+    text = prose.describe_decomposition(table, untrained)
+    assert text.startswith("The baseline is not in the results store yet") and "No part" not in text
+    assert "CrossNorm only" not in text.split("Not in the results store yet")[1]
+    # another seed's records are not this plan's
+    assert D.untrained_parts(_records(["baseline"]), {**plan, "seeds": (5,)})[0] == D.BASELINE
+
+
+def test_one_run_per_part_gives_no_intervals_and_says_so_instead_of_noise():
+    plan = {"parts": ("CrossNorm only", "SelfNorm only", "CNSN after the add (official)"), "seeds": (0,)}
+    table = D.decomposition_table(_records(["baseline", *plan["parts"]], seeds=(0,)), plan)
+    assert table["ci_low"].isna().all()
+    text = prose.describe_decomposition(table)
+    assert "without intervals" in text and "no interval with one run per part" in text
+    assert "within the noise" not in text and "No interval excludes zero" not in text and "95%" not in text
+
+
+def test_a_metric_some_runs_lack_is_compared_where_measured_only():
+    plan = {"parts": ("CrossNorm only", "SelfNorm only"), "seeds": (0, 1)}
+    records = _records(["baseline", "CrossNorm only", "SelfNorm only"])
+    for r in records:
+        if r["key"].startswith("SelfNorm"):
+            r["history"] = [{}]  # no training accuracy
+        if r["key"] == "baseline-1":
+            r["mean_corruption_accuracy"] = None
+    table = D.decomposition_table(records, plan)
+    train = table[table["metric"] == "train_accuracy"].set_index("part")
+    assert "SelfNorm only" not in train.index and train.loc["CrossNorm only", "seeds"] == 2  # no made-up 0.0
+    corruption = table[table["metric"] == "mean_corruption_accuracy"].set_index("part")
+    assert corruption.loc["baseline", "seeds"] == 1 and corruption.loc["CrossNorm only", "seeds"] == 2
+    for r in records:
+        if r["key"].startswith("baseline"):
+            r["mean_corruption_accuracy"] = None
+    assert "mean_corruption_accuracy" not in set(D.decomposition_table(records, plan)["metric"])  # no crash

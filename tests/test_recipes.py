@@ -77,10 +77,21 @@ def test_records_are_read_from_a_directory_and_the_prose_names_the_choice(tmp_pa
 
 
 def test_the_profile_recipe_is_found_among_the_searched_ones_by_its_settings():
-    records = [{"recipe": name, "train": recipe_config(name).to_dict()} for name in GRID]
-    assert recipes.current_recipe(records, PROFILES["quick"].train.to_dict()) in GRID
-    assert recipes.current_recipe(records, {**recipe_config("lr0.1").to_dict(), "curve_points": 10}) == "lr0.1"
-    assert recipes.current_recipe(records, {**recipe_config("lr0.1").to_dict(), "lr": 0.3}) is None
+    records = [{"recipe": name, "train": recipe_config(name).to_dict(), "train_size": recipe_train_size(name)}
+               for name in GRID]
+    quick = PROFILES["quick"]
+    assert recipes.current_recipe(records, quick.train.to_dict(), quick.train_size) in GRID
+    lr = {**recipe_config("lr0.1").to_dict(), "curve_points": 10}
+    assert recipes.current_recipe(records, lr, 20_000) == "lr0.1"
+    assert recipes.current_recipe(records, {**lr, "lr": 0.3}, 20_000) is None
+    # the same settings on other distinct images are another recipe
+    assert recipes.current_recipe(records, lr, 40_000) is None
+    assert recipes.current_recipe(records, recipe_config("distinct").to_dict(), 40_000) == "distinct"
+    assert recipes.current_recipe(records, recipe_config("distinct").to_dict(), 20_000) is None
+    # a first-round record (no train_size field) trained 20,000 images
+    first_round = [{"recipe": "lr0.1", "train": recipe_config("lr0.1").to_dict()}]
+    assert recipes.current_recipe(first_round, lr, 20_000) == "lr0.1"
+    assert recipes.current_recipe(first_round, lr, None) is None
     text = describe_recipe_selection(recipes.recipe_selection(_records()), recipes.pd.DataFrame(), None)
     assert "none of the searched ones" in text
 
@@ -131,13 +142,36 @@ def test_every_recipe_takes_the_same_steps_of_the_same_batch():
         recipe_train_size("fast")
 
 
-def test_a_lead_within_the_seed_spread_is_called_unresolved():
-    table = recipes.recipe_selection(_records(seeds=(0, 1)))
-    wide = table.assign(mean_sd=0.05)  # the criterion moves more between seeds than "m" leads "quick"
-    text = describe_recipe_selection(wide, recipes.effects_by_recipe(wide, "quick"), "quick")
-    assert "3.5 pp below, within the two recipes' seed-to-seed spread: the search does not separate them." in text
-    text = describe_recipe_selection(table, recipes.effects_by_recipe(table, "quick"), "quick")
-    assert "3.5 pp below." in text  # a 0.7 pp spread: the lead is resolved
+def test_a_lead_is_judged_by_its_paired_interval_over_the_shared_seeds():
+    records = _records(seeds=(0, 1))
+    table = recipes.recipe_selection(records)
+    lead = recipes.paired_lead(records, "m", "quick")
+    assert lead["seeds"] == 2 and lead["difference"] == pytest.approx(0.035) and lead["ci_low"] > 0
+    text = describe_recipe_selection(table, recipes.effects_by_recipe(table, "quick"), "quick", lead)
+    assert "3.5 pp below; seed by seed over the 2 seeds both have, m minus quick is +3.5 pp [+3.5, +3.5] (95%), an " \
+           "interval that excludes zero." in text
+    # seed 1 reverses the order: the mean lead stays, the paired interval spans zero
+    noisy = [dict(r, validation_accuracy=r["validation_accuracy"] - (0.06 if r["recipe"] == "m" and r["seed"] == 1
+                                                                     else 0.0)) for r in records]
+    lead = recipes.paired_lead(noisy, "m", "quick")
+    assert lead["ci_low"] < 0 < lead["ci_high"]
+    table = recipes.recipe_selection(noisy)
+    text = describe_recipe_selection(table, recipes.effects_by_recipe(table, "quick"), "quick", lead)
+    assert "an interval that includes zero: the search does not separate them." in text
     one_seed = recipes.recipe_selection(_records())
-    text = describe_recipe_selection(one_seed, recipes.effects_by_recipe(one_seed, "quick"), "quick")
-    assert "3.5 pp below, and with one seed for either recipe nobody knows whether that is more than the noise." in text
+    lead = recipes.paired_lead(_records(), "m", "quick")
+    text = describe_recipe_selection(one_seed, recipes.effects_by_recipe(one_seed, "quick"), "quick", lead)
+    assert "3.5 pp below, and with one seed shared by the two recipes nobody knows whether that is more" in text
+    assert recipes.paired_lead(records, "m", "m") is None and recipes.paired_lead(records, "m", None) is None
+
+
+def test_recipes_are_ranked_on_the_seeds_every_recipe_has():
+    """A second seed for some recipes (with its own validation split) must not move them against the others."""
+    records = _records(seeds=(0,)) + [dict(r, seed=1, validation_accuracy=r["validation_accuracy"] - 0.10)
+                                      for r in _records() if r["recipe"] == "m"]
+    table = recipes.recipe_selection(records)
+    assert table.attrs["ranked_on"] == (0,) and recipes.shared_recipe(table) == "m"  # not sunk by its hard seed 1
+    assert table.loc["m", "baseline"] == pytest.approx(0.54) and table.loc["m", "seeds"] == 2
+    assert table.loc["m", "mean_sd"] > 0.05  # the spread still uses every seed
+    text = describe_recipe_selection(table, recipes.effects_by_recipe(table, "m"), "m")
+    assert "compared on seed 0, which every recipe has" in text and "For the recipes with one seed" in text

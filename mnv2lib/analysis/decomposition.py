@@ -52,10 +52,12 @@ def every_part(plan: dict) -> dict:
     return {**plan, "parts": tuple(PARTS)}
 
 
-def untrained_parts(table: pd.DataFrame, plan: dict) -> list[str]:
-    """The parts of ``plan`` that have no row in ``table`` (not in the store yet)."""
-    present = set(table["part"]) if not table.empty else set()
-    return [p for p in plan["parts"] if p not in present]
+def untrained_parts(records: list[dict], plan: dict) -> list[str]:
+    """The baseline and the parts of ``plan`` that no record of ``plan``'s seeds is (not in the store yet;
+    the baseline first when it is missing: every difference needs it)."""
+    present = {part_of(r["model_config"], plan["parts"], plan.get("shape"))
+               for r in records if r.get("seed") in plan["seeds"]}
+    return [p for p in (BASELINE, *plan["parts"]) if p not in present]
 
 
 def part_configs(plan: dict) -> list[dict]:
@@ -104,10 +106,11 @@ def decomposition_table(records: list[dict], plan: dict, confidence: float = 0.9
                                      "ci_high", "significant", "seeds"])
     out = []
     for metric in ("clean_accuracy", "mean_corruption_accuracy", "train_accuracy"):
-        if frame[metric].isna().all():
+        measured = frame.dropna(subset=[metric])  # a run without this metric (an older record) is left out of it
+        if BASELINE not in set(measured["part"]):
             continue
-        diffs = differences_from_reference(frame, "part", metric, BASELINE, confidence=confidence).set_index("label")
-        means = frame.groupby("part")[metric].mean()
+        diffs = differences_from_reference(measured, "part", metric, BASELINE, confidence=confidence).set_index("label")
+        means = measured.groupby("part")[metric].mean()
         for part in [BASELINE, *plan["parts"]]:
             if part not in means:
                 continue
@@ -118,7 +121,7 @@ def decomposition_table(records: list[dict], plan: dict, confidence: float = 0.9
                         "ci_low": float(d["ci_low"]) if d is not None else float("nan"),
                         "ci_high": float(d["ci_high"]) if d is not None else float("nan"),
                         "significant": bool(d["significant"]) if d is not None else False,
-                        "seeds": int((frame["part"] == part).sum())})
+                        "seeds": int((measured["part"] == part).sum())})
     return pd.DataFrame(out)
 
 

@@ -7,7 +7,7 @@ import warnings
 from typing import Iterable
 
 from ..utils.progress import progress
-from .executors import local_workers, train_runs
+from .executors import GridError, local_workers, train_runs
 from .profiles import LADDER_FACTORS, PROFILES, Profile, budget_rung, get_profile
 from .runner import load_profile_dataset, load_trained_model, run_experiment
 from .spec import (IMPROVEMENTS, RunRequest, ablation_configs, check_seed, model_config_for, parse_factors,
@@ -107,9 +107,15 @@ def train_ladder(dataset: str = "auto", factors=LADDER_FACTORS, store: ResultsSt
     ``make reports`` trains its plan (``workers``; None: one run per core on a CPU, one at a time on a GPU)."""
     rungs = [PROFILES["quick"]] + [budget_rung(PROFILES["quick"], f) for f in factors]  # a bad factor: first
     store = store or ResultsStore()
-    records = []
+    records, failures = [], []
     for rung in rungs:
-        records += train_side_by_side(LADDER_CONFIGS, rung, dataset, rung.seeds, store, show_progress, workers)
+        try:
+            records += train_side_by_side(LADDER_CONFIGS, rung, dataset, rung.seeds, store, show_progress, workers)
+        except GridError as error:  # a failed run (kept failed in the store) must not stop every later rung
+            failures.append(f"{rung.name}: {error}")
+            records += stored_runs(LADDER_CONFIGS, rung, dataset, rung.seeds, store)
+    if failures:
+        raise GridError("the ladder's rungs trained, except: " + " | ".join(failures))
     return records
 
 

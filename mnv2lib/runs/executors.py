@@ -1,6 +1,7 @@
 """Executors: train the missing runs of a plan into the results store, here or on Ray.
 
-``local`` (the default) trains them one after another in this process, as the notebooks do;
+``local`` (the default) trains them side by side in worker processes (``workers``: one run per core
+on a CPU), or one after another in this process with ``workers`` 1, as the notebooks do;
 ``ray`` makes each run a Ray task with a CPU (or GPU) request and a torch thread count set in
 the task. ``ray.init()`` starts a local cluster (``workers x threads`` CPUs); ``address`` /
 ``RAY_ADDRESS`` connects to an existing one. Ray is an optional extra (``pip install -e .[dist]``)

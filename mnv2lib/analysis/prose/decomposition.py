@@ -22,6 +22,14 @@ def _interval(row) -> str:
     return f" [{_pp(row['ci_low'])}, {_pp(row['ci_high'])}]"
 
 
+def _noise(row) -> str:
+    """Whether ``row``'s interval excludes zero; with no interval (one seed: no residual to estimate
+    the noise from) it says that instead of calling a difference noise."""
+    if math.isnan(row["ci_low"]):
+        return "no interval with one run per part"
+    return "its interval excludes zero" if row["significant"] else "within the noise"
+
+
 def _verdict(group: pd.DataFrame) -> str:
     """Which part carries an improvement's clean effect: the official form's difference, the part
     that comes closest to it, and the part that gains most (or loses least)."""
@@ -34,14 +42,15 @@ def _verdict(group: pd.DataFrame) -> str:
     if official:
         row = clean.loc[official[0]]
         out.append(f"{official[0]} changes clean accuracy by {_pp(row['difference'])}{_interval(row)} "
-                   f"({'its interval excludes zero' if row['significant'] else 'within the noise'})")
+                   f"({_noise(row)})")
         if len(others):
             closest = (others["difference"] - row["difference"]).abs().idxmin()
             out.append(f"of the other parts, {closest} comes closest to that ({_pp(others.loc[closest, 'difference'])})")
     if len(others):
         best = others["difference"].idxmax()
+        noise = _noise(others.loc[best])
         out.append(f"{best} {'gains most' if others.loc[best, 'difference'] > 0 else 'loses least'} "
-                   f"({_pp(others.loc[best, 'difference'])}{'' if others.loc[best, 'significant'] else ', within the noise'})")
+                   f"({_pp(others.loc[best, 'difference'])}{'' if noise.startswith('its') else ', ' + noise})")
     return "; ".join(out)
 
 
@@ -49,16 +58,22 @@ def describe_decomposition(table: pd.DataFrame, untrained: list[str] = ()) -> st
     """Per improvement: which part carries its clean effect (:func:`_verdict`), the parts whose interval
     excludes zero, and every part's difference from the baseline (clean, corruption, training accuracy);
     then the ``untrained`` parts, which ``make decomposition`` trains."""
-    later = (f"\n\nNot in the results store yet: {', '.join(untrained)}. `make decomposition` trains every part "
-             "(side by side, like `make reports`); this section then shows them." if untrained else "")
+    parts = [p for p in untrained if p != BASELINE]
+    later = (f"\n\nNot in the results store yet: {', '.join(parts)}. `make decomposition` trains every part "
+             "(side by side, like `make reports`); this section then shows them." if parts else "")
+    if BASELINE in untrained:
+        return ("The baseline is not in the results store yet, and every part is measured against it: the run "
+                "plan trains it." + later)
     if table.empty:
         return "No part of any improvement is in the results store yet: the run plan trains them." + later
     lines = []
     base = table[(table["part"] == BASELINE) & (table["metric"] == "clean_accuracy")]
     if not base.empty:
+        intervals = ("with 95% intervals from one model of all these runs (parts and seeds as factors)"
+                     if table["ci_low"].notna().any() else
+                     "without intervals: with one run per part there is no residual to estimate the noise from")
         lines.append(f"The baseline reaches {100 * base['mean'].iloc[0]:.1f}% clean accuracy "
-                     f"({int(base['seeds'].iloc[0])} run(s)); differences below are part minus baseline with 95% "
-                     "intervals from one model of all these runs (parts and seeds as factors).")
+                     f"({int(base['seeds'].iloc[0])} run(s)); differences below are part minus baseline {intervals}.")
     for improvement, group in table[table["part"] != BASELINE].groupby("improvement", sort=False):
         details = []
         for part, rows in group.groupby("part", sort=False):
@@ -73,6 +88,7 @@ def describe_decomposition(table: pd.DataFrame, untrained: list[str] = ()) -> st
         verdict = _verdict(group)
         lines.append(f"- **{improvement}**: " + (verdict + ". " if verdict else "")
                      + (f"Intervals that exclude zero: {'; '.join(clear)}." if clear else
-                        "No interval excludes zero at this budget and seed count."))
+                        "No interval excludes zero at this budget and seed count." if group["ci_low"].notna().any()
+                        else ""))
         lines += details
     return "\n".join(lines) + later
