@@ -83,3 +83,26 @@ def test_an_effect_alone_is_the_cell_difference_and_its_gap_to_the_main_effect_t
     assert split.loc["triplet", "alone"] > 0.005 and split.loc["triplet", "main"] < split.loc["triplet", "alone"] - 0.02
     text = describe_alone_and_main(alone_and_main(fit))
     assert "**triplet** alone +" in text and "the difference is its interactions, their shares of main minus alone: mish x triplet -" in text
+    # alone's interval is the cell contrast's in one model of every cell with seed blocks
+    import statsmodels.formula.api as smf
+
+    cells = table.assign(cell=table[FACTORS].astype(int).astype(str).agg("".join, axis=1))
+    direct = smf.ols("y ~ C(cell, Treatment('000')) + C(seed)", data=cells).fit().conf_int()
+    for i, factor in enumerate(FACTORS):
+        code = "".join("1" if j == i else "0" for j in range(len(FACTORS)))
+        low, high = direct.loc[f"C(cell, Treatment('000'))[T.{code}]"]
+        assert (split.loc[factor, "alone_ci_low"], split.loc[factor, "alone_ci_high"]) == pytest.approx((low, high))
+    assert "**triplet** alone +" in text and f"[{100 * split.loc['triplet', 'alone_ci_low']:+.1f} pp" in text
+
+
+def test_a_gap_made_of_interactions_within_the_noise_is_called_unresolved():
+    from mnv2lib.analysis.factorial import alone_and_main
+    from mnv2lib.analysis.prose.ablation import describe_alone_and_main
+
+    table = simulate_design(FACTORS, {"mish": 0.04, "mish:triplet": -0.03}, seeds=2, noise_sd=0.04, rng=1)
+    split = alone_and_main(fit_factorial(table, FACTORS, "y"))
+    row = split[(split["factor"] == "mish")].iloc[0]
+    assert not any(significant for _, _, significant in row["shares"]) and abs(row["main"] - row["alone"]) >= 0.01
+    text = describe_alone_and_main(split)
+    assert "each have an interval that includes zero: the difference is not resolved from the noise" in text
+    assert "the difference is its interactions" not in text.split("**mish**")[1].split("**")[0]

@@ -68,7 +68,8 @@ def part_configs(plan: dict) -> list[dict]:
 def part_of(model_config: dict, parts, shape: dict | None = None) -> str | None:
     """The part (or the baseline) a run's model config is, among ``parts``; None if it is none of them (a
     pair of improvements, another architecture, a design study's variant, or, given ``shape``, another
-    width or stem: a whole store can be passed)."""
+    width or stem). Only the model is matched: records of other profiles, recipes or datasets (a budget
+    rung's) are not told apart, so pass one profile's runs of one dataset (``runs.stored_runs`` does)."""
     for name in parts:
         if all(model_config.get(k) == v for k, v in PARTS[name][1].items()) and _rest_default(
                 model_config, PARTS[name][1], shape):

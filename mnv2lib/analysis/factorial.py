@@ -128,18 +128,26 @@ def alone_and_main(effects: pd.DataFrame) -> pd.DataFrame:
     factors' settings), its effect *alone* (every other factor off, as the model predicts it) and what
     separates the two, term by term. With the +-1 coding, alone = main - sum of the 2-factor terms that
     contain it + the 3-factor ones - ..., so main = alone + sum over those terms of (-1)^order x effect:
-    ``shares`` lists (term, that share, whether the term's interval excludes zero)."""
+    ``shares`` lists (term, that share, whether the term's interval excludes zero). ``alone_ci_low`` /
+    ``alone_ci_high``: alone's interval, from the terms' intervals as independent estimates (their
+    half-widths added in quadrature), which they are in a balanced design with this coding; it is about
+    twice the main effect's in a 2^3 design: a cell contrast rests on a quarter of the runs."""
     rows = []
     for metric, frame in effects.groupby("metric", sort=False):
         by_term = frame.set_index("term")
         for factor in frame.loc[frame["order"] == 1, "term"]:
-            shares = [(term, (-1) ** int(row["order"]) * row["effect"], bool(row["significant"]))
-                      for term, row in by_term.iterrows() if row["order"] > 1 and factor in term.split(":")]
+            terms = [term for term, row in by_term.iterrows() if row["order"] > 1 and factor in term.split(":")]
+            shares = [(term, (-1) ** int(by_term.loc[term, "order"]) * by_term.loc[term, "effect"],
+                       bool(by_term.loc[term, "significant"])) for term in terms]
             main = float(by_term.loc[factor, "effect"])
-            rows.append({"metric": metric, "factor": factor, "main": main,
-                         "alone": main - sum(share for _, share, _ in shares), "shares": shares,
+            alone = main - sum(share for _, share, _ in shares)
+            halves = (by_term.loc[[factor, *terms], "ci_high"] - by_term.loc[[factor, *terms], "effect"]).to_numpy()
+            half = float(np.sqrt(np.sum(halves ** 2)))  # NaN when the model has no residual left
+            rows.append({"metric": metric, "factor": factor, "main": main, "alone": alone,
+                         "alone_ci_low": alone - half, "alone_ci_high": alone + half, "shares": shares,
                          "order": int(frame["order"].max())})
-    return pd.DataFrame(rows, columns=["metric", "factor", "main", "alone", "shares", "order"])
+    return pd.DataFrame(rows, columns=["metric", "factor", "main", "alone", "alone_ci_low", "alone_ci_high", "shares",
+                                       "order"])
 
 
 def cell_means(frame: pd.DataFrame, factors: list[str], metric: str) -> pd.DataFrame:

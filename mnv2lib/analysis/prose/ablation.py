@@ -80,13 +80,20 @@ def describe_alone_and_main(table: pd.DataFrame, gap: float = 0.01) -> str:
     for metric, frame in table.groupby("metric", sort=False):
         items = []
         for _, row in frame.iterrows():
-            text = (f"**{row['factor']}** alone {_pp(row['alone'])}, averaged over the others' settings "
+            interval = ("" if pd.isna(row.get("alone_ci_low", float("nan"))) else
+                        f" [{_pp(row['alone_ci_low'])}, {_pp(row['alone_ci_high'])}]")
+            text = (f"**{row['factor']}** alone {_pp(row['alone'])}{interval}, averaged over the others' settings "
                     f"(main effect) {_pp(row['main'])}")
             if abs(row["main"] - row["alone"]) >= gap and row["shares"]:
                 ordered = sorted(row["shares"], key=lambda s: -abs(s[1]))
-                text += ("; the difference is its interactions, their shares of main minus alone: " + ", ".join(
-                    f"{term.replace(':', ' x ')} {_pp(share)}{' (interval excludes zero)' if significant else ''}"
-                    for term, share, significant in ordered))
+                shares = ", ".join(f"{term.replace(':', ' x ')} {_pp(share)}"
+                                   f"{' (interval excludes zero)' if significant else ''}"
+                                   for term, share, significant in ordered)
+                if any(significant for _, _, significant in ordered):
+                    text += "; the difference is its interactions, their shares of main minus alone: " + shares
+                else:
+                    text += ("; the interaction terms that make up the difference (" + shares + ") each have an "
+                             "interval that includes zero: the difference is not resolved from the noise")
             items.append(text)
         lines.append(f"- {METRICS.get(metric, metric).capitalize()}: " + "; ".join(items) + ".")
     if (table["order"] < table["factor"].groupby(table["metric"]).transform("count")).any():
