@@ -233,9 +233,10 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> dict:
 
 
 def evaluation_ratio(images: int = 1000, repeats: int = 5, old_batch: int = 500) -> dict:
-    """(No target: a speed-up of every run's evaluations, reported as measured, docs/speed.md.) Median seconds of ``engine.train.evaluate`` (BatchNorm folded, CPU chunks) over those of the same
+    """Median seconds of ``engine.train.evaluate`` (BatchNorm folded, CPU chunks) over those of the same
     evaluation done as before (the model itself, in batches of ``old_batch``), on the quick profile's
-    network (width 0.5, ``cifar_lite``, channels_last) with non-trivial BatchNorm statistics."""
+    network (width 0.5, ``cifar_lite``, channels_last) with non-trivial BatchNorm statistics. No target:
+    a speed-up of every run's evaluations, reported as measured (docs/speed.md)."""
     from ..engine.train import evaluate
 
     torch.manual_seed(0)

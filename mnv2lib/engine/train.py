@@ -199,8 +199,8 @@ def folded_for_inference(model):
     ``nn.Sequential`` folded into that convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``): the
     same function in eval mode, one memory pass fewer per layer. A folded copy (its hooks are the
     model's hook objects); ``model`` itself when it has no such pair, is no ``nn.Module``, has a module
-    recording what it sees (``record``), or has a hook on a module that folding replaces. A module whose class sets ``fold_batchnorm = False`` (its code reads its
-    BatchNorms) is left whole."""
+    recording what it sees (``record``), or has a hook on a module that folding replaces. A module whose
+    class sets ``fold_batchnorm = False`` (its code reads its BatchNorms) is left whole."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     def pairs(root):

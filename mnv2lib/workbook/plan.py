@@ -56,24 +56,22 @@ def requests_for(profile: str | Profile, seed: int = 0, notebooks=None,
     return [(name, request) for name in NOTEBOOKS if name in wanted for request in per_notebook[name]]
 
 
-def plan_notebook_runs(profile: str, dataset: str = "auto", seed: int = 0, notebooks=None, factors=None):
-    """(loaded dataset, planned runs) of the notebooks' requests ."""
-    requests = requests_for(profile, seed, notebooks, factors)
-    loaded = load_profile_dataset(get_profile(profile), dataset, seed=0)  # as workbook.Session loads it
-    return loaded, plan_runs(requests, profile, loaded)
-
-
-# Trained last: the reference families' runs are the plan's shortest (MobileNetV4-nano's a third of a
+# Planned last: the reference families' runs are the plan's shortest (MobileNetV4-nano's a third of a
 # MobileNetV2's), so the workers side by side run out of work together instead of one finishing a long
 # run alone (a minute of an idle core on 2 cores).
-_TRAINED_LAST = "05_mobilenet_families"
+_PLANNED_LAST = "05_mobilenet_families"
+
+
+def plan_notebook_runs(profile: str, dataset: str = "auto", seed: int = 0, notebooks=None, factors=None):
+    """(loaded dataset, planned runs) of the notebooks' requests, in the order they are trained."""
+    requests = sorted(requests_for(profile, seed, notebooks, factors),
+                      key=lambda pair: pair[0] == _PLANNED_LAST)  # stable: the rest in sequence
+    loaded = load_profile_dataset(get_profile(profile), dataset, seed=0)  # as workbook.Session loads it
+    return loaded, plan_runs(requests, profile, loaded)
 
 
 def train_plan(profile: str, dataset: str = "auto", seed: int = 0, notebooks=None, store: ResultsStore | None = None,
                show_progress: bool = True, factors=None, **executor_options) -> list[dict]:
     """Train every run the notebooks will ask for that the store lacks (``mnv2lib.runs.executors``)."""
-    requests = requests_for(profile, seed, notebooks, factors)
-    requests = sorted(requests, key=lambda pair: pair[0] == _TRAINED_LAST)  # stable: the rest in sequence
-    loaded = load_profile_dataset(get_profile(profile), dataset, seed=0)  # as workbook.Session loads it
-    runs = plan_runs(requests, profile, loaded)
+    loaded, runs = plan_notebook_runs(profile, dataset, seed, notebooks, factors)
     return train_runs(runs, profile, loaded, store, show_progress=show_progress, **executor_options)

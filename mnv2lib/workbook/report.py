@@ -3,8 +3,8 @@
 First trains every run the notebooks will ask for that the results store lacks
 (``mnv2lib.workbook.plan.train_plan``: ``--executor local|ray``, ``--workers``, ``--threads``,
 ``--address``), then executes the numbered notebooks with papermill's Python API (those that time
-nothing side by side, one kernel per core; the others alone, in order), writes the executed copies to ``reports/notebooks/`` and an index of every figure to
-``reports/README.md``. The arguments are checked before any kernel starts. A failing
+nothing side by side, one kernel per core; the others alone, in order), writes the executed copies
+to ``reports/notebooks/`` and an index of every figure to ``reports/README.md``. The arguments are checked before any kernel starts. A failing
 notebook stops the run with a non-zero exit that names the notebook and the cell; the
 last good executed copy stays in place, the failed one is kept beside it as
 ``<name>.failed.ipynb`` and the index marks the failure.
