@@ -39,6 +39,7 @@ from torch import nn
 from torchvision.models._utils import _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ..layers.activations import ReLU6
 from .inputs import check_model_input, output_stride, refuse_scripting
 
 ModuleFactory = Callable[..., nn.Module]
@@ -104,7 +105,7 @@ class InvertedResidual(nn.Module):
         stride: int,
         expand_ratio: float,
         norm_layer: ModuleFactory | None = None,
-        activation_layer: ModuleFactory = nn.ReLU6,
+        activation_layer: ModuleFactory = ReLU6,
         attention_layer: ModuleFactory | None = None,
         attention_position: str = "residual",
         cnsn_layer: ModuleFactory | None = None,
@@ -265,7 +266,7 @@ class MobileNetV2(nn.Module):
         block: ModuleFactory | None = None,
         norm_layer: ModuleFactory | None = None,
         dropout: float = 0.2,
-        activation_layer: ModuleFactory = nn.ReLU6,
+        activation_layer: ModuleFactory = ReLU6,
         in_channels: int = 3,
         stem: str = "imagenet",
         expand_ratio: float | None = None,
