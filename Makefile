@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# what the reports, the lab and the experiments need (no test tools: ~35 s less to install on 2 cores);
+# a dev install (make install, make test) has it too
+RUN_STAMP := $(VENV)/.installed-run
 PROFILE ?= quick
 DATASET ?= auto
 EXECUTOR ?=
@@ -18,10 +21,18 @@ help: ## list the targets
 	@echo "             EXECUTOR=local|ray (default local, or \$$MNV2_EXECUTOR): how make reports trains the runs,"
 	@echo "             FACTORS=mish,triplet,cnsn (default) or any registered activation/attention: the ablation's factors"
 
-$(STAMP): pyproject.toml
+define install_venv
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(1)]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name mnv2lib --display-name "Python (mnv2lib)" >/dev/null
+endef
+
+$(STAMP): pyproject.toml
+	$(call install_venv,dev)
+	touch $@ $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml
+	$(call install_venv,deploy)
 	touch $@
 
 install: $(STAMP) ## create .venv and install the project with its dev extras
@@ -29,19 +40,19 @@ install: $(STAMP) ## create .venv and install the project with its dev extras
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-reports: $(STAMP) ## train the notebooks' runs, execute every notebook with papermill, regenerate reports/ (PROFILE, DATASET, EXECUTOR, FACTORS)
+reports: $(RUN_STAMP) ## train the notebooks' runs, execute every notebook with papermill, regenerate reports/ (PROFILE, DATASET, EXECUTOR, FACTORS)
 	$(BIN)/python -m mnv2lib.reports --profile $(PROFILE) --dataset $(DATASET) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(FACTORS),--factors $(FACTORS))
 
-ladder: $(STAMP) ## train the budget ladder (quick, 2x, 4x, 8x, 16x budgets; hours on 2 cores: run it in the background); notebook 04 plots it
+ladder: $(RUN_STAMP) ## train the budget ladder (quick, 2x, 4x, 8x, 16x budgets; hours on 2 cores: run it in the background); notebook 04 plots it
 	$(BIN)/python -m mnv2lib.experiments ladder --dataset $(DATASET)
 
-decomposition: $(STAMP) ## train every part of notebook 04's decomposition (make reports trains CNSN's; ~17 min more on 2 cores)
+decomposition: $(RUN_STAMP) ## train every part of notebook 04's decomposition (make reports trains CNSN's; ~17 min more on 2 cores)
 	$(BIN)/python -m mnv2lib.experiments decomposition --profile $(PROFILE) --dataset $(DATASET)
 
-bench: $(STAMP) ## speed benchmark of Mish, Triplet Attention and CNSN -> reports/bench.json
+bench: $(RUN_STAMP) ## speed benchmark of Mish, Triplet Attention and CNSN -> reports/bench.json
 	$(BIN)/python -m mnv2lib.benchmarks.speed
 
-lab: $(STAMP) ## open the notebooks in JupyterLab (kernel "Python (mnv2lib)")
+lab: $(RUN_STAMP) ## open the notebooks in JupyterLab (kernel "Python (mnv2lib)")
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-reports: ## delete generated reports (keeps finished experiment records in reports/results/)

@@ -82,3 +82,21 @@ def test_kernel_sources_ship_as_package_data():
     shipped = {p.relative_to(ops) for pattern in data for p in ops.glob(pattern)}
     sources = {p.relative_to(ops) for p in (ops / "csrc").iterdir()}
     assert sources and sources <= shipped
+
+
+def test_reports_install_only_what_they_run_and_a_dev_install_serves_them(tmp_path):
+    """`make reports` on a fresh machine installs the project and its deploy extra, not the test tools;
+    after `make install` (the dev extras, which include deploy) it installs nothing more."""
+    def planned(target: str) -> str:
+        return subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout
+
+    fresh = planned("reports")
+    assert '-e ".[deploy]"' in fresh and ".[dev]" not in fresh and "mnv2lib.reports" in fresh
+    assert '-e ".[dev]"' in planned("test")
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".installed").touch()
+    (tmp_path / "venv" / ".installed-run").touch()  # what the dev install's recipe touches
+    after_dev = planned("reports")
+    assert "pip install" not in after_dev and "mnv2lib.reports" in after_dev
+    assert "pip install" not in planned("test")
