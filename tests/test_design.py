@@ -420,15 +420,22 @@ def test_design_plans_fit_the_budgets():
 
 
 def test_figure6_summary_and_sentences():
-    records = _figure6_records({"bottleneck=relu6": [-0.020, -0.022], "shortcut=expansion": [-0.01, 0.01],
-                                "shortcut=none": [0.020, 0.021]})
+    per_seed = {"bottleneck=relu6": [-0.020, -0.022], "shortcut=expansion": [0.000, 0.002],
+                "shortcut=none": [0.020, 0.021]}
+    records = _figure6_records(per_seed)
     frame = D.design_frame(records, 0.5)
     assert set(frame["label"]) == {"baseline", "bottleneck=relu6", "shortcut=expansion", "shortcut=none"}
     summary, diffs = D.figure6_summary(frame)
     clean = diffs["clean_accuracy"].set_index("label")
     assert clean.loc["bottleneck=relu6", "mean_difference"] == pytest.approx(-0.021)
-    half = 12.706204736 * np.std([-0.020, -0.022], ddof=1) / math.sqrt(2)  # t(0.975, 1 dof)
+    # the interval pools the residual of the whole 4 variants x 2 seeds design (variant + seed, 3 dof), not
+    # the one pair's spread (1 dof): by hand, from the two-way table's residuals
+    table = np.array([[0.70, 0.72]] + [[0.70 + d[0], 0.72 + d[1]] for d in per_seed.values()])
+    residual = table - table.mean(1, keepdims=True) - table.mean(0, keepdims=True) + table.mean()
+    sigma = math.sqrt((residual ** 2).sum() / 3)
+    half = 3.182446305 * sigma * math.sqrt(1 / 2 + 1 / 2)  # t(0.975, 3 dof); two means of 2 seeds each
     assert clean.loc["bottleneck=relu6", "ci_low"] == pytest.approx(-0.021 - half, rel=1e-6)
+    assert clean.loc["bottleneck=relu6", "df_resid"] == 3
     assert summary.set_index("label").loc["baseline", "clean_accuracy_mean"] == pytest.approx(0.71)
     text = prose.describe_figure6(summary, diffs, "synthetic", "quick")
     assert "71.0% clean accuracy" in text and "-2.1 pp" in text

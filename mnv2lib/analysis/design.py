@@ -3,7 +3,7 @@ ReLU6 bottleneck; shortcut between bottlenecks, between expansions, or none), th
 ratio sweep and the width x resolution trade-off, with the sentences that report them.
 
 Runs come from the shared results store (``mnv2lib.runs.api.ensure_runs``); the summaries
-reuse the ablation's helpers (``summarize``, ``paired_differences``, ``histories_frame``).
+reuse the ablation's helpers (``summarize``, ``model_differences``, ``histories_frame``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from ..engine.measure import count_parameters, make_eval_step, multiply_adds, time_call
 from ..models import build_model
 from ..utils.progress import progress
-from .ablation import METRICS, paired_differences, summarize
+from .ablation import METRICS, model_differences, summarize
 from .work_sizes import work_sizes
 
 # The paper's Figure 6: (a) the bottleneck's non-linearity, (b) where the shortcut goes.
@@ -133,10 +133,12 @@ def figure6_runs(frame: pd.DataFrame, panel: str | None = None) -> pd.DataFrame:
 
 
 def figure6_summary(frame: pd.DataFrame, confidence: float = 0.95) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    """Summary over seeds per variant and, per metric, the seed-paired differences to the baseline."""
+    """Summary over seeds per variant and, per metric, each variant's difference to the baseline with an
+    interval from one model of the four variants with seed blocks (``ablation.model_differences``): with 2
+    seeds it has 3 degrees of freedom where a per-pair interval had 1 (and spanned 30 pp)."""
     runs = figure6_runs(frame)
     summary = summarize(runs, confidence)
-    diffs = {metric: paired_differences(runs, metric, confidence=confidence) for metric in METRICS
+    diffs = {metric: model_differences(runs, metric, confidence=confidence) for metric in METRICS
              if runs[metric].notna().any()}
     return summary, diffs
 
@@ -146,7 +148,7 @@ def _pp(x: float) -> str:
 
 
 def verdict(row) -> str:
-    """Whether a paired difference (alternative - paper's choice) agrees with the paper."""
+    """Whether a difference (alternative - paper's choice) agrees with the paper."""
     if row["seeds"] < 2 or math.isnan(row["ci_low"]):
         return "a single seed, so no confidence interval: indicative only"
     if row["ci_high"] < 0:

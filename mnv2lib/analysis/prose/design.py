@@ -57,8 +57,10 @@ def describe_figure6(summary: pd.DataFrame, diffs: dict[str, pd.DataFrame], data
         text = f"- **{name}**: {100 * s.loc[label, 'clean_accuracy_mean']:.1f}% clean accuracy"
         if clean is not None and label in clean.index:
             row = clean.loc[label]
-            ci = "" if math.isnan(row["ci_low"]) else f", 95% CI {_pp(row['ci_low'])} to {_pp(row['ci_high'])}"
-            text += (f", {_pp(row['mean_difference'])} against the paper's choice ({int(row['seeds'])} paired "
+            ci = "" if math.isnan(row["ci_low"]) else (
+                f", 95% CI {_pp(row['ci_low'])} to {_pp(row['ci_high'])} from one model of the variants with seed "
+                f"blocks, {int(row['df_resid'])} degrees of freedom")
+            text += (f", {_pp(row['mean_difference'])} against the paper's choice ({int(row['seeds'])} "
                      f"seed(s){ci}). The paper found that {finding}; here {verdict(row)}.")
         lines.append(text)
     corr = diffs.get("mean_corruption_accuracy")
