@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -78,12 +77,6 @@ def application_plan(profile) -> dict:
     return work_sizes(profile, "applications")
 
 
-def _onnx_deployed(model: nn.Module, shape: tuple, folder: Path):
-    from ..engine import deploy
-
-    return deploy.export_onnx(model, folder / "network.onnx", shape)
-
-
 def _interleaved_ms(calls: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median milliseconds of each call on ``x``, timed side by side in changing orders after one warm-up
     round: a network timed first, alone, pays the process's warm-up (thread pools, allocator, kernels)."""
@@ -112,12 +105,19 @@ def measure_head(head: str, variants, resolution: int, repeats: int, onnx: bool,
     for v, ms in _interleaved_ms(networks, x, repeats).items():
         rows[v]["latency_ms_eager"] = ms
     if onnx:
+        from ..engine.deploy import build_deployments, default_workers
+
+        onnx_fp32 = ("onnxruntime", "fp32")
         with tempfile.TemporaryDirectory(prefix="mnv2-applications-", dir=work_dir) as folder:
+            # exported side by side, one process per core (an export is single-threaded Python, 15-30 s
+            # for SSDLite here), then timed here alone
+            built = build_deployments(networks, [], folder, shape, lambda name: (onnx_fp32,),
+                                      workers=default_workers(len(networks)), show_progress=False)
             deployed = {}
-            for v, m in networks.items():
-                t0 = time.perf_counter()
-                deployed[v] = _onnx_deployed(m, shape, Path(folder) / v)
-                rows[v]["onnx_export_seconds"] = time.perf_counter() - t0
+            for v, targets in built.items():
+                if isinstance(targets[onnx_fp32], Exception):
+                    raise targets[onnx_fp32]
+                deployed[v] = targets[onnx_fp32]
             for v, ms in _interleaved_ms(deployed, x, repeats).items():
                 rows[v]["latency_ms_onnx"] = ms
     return list(rows.values())
