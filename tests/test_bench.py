@@ -29,6 +29,10 @@ def test_bench_reports_ratios_of_its_medians(tmp_path):
     assert "| data_per_train_step_ratio |" in markdown and bench.DATA in markdown
     if "cpu" in result["machine"]:  # Linux
         assert result["machine"]["vector_isa"] in ("avx512", "avx2", "other") and result["machine"]["cpu"] in markdown
+    # the baseline against torchvision's model: no slower is the target (faster is fine: its ReLU6 skips a copy)
+    for ratio, verdict in ((0.9, "<= 1.03 ok"), (1.05, "<= 1.03 MISSED")):
+        result["baseline_vs_torchvision_train_ratio"] = ratio
+        assert f"| baseline_vs_torchvision_train_ratio | {ratio:.3f} | {verdict} |" in bench.to_markdown(result)
 
 
 def test_bench_rounds_report_the_median_ratio_and_its_range(tmp_path):
