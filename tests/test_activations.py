@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from mnv2lib.layers import activations
-from mnv2lib.layers.activations import Mish, create_activation, mish, mish_reference, set_mish_backend
+from mnv2lib.layers.activations import Mish, ReLU6, create_activation, mish, mish_reference, set_mish_backend
 
 
 @pytest.fixture(params=["compiled", "eager"])
@@ -151,7 +153,6 @@ def test_inplace_inference_mish():
 def test_relu6_trains_exactly_as_torch_relu6():
     """The in-place ReLU6 with its own autograd (no copy) gives torch's values and gradients bit for bit,
     the kinks at 0 and 6 included, and a few SGD steps of a MobileNetV2 land on the same weights."""
-    from mnv2lib.layers.activations import ReLU6
     from mnv2lib.models import ModelConfig, build_model
 
     x = torch.cat([torch.tensor([-1.0, 0.0, 3.0, 6.0, 7.0]), torch.randn(1000) * 5])
@@ -179,7 +180,7 @@ def test_relu6_trains_exactly_as_torch_relu6():
     torch.manual_seed(0)
     fast = build_model(ModelConfig(num_classes=10, width_mult=0.25, stem="cifar_lite"))
     assert any(type(m) is ReLU6 for m in fast.modules())
-    reference = __import__("copy").deepcopy(fast)
+    reference = copy.deepcopy(fast)
     for parent in reference.modules():
         for name, child in parent.named_children():
             if type(child) is ReLU6:
@@ -190,8 +191,6 @@ def test_relu6_trains_exactly_as_torch_relu6():
 
 
 def test_relu6_takes_torchs_path_where_no_graph_or_a_leaf():
-    from mnv2lib.layers.activations import ReLU6
-
     with torch.no_grad():
         x = torch.tensor([-1.0, 7.0])
         assert ReLU6(inplace=True)(x) is x and x.tolist() == [0.0, 6.0]
