@@ -4,6 +4,8 @@ import math
 from collections import Counter
 
 import pytest
+import torch
+import torchvision
 
 from mnv2lib.benchmarks import speed as bench
 from mnv2lib.engine.measure import interleaved
@@ -13,14 +15,15 @@ def test_bench_reports_ratios_of_its_medians(tmp_path):
     out = tmp_path / "bench.json"
     assert bench.main(["--threads", "1", "--repeats", "1", "--warmup", "1", "--train-batch", "8", "--eval-batch", "4",
                        "--no-compile",
-                       "--variants", "baseline", "triplet", "torchvision", "--output", str(out)]) == 0
+                       "--variants", "baseline", "triplet", "torchvision", "baseline_unfused", "--output",
+                       str(out)]) == 0
     result = json.loads(out.read_text())
     medians = result["median_seconds"]
     for key, numerator, denominator, mode in bench.RATIOS:
         if numerator in medians[mode] and denominator in medians[mode]:
             assert math.isclose(result[key], medians[mode][numerator] / medians[mode][denominator]), key
     for key in ("triplet_train_ratio", "triplet_eval_ratio", "baseline_vs_torchvision_train_ratio",
-                "data_per_train_step_ratio"):
+                "fused_norm_activation_train_ratio", "data_per_train_step_ratio"):
         assert result[key] > 0, key
     assert "mish_train_ratio" not in result  # not measured, so not reported
     assert result["config"]["train_batch"] == 8 and result["config"]["eval_batch"] == 4
@@ -77,3 +80,10 @@ def test_bench_varies_what_runs_before_each_variant(count, repeats):
         before = Counter(a for a, b in zip(sequence, sequence[1:]) if b == name)
         assert max(before.values()) <= repeats // 2, (name, before)
     assert interleaved([], 3) == [[], [], []]
+
+
+def test_the_unfused_baseline_is_the_same_network_with_torchvisions_blocks():
+    fused, plain = bench.build_variants(["baseline", "baseline_unfused"]).values()
+    assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), plain.state_dict().values()))
+    blocks = [type(m) for m in plain.modules() if isinstance(m, torchvision.ops.misc.Conv2dNormActivation)]
+    assert blocks and set(blocks) == {torchvision.ops.misc.Conv2dNormActivation}

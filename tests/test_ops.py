@@ -78,6 +78,16 @@ def test_opcheck_every_operator(memory_format):
         checks.append((op, (x.clone(), sn.g_fc.weight.detach(), sn.g_bn.weight.detach(), sn.g_bn.bias.detach(),
                             sn.g_bn.running_mean, sn.g_bn.running_var, 1e-5, None, None, None, None, None, 0.0,
                             1e-12)))
+    bn = _randomized(torch.nn.BatchNorm2d(6))
+    for activation in ("relu6", "mish"):
+        checks.append((torch.ops.mnv2.batch_norm_act, (x.clone().requires_grad_(), bn.weight, bn.bias,
+                                                       bn.running_mean.clone(), bn.running_var.clone(),
+                                                       bn.num_batches_tracked.clone(), 0.1, 1e-5, activation)))
+        _, mean, invstd = torch.ops.mnv2.batch_norm_act(x, bn.weight, bn.bias, bn.running_mean.clone(),
+                                                        bn.running_var.clone(), bn.num_batches_tracked.clone(), 0.1,
+                                                        1e-5, activation)
+        checks.append((torch.ops.mnv2.batch_norm_act_backward, (torch.randn_like(x), x, bn.weight.detach(),
+                                                                bn.bias.detach(), mean, invstd, activation)))
     for op, args in checks:
         torch.library.opcheck(op, args)
 
@@ -285,7 +295,8 @@ def test_profiler_names_the_operators():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         model(x).sum().backward()
     names = {e.key for e in profile.key_averages()}
-    for op in ("mnv2::mish", "mnv2::mish_backward", "mnv2::triplet_attention", "mnv2::triplet_attention_backward",
+    # (Mish after a BatchNorm trains inside mnv2::batch_norm_act)
+    for op in ("mnv2::batch_norm_act", "mnv2::batch_norm_act_backward", "mnv2::triplet_attention", "mnv2::triplet_attention_backward",
                "mnv2::selfnorm", "mnv2::selfnorm_backward", "mnv2::channel_stats", "mnv2::channel_stats_backward"):
         assert op in names, sorted(n for n in names if n.startswith("mnv2"))
 

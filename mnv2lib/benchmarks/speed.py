@@ -29,8 +29,10 @@ import time
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops import misc
 
 from ..engine.measure import make_eval_step, make_train_step, saved_activation_bytes, time_interleaved
+from ..layers import norm_act
 from ..models import build_model
 from ..utils import allocator, paths
 
@@ -63,6 +65,8 @@ RATIOS = [
     ("cnsn_eval_ratio", "cnsn", "baseline", "eval"),
     ("selfnorm_eval_ratio", "selfnorm", "baseline", "eval"),
     ("baseline_vs_torchvision_train_ratio", "baseline", "torchvision", "train"),
+    # the baseline against itself with torchvision's unfused Conv2dNormActivation (layers.norm_act)
+    ("fused_norm_activation_train_ratio", "baseline", "baseline_unfused", "train"),
     ("baseline_vs_torchvision_eval_ratio", "baseline", "torchvision", "eval"),
     # building an augmented, normalized batch (mnv2lib.engine.data.BatchLoader) per baseline training step
     ("data_per_train_step_ratio", DATA, "baseline", "train"),
@@ -86,11 +90,25 @@ def torchvision_cifar_mobilenet_v2() -> nn.Module:
     return model
 
 
+def unfused(model: nn.Module) -> nn.Module:
+    """``model`` with its ``Conv2dNormActivation`` blocks running torchvision's forward (BatchNorm and activation
+    apart); the same modules and weights, changed in place."""
+    for module in model.modules():
+        if type(module) is norm_act.Conv2dNormActivation:
+            module.__class__ = misc.Conv2dNormActivation  # (the subclass adds no state, only its forward)
+    return model
+
+
 def build_variants(names) -> dict[str, nn.Module]:
     models = {}
     for name in names:
         torch.manual_seed(0)
-        models[name] = torchvision_cifar_mobilenet_v2() if name == "torchvision" else build_model(**BASE, **VARIANTS[name])
+        if name == "torchvision":
+            models[name] = torchvision_cifar_mobilenet_v2()
+        elif name == "baseline_unfused":
+            models[name] = unfused(build_model(**BASE))
+        else:
+            models[name] = build_model(**BASE, **VARIANTS[name])
     return models
 
 
@@ -162,7 +180,7 @@ def run(train_batch: int = 128, eval_batch: int = 64, repeats: int = 9, warmup: 
     machine a single measurement's ratios move by a few hundredths from one run to the next)."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds: got {rounds!r}; allowed values are integers >= 1")
-    names = variants or ["torchvision", *VARIANTS]
+    names = variants or ["torchvision", "baseline_unfused", *VARIANTS]
     dev = torch.device(device)
     models = {k: m.to(dev) for k, m in build_variants(names).items()}
     if channels_last:

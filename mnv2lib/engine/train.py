@@ -209,7 +209,8 @@ def folded_for_inference(model):
             module = stack.pop()
             if not getattr(module, "fold_batchnorm", True):
                 continue
-            if type(module).forward is nn.Sequential.forward:  # a subclass with its own forward may read a pair
+            # a subclass with its own forward may read a pair, unless it says it runs as nn.Sequential in eval mode
+            if type(module).forward is nn.Sequential.forward or getattr(module, "sequential_in_eval", False):
                 names = list(module._modules)
                 for conv, norm in zip(names, names[1:]):
                     c, n = module._modules[conv], module._modules[norm]

@@ -37,9 +37,9 @@ from typing import Callable
 import torch
 from torch import nn
 from torchvision.models._utils import _make_divisible
-from torchvision.ops.misc import Conv2dNormActivation
 
 from ..layers.activations import ReLU6
+from ..layers.norm_act import Conv2dNormActivation
 from .inputs import check_model_input, output_stride, refuse_scripting
 
 ModuleFactory = Callable[..., nn.Module]

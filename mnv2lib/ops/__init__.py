@@ -11,6 +11,7 @@ loads the native code (:mod:`.build`, :mod:`.kernels`).
   ``mnv2::triplet_attention_inference_`` (in place)
 - ``mnv2::channel_stats``, ``mnv2::channel_stats_backward``, ``mnv2::selfnorm``, ``mnv2::selfnorm_backward``,
   ``mnv2::selfnorm_inference``, ``mnv2::selfnorm_inference_`` (in place)
+- ``mnv2::batch_norm_act``, ``mnv2::batch_norm_act_backward`` (training BatchNorm2d + ReLU6 or Mish)
 
 The operators of a library are C++ (``csrc/<name>_ops.cpp``: ``TORCH_LIBRARY`` schemas, argument checks,
 allocation, autograd as a ``torch::autograd::Function``, as torchvision's ``csrc/ops``) around the C kernels of
@@ -22,7 +23,7 @@ between calls); the Python glue and autograd wrapper of the 17 Triplet Attention
 460 ms batch-128 training step, and in C++ the step is 35-40 ms shorter. The price is a C++ build against
 torch's headers, some 15 s per library once per machine.
 """
-from . import cnsn, mish, triplet  # noqa: F401  (registers the operators' Python parts)
+from . import batch_norm_act, cnsn, mish, triplet  # noqa: F401  (registers the operators' Python parts)
 from .kernels import available, kernel_backend, set_kernel_backend
 from .layout import is_channels_last, is_dense
 

@@ -20,7 +20,7 @@ import torch
 
 from . import build
 
-LIBRARIES = ("mish", "triplet_attention", "cnsn")
+LIBRARIES = ("mish", "triplet_attention", "cnsn", "batch_norm_act")
 BACKENDS = ("auto", "compiled", "eager")
 
 
