@@ -21,12 +21,9 @@ help: ## list the targets
 	@echo "             EXECUTOR=local|ray (default local, or \$$MNV2_EXECUTOR): how make reports trains the runs,"
 	@echo "             FACTORS=mish,triplet,cnsn (default) or any registered activation/attention: the ablation's factors"
 
-# --no-compile: Python compiles a module when it is first imported (and keeps the .pyc) instead of pip
-# compiling all of torch, jupyterlab and executorch up front: a fresh install 142-165 s -> 89-101 s, the
-# first imports ~9 s slower, once (measured on the project's 2-core machine, 2026-12-06)
 define install_venv
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e ".[$(1)]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(1)]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name mnv2lib --display-name "Python (mnv2lib)" >/dev/null
 endef
 
