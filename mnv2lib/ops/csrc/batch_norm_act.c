@@ -2,13 +2,14 @@
 #include <stdlib.h>
 #include <math.h>
 #include <omp.h>
-#include "vexpf.h"
+#include "mish_math.h"
 typedef int64_t i64;
 
 /* BatchNorm in training (batch statistics) followed by an activation (act: ACT_RELU6 or ACT_MISH), as one pass
  * over the input for the statistics and one for the output; backward from the input again (the activation's
  * input is recomputed from it, so neither the normalized nor the activated tensor is kept).
- * Layout (B, C, inner): element (b, c, i) lies at (b * C + c) * inner + i (NCHW, nhwc = 0) or at (b * inner + i) * C + c (channels_last, nhwc = 1).
+ * Layout (B, C, inner): element (b, c, i) lies at (b * C + c) * inner + i (NCHW, nhwc = 0) or at
+ * (b * inner + i) * C + c (channels_last, nhwc = 1). Mish is mish_math.h's, as the Mish kernels compute it.
  * Sums are accumulated in double, so one pass gives the mean and the variance (E[x^2] - mean^2 loses nothing
  * of float's precision unless |mean| exceeds the standard deviation some 10^4-fold). Each thread sums its own
  * share and the shares are added in thread order: a result depends on the thread count, not on timing. */
@@ -28,27 +29,13 @@ enum { ACT_RELU6 = 0, ACT_MISH = 1 };
 AI float relu6_value(float z) { return z < 0.f ? 0.f : (z > 6.f ? 6.f : z); }
 AI float relu6_grad(float z, float g) { return (z > 0.f && z < 6.f) ? g : 0.f; }
 
-/* Mish as csrc/mish.c computes it, z * t / (t + 2) with t = e (e + 2), e = exp(z), and g times its derivative
- * as mish.c's mish_backward computes it */
-AI float mish_value(float z) {
-    const float e = z >= -87.3f ? vexpf(z < 20.f ? z : 20.f) : 0.f;
-    const float t = e * (e + 2.f);
-    return z * (t / (t + 2.f));
-}
-AI float mish_grad(float z, float g) {
-    const float e = z >= -87.3f ? vexpf(z < 20.f ? z : 20.f) : 0.f;
-    const float d = e * (e + 2.f) + 2.f;
-    const float r = 1.f / d;
-    const float s = z < 20.f ? (4.f * e * (e + 1.f)) * (r * r) : 0.f;
-    return g * ((d - 2.f) * r + z * s);
-}
-
 /* Each elementwise loop below is written once as a macro of the activation and expanded once per activation
  * behind a branch outside the loop: with the activation a run-time argument inside the loop, the compiler
  * evaluated both (Mish's exponential for ReLU6 too) and the ReLU6 kernels ran 2.5x slower. STORE: backward's
  * first pass keeps g' in dx for the second (Mish's derivative costs more than a store and a load; ReLU6's
  * mask less) */
-#define BY_ACTIVATION(LOOP) do { if (act == ACT_MISH) LOOP(mish_value, mish_grad, 1) else LOOP(relu6_value, relu6_grad, 0) } while (0)
+#define BY_ACTIVATION(LOOP) \
+    do { if (act == ACT_MISH) LOOP(mish_value, mish_grad, 1) else LOOP(relu6_value, relu6_grad, 0) } while (0)
 
 /* (sum, sum of products) per channel over the thread's share of the rows (nhwc) or planes (nchw), into
  * acc[t][0..C) and acc[t][C..2C); with g == NULL the sums of x and x * x, else of g' and g' * xhat, where
@@ -173,7 +160,8 @@ int bn_act_forward(const float* x, i64 B, i64 C, i64 inner, int nhwc, const floa
             const float a = scale[c], o = b[c], m = mean[c];
             const float* xr = x + p * inner;
             float* yr = y + p * inner;
-#define OUT_PLANE(VALUE, GRAD, STORE) { _Pragma("omp simd") for (i64 i = 0; i < inner; i++) yr[i] = VALUE((xr[i] - m) * a + o); }
+#define OUT_PLANE(VALUE, GRAD, STORE) { \
+    _Pragma("omp simd") for (i64 i = 0; i < inner; i++) yr[i] = VALUE((xr[i] - m) * a + o); }
             BY_ACTIVATION(OUT_PLANE);
         }
     }

@@ -3,21 +3,13 @@
 #include <math.h>
 typedef int64_t i64;
 
-/* mish(v) = v * (t / (t + 2)), t = e (e + 2), e = exp(min(v, 20)) (0 below -87.3, as float's exp
- * underflows there, so that mish(-inf) is NaN like F.mish's); exp by Cephes' polynomial (~1 ulp).
- * The ratio first: t / (t + 2) is exactly 1 from v = 20, so mish(v) = v up to float's maximum (v * t
- * overflowed from v ~ 1.5e21) */
+/* Mish and its derivative as mish_math.h defines them (exp by Cephes' polynomial, ~1 ulp) */
 
-#include "vexpf.h"
+#include "mish_math.h"
 
 static void mish_scalar(const float* src, float* p, i64 m) {
 #pragma omp simd
-    for (i64 i = 0; i < m; i++) {
-        const float v = src[i];
-        const float e = v >= -87.3f ? vexpf(v < 20.f ? v : 20.f) : 0.f;
-        const float t = e * (e + 2.f);
-        p[i] = v * (t / (t + 2.f));
-    }
+    for (i64 i = 0; i < m; i++) p[i] = mish_value(src[i]);
 }
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -96,10 +88,7 @@ void mish_forward(const float* x, float* out, i64 n, int nthreads) {
     }
 }
 
-/* dx = grad * mish'(x): d/dx mish = t + x sigmoid(x) (1 - t^2) with t = n / d, n = e (e + 2), d = n + 2,
- * and sigmoid(x) (1 - t^2) = 4 e (e + 1) / d^2: one exponential. From x = 20 the second term, about
- * 4 x e^-2x, is far below float's resolution of 1: taken as 0 there, as F.mish's backward rounds it (with e
- * clamped at e^20 it grew with x instead: 1.17 at x = 1e16); x * 0 keeps F.mish's NaN at x = +inf */
+/* dx = grad * mish'(x) (mish_math.h) */
 void mish_backward(const float* x, const float* grad, float* dx, i64 n, int nthreads) {
     if (n <= 0) return;
     const i64 chunk = 1 << 14;
@@ -109,13 +98,6 @@ void mish_backward(const float* x, const float* grad, float* dx, i64 n, int nthr
         const i64 start = blk * chunk;
         const i64 end = n - start < chunk ? n : start + chunk;
 #pragma omp simd
-        for (i64 i = start; i < end; i++) {
-            const float v = x[i];
-            const float e = v >= -87.3f ? vexpf(v < 20.f ? v : 20.f) : 0.f;
-            const float d = e * (e + 2.f) + 2.f;
-            const float r = 1.f / d;
-            const float s = v < 20.f ? (4.f * e * (e + 1.f)) * (r * r) : 0.f;
-            dx[i] = grad[i] * ((d - 2.f) * r + v * s);
-        }
+        for (i64 i = start; i < end; i++) dx[i] = mish_grad(x[i], grad[i]);
     }
 }
