@@ -3,9 +3,10 @@ Mish train as one native operator (``mnv2::batch_norm_act``) where they can.
 
 Apart, a training BatchNorm2d and its activation read and write the feature map some six times forward and
 eight backward; fused, three and five, and neither the normalized nor the activated map is kept for backward.
-On this project's 2-core CPU a quick baseline training step takes about 0.8 of its time unfused
-(``python -m mnv2lib.benchmarks.speed``). The values are BatchNorm's and the activation's to float rounding
-(the sums are taken in double); the running statistics and batch count move as ``nn.BatchNorm2d`` moves them.
+On this project's 2-core CPU a quick training step takes 0.87-0.90 of its time unfused (baseline, Mish,
+Triplet Attention, CNSN; ``make bench``: ``fused_norm_activation_train_ratio``). The values are BatchNorm's and
+the activation's to float rounding (the sums are taken in double); the running statistics and batch count move
+as ``nn.BatchNorm2d`` moves them.
 Everywhere else (inference, no graph, other dtypes or devices, hooks on the BatchNorm or the activation,
 another norm or activation, export, tracing, compiling, ``torch.func``) the block is torchvision's.
 """
